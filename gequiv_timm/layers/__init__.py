@@ -1,0 +1,6 @@
+"""Pure PyTorch building blocks. Nothing in this package imports timm."""
+from .groups import GROUPS, Group, filter_indices, get_group, transform_group_map, transform_plane
+from .gconv import (
+    EquivariantMixin, GroupAvgPool2d, GroupBatchNorm, GroupConv2d, GroupMaxPool2d, GroupPool, P4ConvP4, P4ConvZ2,
+    P4MConvP4M, P4MConvZ2, check_group_input, fold_group, stride_is_exact, unfold_group,
+)

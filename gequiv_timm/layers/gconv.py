@@ -1,0 +1,391 @@
+"""Group convolutions on p4 / p4m (Cohen & Welling, "Group Equivariant Convolutional Networks", ICML 2016).
+
+Tensor layout (the GrouPy / pytorch-gconv layout): a feature map on the group is ``[B, C, |G|, H, W]``; a planar
+input is ``[B, C, H, W]``. Weights are stored as ``[C_out, C_in, |G_in|, k, k]`` (``|G_in| = 1`` for a lifting
+layer), so weights trained with GrouPy's ``P4ConvZ2``/``P4ConvP4``/``P4MConvZ2``/``P4MConvP4M`` have the same
+shapes.
+
+The correlation computed is (eq. 10 of the paper)
+
+.. math:: [f \\star \\psi^i](g) = \\sum_{y \\in Z^2} \\sum_{k \\in G_{in}} \\sum_j f_j(y, k)\\, \\psi^i_j(g^{-1}(y, k)),
+
+implemented as one ``F.conv2d`` with the filter bank ``[C_out * |G|, C_in * |G_in|, k, k]`` gathered from the
+base weights through an index buffer made once at construction (GrouPy's filter-index trick). In eval mode the
+expanded filter bank is cached while the weights are unchanged.
+
+Exactness: with an odd kernel, symmetric padding and stride 1, ``f(g . x) = g . f(x)`` holds exactly (to float
+rounding) for every input size. With stride ``s > 1`` it holds when the sampled grid is symmetric, i.e. when
+``(H + 2p - d(k-1) - 1) % s == 0`` and likewise for ``W``; :func:`stride_is_exact` tells. Even kernels have no
+centre pixel, so their rotations are off by half a pixel: they are rejected.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .groups import Group, filter_indices, get_group
+
+__all__ = [
+    'GroupConv2d', 'P4ConvZ2', 'P4ConvP4', 'P4MConvZ2', 'P4MConvP4M',
+    'GroupPool', 'GroupBatchNorm', 'GroupMaxPool2d', 'GroupAvgPool2d', 'fold_group', 'unfold_group',
+    'stride_is_exact', 'EquivariantMixin', 'check_group_input',
+]
+
+
+def fold_group(x: torch.Tensor) -> torch.Tensor:
+    """``[B, C, |G|, H, W] -> [B, C*|G|, H, W]`` (channel-major, the layout handed to timm as 'folded')."""
+    if x.dim() != 5:
+        raise ValueError(f"fold_group expects a 5-D tensor [B, C, |G|, H, W], got shape {tuple(x.shape)}")
+    return x.flatten(1, 2)
+
+
+def unfold_group(x: torch.Tensor, order: int) -> torch.Tensor:
+    """``[B, C*|G|, H, W] -> [B, C, |G|, H, W]``; the inverse of :func:`fold_group`."""
+    if x.dim() != 4 or x.shape[1] % order:
+        raise ValueError(
+            f"unfold_group expects [B, C*|G|, H, W] with channels divisible by |G|={order}, got {tuple(x.shape)}")
+    return x.unflatten(1, (x.shape[1] // order, order))
+
+
+def stride_is_exact(size: int, kernel_size: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> bool:
+    """True when a strided convolution samples a grid symmetric about the centre of a ``size`` axis.
+
+    Only then do rotations/flips of the input map the sampled grid onto itself, so that equivariance is exact.
+    """
+    span = size + 2 * padding - dilation * (kernel_size - 1) - 1
+    return span >= 0 and span % stride == 0
+
+
+def check_group_input(x: torch.Tensor, channels: int, order: int, name: str, min_size: int = 1) -> None:
+    """Raise a ValueError naming the layer when ``x`` is not ``[B, channels, order, H, W]`` (or ``[B, C, H, W]``
+    for ``order == 1`` planar input)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if order == 0:  # planar
+        if x.dim() != 4:
+            raise ValueError(f"{name}: expected a planar input [B, C={channels}, H, W], got shape {tuple(x.shape)}")
+        if x.shape[1] != channels:
+            raise ValueError(f"{name}: expected {channels} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+    else:
+        if x.dim() != 5:
+            hint = ''
+            if x.dim() == 4 and x.shape[1] == channels * order:
+                hint = ' (it looks folded: use gequiv_timm.layers.unfold_group(x, |G|) first)'
+            raise ValueError(
+                f"{name}: expected a group feature map [B, C={channels}, |G|={order}, H, W], "
+                f"got shape {tuple(x.shape)}{hint}")
+        if x.shape[1] != channels:
+            raise ValueError(f"{name}: expected {channels} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+        if x.shape[2] != order:
+            raise ValueError(
+                f"{name}: expected group axis of size |G|={order}, got {x.shape[2]} (shape {tuple(x.shape)}); "
+                f"is this feature map from another group?")
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: expected a floating point tensor, got dtype {x.dtype}")
+    if min(x.shape[-2:]) < min_size:
+        raise ValueError(
+            f"{name}: input of spatial size {tuple(x.shape[-2:])} is too small: this layer needs at least "
+            f"{min_size}x{min_size}")
+
+
+class EquivariantMixin:
+    """Adds :meth:`check_equivariance` to a module with ``in_group``/``out_group``.
+
+    ``in_group`` / ``out_group`` are :class:`Group` s; ``None`` as out_group means invariant (planar, untouched
+    by the group: used by group pooling). A planar input (``in_group.order == 1`` and ``in_planar``) is
+    ``[B, C, H, W]``; otherwise ``[B, C, |G|, H, W]``.
+    """
+
+    in_group: Group
+    out_group: Optional[Group]
+    in_planar: bool = False
+    out_planar: bool = False
+    act_group: Group
+
+    def _example_input(self, size: Tuple[int, int] = (13, 13), batch: int = 2, **kw) -> torch.Tensor:
+        p = next(iter(self.parameters()), None) if isinstance(self, nn.Module) else None
+        dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+        device = p.device if p is not None else None
+        if self.in_planar:
+            return torch.randn(batch, self.in_channels, *size, dtype=dtype, device=device)
+        return torch.randn(batch, self.in_channels, self.in_group.order, *size, dtype=dtype, device=device)
+
+    def _act(self, x: torch.Tensor, g: int, planar: bool) -> torch.Tensor:
+        if planar:
+            return self.act_group.transform_plane(x, g)
+        return self.act_group.transform_group_map(x, g)
+
+    @torch.no_grad()
+    def check_equivariance(self, x: Optional[torch.Tensor] = None, size: Tuple[int, int] = (13, 13),
+                           atol: Optional[float] = None) -> float:
+        """Rotate/flip a random (or the given) input by every group element and return the max abs error
+        ``max_g |f(g.x) - g.f(x)|``. If ``atol`` is given, raise an AssertionError when it is exceeded."""
+        if x is None:
+            x = self._example_input(size)
+        fx = self(x)
+        err = 0.0
+        for g in self.act_group.elements():
+            lhs = self(self._act(x, g, self.in_planar))
+            rhs = self._act(fx, g, self.out_planar)
+            err = max(err, (lhs - rhs).abs().max().item())
+        if atol is not None and err > atol:
+            raise AssertionError(f"{type(self).__name__}: equivariance error {err:.3g} > {atol:.3g}")
+        return err
+
+
+class GroupConv2d(EquivariantMixin, nn.Module):
+    """Group convolution ``in_group -> out_group`` (``z2 -> G`` lifting, or ``G -> G``).
+
+    Args:
+        in_channels: input channels ``C_in`` (fields, each of size ``|G_in|``).
+        out_channels: output channels ``C_out`` (each of size ``|G_out|``).
+        kernel_size: odd spatial kernel size ``k``.
+        in_group: ``'z2'`` for a lifting layer (input ``[B, C_in, H, W]``), else the output group.
+        out_group: ``'p4'`` or ``'p4m'``.
+        stride, padding, dilation: as in ``nn.Conv2d`` (ints). See the module docstring on stride.
+        bias: one bias per output channel, shared over the group.
+
+    Shapes:
+        input ``[B, C_in, H, W]`` (lifting) or ``[B, C_in, |G|, H, W]``; output ``[B, C_out, |G|, H', W']``.
+        weight ``[C_out, C_in, |G_in|, k, k]``.
+
+    Example:
+        >>> conv = P4ConvP4(8, 16, 3, padding=1)
+        >>> conv(torch.randn(2, 8, 4, 32, 32)).shape
+        torch.Size([2, 16, 4, 32, 32])
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, in_group='z2', out_group='p4',
+                 stride: int = 1, padding: int = 0, dilation: int = 1, bias: bool = True):
+        super().__init__()
+        for n, v in (('in_channels', in_channels), ('out_channels', out_channels), ('kernel_size', kernel_size),
+                     ('stride', stride), ('dilation', dilation)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{type(self).__name__}: {n} must be a positive int, got {v!r}")
+        if not isinstance(padding, int) or padding < 0:
+            raise ValueError(f"{type(self).__name__}: padding must be a non-negative int, got {padding!r}")
+        if kernel_size % 2 == 0:
+            raise ValueError(
+                f"{type(self).__name__}: kernel_size must be odd for exact equivariance (an even kernel has no "
+                f"centre pixel, so its rotations are off by half a pixel); got {kernel_size}. Use {kernel_size + 1} "
+                f"or {kernel_size - 1}.")
+        self.in_group = get_group(in_group)
+        self.out_group = get_group(out_group)
+        if self.in_group.order > 1 and self.in_group.name != self.out_group.name:
+            raise ValueError(f"{type(self).__name__}: cannot convolve {self.in_group.name} -> {self.out_group.name}; "
+                             f"use in_group='z2' (lifting) or the same group in and out")
+        self.act_group = self.out_group
+        self.in_planar = self.in_group.order == 1
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+        self.dilation = dilation
+        gi = self.in_group.order
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, gi, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.register_buffer('filter_idx', filter_indices(self.in_group, self.out_group, kernel_size),
+                             persistent=False)
+        self._cache: Optional[torch.Tensor] = None
+        self._cache_key: Optional[tuple] = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """He (Kaiming) normal init; fan-in counts ``C_in * |G_in| * k * k`` (the true number of summed terms)."""
+        nn.init.kaiming_normal_(self.weight, mode='fan_in', nonlinearity='relu')
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+        self._cache = None
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"{self.in_group.name}->{self.out_group.name}, stride={self.stride}, padding={self.padding}")
+        if self.dilation != 1:
+            s += f", dilation={self.dilation}"
+        return s + ('' if self.bias is not None else ', bias=False')
+
+    # ----- filter bank ----------------------------------------------------------------------------------
+    def _expand(self, weight: torch.Tensor) -> torch.Tensor:
+        co, ci, gi, k, _ = weight.shape
+        go = self.out_group.order
+        w = weight.reshape(co, ci, gi * k * k)[:, :, self.filter_idx]  # [Co, Ci, Go, Gi*k*k]
+        return w.transpose(1, 2).reshape(co * go, ci * gi, k, k)
+
+    def expanded_weight(self) -> torch.Tensor:
+        """The full filter bank ``[C_out*|G_out|, C_in*|G_in|, k, k]`` used by the single ``conv2d``.
+
+        In eval mode, with autograd off or weights frozen, the result is cached until the weights change (their
+        version counter or storage moves) or :meth:`train` is called.
+        """
+        w = self.weight
+        if self.training or torch.jit.is_scripting() or (torch.is_grad_enabled() and w.requires_grad):
+            return self._expand(w)
+        key = (w._version, w.data_ptr(), w.dtype, w.device)
+        if self._cache is None or self._cache_key != key:
+            with torch.no_grad():
+                self._cache = self._expand(w)
+            self._cache_key = key
+        return self._cache
+
+    def expanded_bias(self) -> Optional[torch.Tensor]:
+        if self.bias is None:
+            return None
+        return self.bias.repeat_interleave(self.out_group.order)
+
+    def train(self, mode: bool = True):
+        self._cache = None
+        self._cache_key = None
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cache = None
+        self._cache_key = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _min_size(self) -> int:
+        return max(1, self.dilation * (self.kernel_size - 1) + 1 - 2 * self.padding)
+
+    # ----- forward ----------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_group_input(x, self.in_channels, 0 if self.in_planar else self.in_group.order,
+                          type(self).__name__, self._min_size())
+        if not self.in_planar:
+            x = x.flatten(1, 2)
+        y = F.conv2d(x, self.expanded_weight(), self.expanded_bias(), self.stride, self.padding, self.dilation)
+        return y.unflatten(1, (self.out_channels, self.out_group.order))
+
+    def export(self) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` computing the same map on folded tensors.
+
+        ``conv(x.flatten(1, 2))`` (or ``conv(x)`` for a lifting layer) equals ``self(x).flatten(1, 2)``.
+        """
+        gi, go = self.in_group.order, self.out_group.order
+        conv = nn.Conv2d(self.in_channels * gi, self.out_channels * go, self.kernel_size, self.stride, self.padding,
+                         self.dilation, bias=self.bias is not None)
+        conv = conv.to(device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self._expand(self.weight))
+            if self.bias is not None:
+                conv.bias.copy_(self.expanded_bias())
+        return conv
+
+
+class P4ConvZ2(GroupConv2d):
+    """Lifting convolution ``Z2 -> p4`` (GrouPy's name). Input ``[B, C_in, H, W]``, output ``[B, C_out, 4, H', W']``."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=0, dilation=1, bias=True):
+        super().__init__(in_channels, out_channels, kernel_size, 'z2', 'p4', stride, padding, dilation, bias)
+
+
+class P4ConvP4(GroupConv2d):
+    """Group convolution ``p4 -> p4``. Input ``[B, C_in, 4, H, W]``, output ``[B, C_out, 4, H', W']``."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=0, dilation=1, bias=True):
+        super().__init__(in_channels, out_channels, kernel_size, 'p4', 'p4', stride, padding, dilation, bias)
+
+
+class P4MConvZ2(GroupConv2d):
+    """Lifting convolution ``Z2 -> p4m``. Input ``[B, C_in, H, W]``, output ``[B, C_out, 8, H', W']``."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=0, dilation=1, bias=True):
+        super().__init__(in_channels, out_channels, kernel_size, 'z2', 'p4m', stride, padding, dilation, bias)
+
+
+class P4MConvP4M(GroupConv2d):
+    """Group convolution ``p4m -> p4m``. Input ``[B, C_in, 8, H, W]``, output ``[B, C_out, 8, H', W']``."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=0, dilation=1, bias=True):
+        super().__init__(in_channels, out_channels, kernel_size, 'p4m', 'p4m', stride, padding, dilation, bias)
+
+
+class GroupPool(EquivariantMixin, nn.Module):
+    """Pool over the group axis: ``[B, C, |G|, H, W] -> [B, C, H, W]`` by ``'max'`` or ``'mean'``.
+
+    The output is *invariant* in the group axis: ``pool(g . f) = g . pool(f)`` with ``g`` acting on the plane only.
+    """
+
+    def __init__(self, group='p4', mode: str = 'max', channels: Optional[int] = None):
+        super().__init__()
+        if mode not in ('max', 'mean', 'avg'):
+            raise ValueError(f"GroupPool: mode must be 'max' or 'mean', got {mode!r}")
+        self.mode = 'mean' if mode == 'avg' else mode
+        self.in_group = self.act_group = get_group(group)
+        self.out_group = None
+        self.out_planar = True
+        self.in_channels = channels or 1
+
+    def extra_repr(self) -> str:
+        return f"{self.in_group.name}, mode={self.mode!r}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5 or x.shape[2] != self.in_group.order:
+            raise ValueError(f"GroupPool: expected [B, C, |G|={self.in_group.order}, H, W], got {tuple(x.shape)}")
+        return x.amax(dim=2) if self.mode == 'max' else x.mean(dim=2)
+
+
+class GroupBatchNorm(nn.BatchNorm3d):
+    """Batch norm for ``[B, C, |G|, H, W]`` with statistics and affine parameters shared over the group axis.
+
+    Sharing over ``|G|`` is what keeps it equivariant (a per-(C, g) statistic would break the symmetry). This is
+    ``nn.BatchNorm3d`` viewed over ``(|G|, H, W)``, with a shape check.
+    """
+
+    def __init__(self, num_features: int, group='p4', eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
+                 track_running_stats: bool = True):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        self.group = get_group(group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5 or x.shape[1] != self.num_features or x.shape[2] != self.group.order:
+            raise ValueError(f"GroupBatchNorm: expected [B, C={self.num_features}, |G|={self.group.order}, H, W], "
+                             f"got {tuple(x.shape)}")
+        return super().forward(x)
+
+
+class _GroupSpatialPool(EquivariantMixin, nn.Module):
+    def __init__(self, kernel_size: int = 2, stride: Optional[int] = None, padding: int = 0, group='p4'):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = stride or kernel_size
+        self.padding = padding
+        self.in_group = self.out_group = self.act_group = get_group(group)
+        self.in_channels = 1
+
+    def is_exact(self, h: int, w: int) -> bool:
+        """Whether pooling an ``h x w`` map commutes exactly with the group (symmetric window grid)."""
+        return all(stride_is_exact(s, self.kernel_size, self.stride, self.padding) for s in (h, w))
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5:
+            raise ValueError(f"{type(self).__name__}: expected [B, C, |G|, H, W], got {tuple(x.shape)}")
+        if min(x.shape[-2:]) + 2 * self.padding < self.kernel_size:
+            raise ValueError(f"{type(self).__name__}: input {tuple(x.shape[-2:])} is smaller than the window "
+                             f"{self.kernel_size}")
+        b, c, g = x.shape[:3]
+        y = self._pool(x.flatten(1, 2))
+        return y.unflatten(1, (c, g))
+
+
+class GroupMaxPool2d(_GroupSpatialPool):
+    """Spatial max pooling of a group feature map ``[B, C, |G|, H, W]`` (each group channel separately).
+
+    Equivariant exactly when the window grid is symmetric (``(H + 2p - k) % stride == 0``, same for W, e.g. 2x2
+    pooling of an even-sized map); :meth:`is_exact` tells. Otherwise the result is only approximately equivariant.
+    """
+
+    def _pool(self, x):
+        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+
+
+class GroupAvgPool2d(_GroupSpatialPool):
+    """Spatial average pooling of a group feature map; the same exactness rule as :class:`GroupMaxPool2d`."""
+
+    def _pool(self, x):
+        return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding)
