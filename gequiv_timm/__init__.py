@@ -1,0 +1,29 @@
+"""gequiv_timm: geometric deep learning for timm.
+
+``import gequiv_timm`` registers every catalog entry (``registry/*.toml``) with timm, so
+``timm.create_model('gequiv_p4cnn', pretrained=True)`` works.
+"""
+__version__ = '0.1.0'
+
+from . import layers  # noqa: F401  (pure torch)
+from .registry import register_all as _register_all
+
+_register_all()
+
+from .layers import (  # noqa: E402,F401
+    GroupBatchNorm, GroupConv2d, GroupMaxPool2d, GroupPool, P4ConvP4, P4ConvZ2, P4MConvP4M, P4MConvZ2,
+)
+from .models.gcnn import GroupCNN  # noqa: E402,F401
+
+
+def __getattr__(name):
+    # lazily exposed public names of families that live in their own modules
+    lazy = {
+        'inject_equivariant_stem': 'gequiv_timm.models.stems',
+        'inject_stem': 'gequiv_timm.models.stems',
+        'STNFrontEnd': 'gequiv_timm.models.stn',
+    }
+    if name in lazy:
+        import importlib
+        return getattr(importlib.import_module(lazy[name]), name)
+    raise AttributeError(f"module 'gequiv_timm' has no attribute {name!r}")

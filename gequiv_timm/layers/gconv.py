@@ -147,6 +147,8 @@ class GroupConv2d(EquivariantMixin, nn.Module):
         out_group: ``'p4'`` or ``'p4m'``.
         stride, padding, dilation: as in ``nn.Conv2d`` (ints). See the module docstring on stride.
         bias: one bias per output channel, shared over the group.
+        planar_input: whether the input is planar ``[B, C, H, W]``. Defaults to ``in_group == 'z2'``; pass
+            ``False`` for a ``z2 -> z2`` layer inside a network that keeps the (trivial) group axis.
 
     Shapes:
         input ``[B, C_in, H, W]`` (lifting) or ``[B, C_in, |G|, H, W]``; output ``[B, C_out, |G|, H', W']``.
@@ -159,7 +161,8 @@ class GroupConv2d(EquivariantMixin, nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, in_group='z2', out_group='p4',
-                 stride: int = 1, padding: int = 0, dilation: int = 1, bias: bool = True):
+                 stride: int = 1, padding: int = 0, dilation: int = 1, bias: bool = True,
+                 planar_input: Optional[bool] = None):
         super().__init__()
         for n, v in (('in_channels', in_channels), ('out_channels', out_channels), ('kernel_size', kernel_size),
                      ('stride', stride), ('dilation', dilation)):
@@ -178,7 +181,9 @@ class GroupConv2d(EquivariantMixin, nn.Module):
             raise ValueError(f"{type(self).__name__}: cannot convolve {self.in_group.name} -> {self.out_group.name}; "
                              f"use in_group='z2' (lifting) or the same group in and out")
         self.act_group = self.out_group
-        self.in_planar = self.in_group.order == 1
+        self.in_planar = self.in_group.order == 1 if planar_input is None else bool(planar_input)
+        if self.in_planar and self.in_group.order != 1:
+            raise ValueError(f"{type(self).__name__}: planar_input=True needs in_group='z2' (a lifting layer)")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel_size

@@ -1,0 +1,648 @@
+"""Recombinator Networks and friends: keypoint heads that output one spatial distribution per keypoint.
+
+Honari, Yosinski, Vincent & Pal, "Recombinator Networks: Learning Coarse-to-Fine Feature Aggregation",
+CVPR 2016. A feature pyramid ``F_0 (finest) ... F_{L-1} (coarsest)`` is read from the coarsest level down:
+
+.. math:: B_{L-1} = \\phi_{L-1}(F_{L-1}), \\qquad B_l = \\phi_l\\big([F_l,\\ \\mathrm{up}(B_{l+1})]\\big),
+
+where ``[.,.]`` concatenates channels, ``up`` is a x2 upsampling (nearest, bilinear or a learned transposed
+convolution) and ``phi_l`` is a small stack of 3x3 conv-BN-ReLU. The finest branch ends in a 1x1 conv giving
+``K`` maps of logits ``z_k``; the prediction is a softmax over *locations* per keypoint,
+
+.. math:: p_k(i, j) = \\exp z_k(i, j) / \\sum_{i', j'} \\exp z_k(i', j'),
+
+trained with the cross-entropy ``-log p_k(c_k)`` of the discretised true location ``c_k`` (masked where the
+keypoint is absent or outside the image). The baseline **SumNet** of the paper predicts ``K`` maps from every level
+and sums them after upsampling with learned per-level, per-keypoint weights, ``z_k = sum_l w_{lk} up(z^l_k)``.
+
+The **denoising keypoint model** of the paper takes one-hot keypoint maps in which a fraction of the keypoints was
+moved to random locations and outputs the corrected distribution. The **joint model** multiplies the RCN and the
+denoiser distributions (renormalised); since ``log_softmax(a) + log_softmax(b) = a + b - const`` per keypoint,
+this is the same as summing their pre-softmax values, as the paper does.
+
+Coordinates: a keypoint is ``(x, y)`` in input pixels, ``x`` to the right and ``y`` down, with the *centre* of
+pixel ``(row i, col j)`` at ``(x, y) = (j, i)``; an ``H x W`` image covers ``[-0.5, W - 0.5) x [-0.5, H - 0.5)``.
+A heatmap at stride ``s`` has cell ``(i, j)`` covering input pixels ``[s j, s j + s)`` horizontally, so its centre
+is at ``x = s j + (s - 1) / 2``; a keypoint falls into cell ``floor((x + 0.5) / s)``.
+
+Nothing here imports timm: the heads take a list of 4-D feature maps (finest first) with their channel counts
+and reductions, which any timm ``features_only`` backbone provides through ``feature_info``.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    'spatial_softmax', 'spatial_log_softmax', 'keypoints_to_cells', 'keypoints_to_onehot', 'heatmap_cross_entropy',
+    'argmax_keypoints', 'soft_argmax_keypoints', 'decode_heatmaps', 'corrupt_keypoints', 'joint_log_probs',
+    'ConvNormAct', 'Upsample2d', 'RecombinatorHead', 'SumNetHead', 'SingleScaleHead', 'CoordRegressionHead',
+    'DenoisingKeypointModel', 'JointKeypointModel', 'RCNPaperTrunk', 'UPSAMPLE_MODES',
+]
+
+UPSAMPLE_MODES = ('nearest', 'bilinear', 'learned')
+
+
+def _check_heatmaps(logits: torch.Tensor, name: str) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 4:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"{name}: expected heatmap logits [B, K, H, W], got {shape}")
+    if not logits.is_floating_point():
+        raise ValueError(f"{name}: expected floating point logits, got dtype {logits.dtype}")
+
+
+def _check_keypoints(keypoints: torch.Tensor, logits_shape, name: str) -> None:
+    b, k = logits_shape[:2]
+    if not isinstance(keypoints, torch.Tensor) or tuple(keypoints.shape) != (b, k, 2):
+        shape = tuple(keypoints.shape) if isinstance(keypoints, torch.Tensor) else type(keypoints).__name__
+        raise ValueError(f"{name}: expected keypoints [B={b}, K={k}, 2] as (x, y) pixel coordinates, got {shape}")
+
+
+def _check_stride(stride: int, name: str) -> None:
+    if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
+        raise ValueError(f"{name}: stride must be a positive int (input pixels per heatmap cell), got {stride!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# functional core
+# ----------------------------------------------------------------------------------------------------------------
+def spatial_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the ``H*W`` locations of each keypoint map: ``[B, K, H, W] -> [B, K, H, W]``, each map sums to 1.
+
+    Example:
+        >>> p = spatial_softmax(torch.randn(2, 5, 8, 8))
+        >>> torch.allclose(p.sum((-2, -1)), torch.ones(2, 5))
+        True
+    """
+    _check_heatmaps(logits, 'spatial_softmax')
+    return logits.flatten(2).softmax(-1).view_as(logits)
+
+
+def spatial_log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """``log`` of :func:`spatial_softmax`, computed stably: ``[B, K, H, W] -> [B, K, H, W]``."""
+    _check_heatmaps(logits, 'spatial_log_softmax')
+    return logits.flatten(2).log_softmax(-1).view_as(logits)
+
+
+def keypoints_to_cells(keypoints: torch.Tensor, size: Tuple[int, int], stride: int = 1,
+                       visible: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Discretise ``(x, y)`` pixel keypoints ``[B, K, 2]`` onto an ``H x W`` heatmap at ``stride``.
+
+    Returns ``(index [B, K] long, valid [B, K] bool)``: ``index = row * W + col`` of the cell holding each keypoint
+    (0 where invalid), ``valid`` is False where ``visible`` is False, a coordinate is not finite, or the keypoint
+    falls outside the ``H*stride x W*stride`` image.
+    """
+    _check_stride(stride, 'keypoints_to_cells')
+    h, w = int(size[0]), int(size[1])
+    if keypoints.dim() != 3 or keypoints.shape[-1] != 2:
+        raise ValueError(f"keypoints_to_cells: expected keypoints [B, K, 2] (x, y), got {tuple(keypoints.shape)}")
+    finite = torch.isfinite(keypoints).all(-1)
+    kp = torch.where(finite[..., None], keypoints, torch.zeros_like(keypoints))
+    col = torch.floor((kp[..., 0] + 0.5) / stride).long()
+    row = torch.floor((kp[..., 1] + 0.5) / stride).long()
+    valid = finite & (col >= 0) & (col < w) & (row >= 0) & (row < h)
+    if visible is not None:
+        if tuple(visible.shape) != tuple(keypoints.shape[:2]):
+            raise ValueError(f"keypoints_to_cells: visible must be [B, K] = {tuple(keypoints.shape[:2])}, "
+                             f"got {tuple(visible.shape)}")
+        valid = valid & visible.bool()
+    index = torch.where(valid, row * w + col, torch.zeros_like(col))
+    return index, valid
+
+
+def keypoints_to_onehot(keypoints: torch.Tensor, size: Tuple[int, int], stride: int = 1,
+                        visible: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One-hot keypoint maps ``[B, K, H, W]`` (1 at each valid keypoint's cell, all-zero maps for invalid ones):
+    the input of the denoising keypoint model."""
+    index, valid = keypoints_to_cells(keypoints, size, stride, visible)
+    b, k = index.shape
+    out = torch.zeros(b, k, int(size[0]) * int(size[1]), dtype=torch.float32, device=keypoints.device)
+    out.scatter_(2, index[..., None], valid[..., None].float())
+    return out.view(b, k, int(size[0]), int(size[1]))
+
+
+def heatmap_cross_entropy(logits: torch.Tensor, keypoints: torch.Tensor, visible: Optional[torch.Tensor] = None,
+                          stride: int = 1, reduction: str = 'mean') -> torch.Tensor:
+    """Cross-entropy of the true (discretised) keypoint location under the spatial softmax of ``logits``.
+
+    .. math:: \\mathcal{L} = -\\frac{1}{|V|} \\sum_{(b, k) \\in V} \\log p_{bk}(c_{bk})
+
+    over the valid keypoints ``V`` (visible and inside the image, see :func:`keypoints_to_cells`).
+
+    Args:
+        logits: ``[B, K, H, W]`` heatmap logits at ``stride`` input pixels per cell.
+        keypoints: ``[B, K, 2]`` true ``(x, y)`` in input pixels.
+        visible: optional ``[B, K]`` bool; False masks a keypoint out.
+        reduction: ``'mean'`` (over valid keypoints; 0 with a live graph when there are none), ``'sum'``, or
+            ``'none'`` (``[B, K]``, zeros where invalid).
+    """
+    _check_heatmaps(logits, 'heatmap_cross_entropy')
+    _check_keypoints(keypoints, logits.shape, 'heatmap_cross_entropy')
+    if reduction not in ('mean', 'sum', 'none'):
+        raise ValueError(f"heatmap_cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    index, valid = keypoints_to_cells(keypoints, logits.shape[-2:], stride, visible)
+    logp = logits.flatten(2).log_softmax(-1)
+    nll = -logp.gather(2, index[..., None]).squeeze(-1) * valid.to(logp.dtype)
+    if reduction == 'none':
+        return nll
+    if reduction == 'sum':
+        return nll.sum()
+    return nll.sum() / valid.sum().clamp_min(1).to(logp.dtype)
+
+
+def _cell_centres(n: int, stride: int, dtype, device) -> torch.Tensor:
+    return torch.arange(n, dtype=dtype, device=device) * stride + (stride - 1) / 2.0
+
+
+def argmax_keypoints(logits: torch.Tensor, stride: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Decode by argmax: ``[B, K, H, W] -> (coords [B, K, 2] (x, y) input pixels, confidence [B, K])``.
+
+    The coordinate is the centre of the most probable cell; the confidence is its softmax probability.
+    """
+    _check_heatmaps(logits, 'argmax_keypoints')
+    _check_stride(stride, 'argmax_keypoints')
+    h, w = logits.shape[-2:]
+    p = logits.flatten(2).softmax(-1)
+    conf, idx = p.max(-1)
+    row, col = idx // w, idx % w
+    coords = torch.stack([col, row], -1).to(logits.dtype) * stride + (stride - 1) / 2.0
+    return coords, conf
+
+
+def soft_argmax_keypoints(logits: torch.Tensor, stride: int = 1, window: Optional[int] = 5,
+                          temperature: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sub-pixel decoding by the expected location under the spatial softmax.
+
+    With ``window=None`` the expectation runs over the whole map (differentiable, but pulled towards the centre
+    when the distribution is broad or multi-modal). With an odd ``window = w`` it runs over the ``w x w`` cells
+    around the argmax, renormalised (the usual local soft-argmax; robust to a second mode far away).
+
+    Returns ``(coords [B, K, 2] (x, y) in input pixels, confidence [B, K])``; the confidence is the probability
+    of the argmax cell, as in :func:`argmax_keypoints`.
+    """
+    _check_heatmaps(logits, 'soft_argmax_keypoints')
+    _check_stride(stride, 'soft_argmax_keypoints')
+    if not temperature > 0:
+        raise ValueError(f"soft_argmax_keypoints: temperature must be > 0, got {temperature!r}")
+    b, k, h, w = logits.shape
+    p = (logits / temperature).flatten(2).softmax(-1).view(b, k, h, w)
+    ys = _cell_centres(h, stride, logits.dtype, logits.device)
+    xs = _cell_centres(w, stride, logits.dtype, logits.device)
+    conf = logits.flatten(2).softmax(-1).max(-1).values
+    if window is None:
+        x = (p.sum(-2) * xs).sum(-1)
+        y = (p.sum(-1) * ys).sum(-1)
+        return torch.stack([x, y], -1), conf
+    if not isinstance(window, int) or window < 1 or window % 2 == 0:
+        raise ValueError(f"soft_argmax_keypoints: window must be None or an odd positive int, got {window!r}")
+    idx = p.flatten(2).argmax(-1)
+    r0, c0 = idx // w, idx % w
+    off = torch.arange(window, device=logits.device) - window // 2
+    rows = r0[..., None] + off  # [B, K, win]
+    cols = c0[..., None] + off
+    rin = (rows >= 0) & (rows < h)
+    cin = (cols >= 0) & (cols < w)
+    rows_c, cols_c = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
+    flat = rows_c[..., :, None] * w + cols_c[..., None, :]  # [B, K, win, win]
+    mass = p.flatten(2).gather(2, flat.flatten(2)).view(b, k, window, window)
+    mass = mass * (rin[..., :, None] & cin[..., None, :]).to(mass.dtype)
+    mass = mass / mass.sum((-2, -1), keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
+    x = (mass.sum(-2) * (cols_c.to(logits.dtype) * stride + (stride - 1) / 2.0)).sum(-1)
+    y = (mass.sum(-1) * (rows_c.to(logits.dtype) * stride + (stride - 1) / 2.0)).sum(-1)
+    return torch.stack([x, y], -1), conf
+
+
+def decode_heatmaps(logits: torch.Tensor, method: str = 'soft_argmax', stride: int = 1,
+                    window: Optional[int] = 5) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``method='argmax'`` (:func:`argmax_keypoints`) or ``'soft_argmax'`` (:func:`soft_argmax_keypoints`)."""
+    if method == 'argmax':
+        return argmax_keypoints(logits, stride)
+    if method == 'soft_argmax':
+        return soft_argmax_keypoints(logits, stride, window)
+    raise ValueError(f"decode_heatmaps: method must be 'argmax' or 'soft_argmax', got {method!r}")
+
+
+def corrupt_keypoints(keypoints: torch.Tensor, image_size: Tuple[int, int], fraction: float = 0.35,
+                      visible: Optional[torch.Tensor] = None,
+                      generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Move a random ``fraction`` of the keypoints to uniformly random pixel centres of an ``H x W`` image.
+
+    The training input of the denoising keypoint model. Each (sample, keypoint) is moved independently with
+    probability ``fraction``. Returns ``(corrupted [B, K, 2], moved [B, K] bool)``; invalid keypoints (not
+    ``visible``) are left as they are and never counted as moved.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"corrupt_keypoints: fraction must be in [0, 1], got {fraction!r}")
+    if keypoints.dim() != 3 or keypoints.shape[-1] != 2:
+        raise ValueError(f"corrupt_keypoints: expected keypoints [B, K, 2] (x, y), got {tuple(keypoints.shape)}")
+    b, k, _ = keypoints.shape
+    h, w = int(image_size[0]), int(image_size[1])
+    dev = keypoints.device
+    moved = torch.rand(b, k, generator=generator) < fraction
+    rx = torch.randint(0, w, (b, k), generator=generator).to(keypoints.dtype)
+    ry = torch.randint(0, h, (b, k), generator=generator).to(keypoints.dtype)
+    moved = moved.to(dev)
+    if visible is not None:
+        moved = moved & visible.bool().to(dev)
+    rnd = torch.stack([rx, ry], -1).to(dev)
+    return torch.where(moved[..., None], rnd, keypoints), moved
+
+
+def joint_log_probs(rcn_logits: torch.Tensor, denoiser_logits: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    """The joint model's log-distribution ``log_softmax(z_rcn + weight * z_den)`` per keypoint map.
+
+    Equal to the renormalised product ``p_rcn * p_den ** weight``; ``weight=1`` is the paper's sum of pre-softmax
+    values. Both inputs ``[B, K, H, W]`` of the same shape.
+    """
+    _check_heatmaps(rcn_logits, 'joint_log_probs')
+    _check_heatmaps(denoiser_logits, 'joint_log_probs')
+    if rcn_logits.shape != denoiser_logits.shape:
+        raise ValueError(f"joint_log_probs: the RCN and denoiser maps must have the same shape, got "
+                         f"{tuple(rcn_logits.shape)} and {tuple(denoiser_logits.shape)}; run the denoiser at the "
+                         f"RCN's output resolution")
+    return spatial_log_softmax(spatial_log_softmax(rcn_logits) + weight * spatial_log_softmax(denoiser_logits))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# modules
+# ----------------------------------------------------------------------------------------------------------------
+class ConvNormAct(nn.Sequential):
+    """``Conv2d(k, padding=k//2, bias=False) -> BatchNorm2d -> ReLU``: ``[B, C_in, H, W] -> [B, C_out, H, W]``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1):
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+def _conv_stack(in_channels: int, out_channels: int, n: int) -> nn.Sequential:
+    layers = [ConvNormAct(in_channels if i == 0 else out_channels, out_channels) for i in range(n)]
+    return nn.Sequential(*layers)
+
+
+class Upsample2d(nn.Module):
+    """Upsample ``[B, C, h, w]`` by an integer ``factor`` to exactly ``size`` (default ``(h*factor, w*factor)``).
+
+    ``mode``: ``'nearest'``, ``'bilinear'`` (``align_corners=False``) or ``'learned'`` (a depthwise-free
+    ``ConvTranspose2d(C, C, factor, stride=factor)`` initialised to nearest-neighbour copying, then cropped or
+    zero-padded to ``size`` when the finer level has an odd size).
+    """
+
+    def __init__(self, channels: int, factor: int = 2, mode: str = 'nearest'):
+        super().__init__()
+        if mode not in UPSAMPLE_MODES:
+            raise ValueError(f"Upsample2d: mode must be one of {UPSAMPLE_MODES}, got {mode!r}")
+        if not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"Upsample2d: factor must be a positive int, got {factor!r}")
+        self.mode, self.factor, self.channels = mode, factor, channels
+        self.deconv = None
+        if mode == 'learned':
+            self.deconv = nn.ConvTranspose2d(channels, channels, factor, stride=factor, bias=False)
+            with torch.no_grad():
+                self.deconv.weight.zero_()
+                self.deconv.weight[torch.arange(channels), torch.arange(channels)] = 1.0
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}, mode={self.mode!r}"
+
+    def forward(self, x: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        if size is None:
+            size = (x.shape[-2] * self.factor, x.shape[-1] * self.factor)
+        size = (int(size[0]), int(size[1]))
+        if self.mode == 'nearest':
+            return F.interpolate(x, size=size, mode='nearest')
+        if self.mode == 'bilinear':
+            return F.interpolate(x, size=size, mode='bilinear', align_corners=False)
+        y = self.deconv(x)
+        dh, dw = size[0] - y.shape[-2], size[1] - y.shape[-1]
+        if dh or dw:
+            y = F.pad(y, (0, dw, 0, dh))  # negative pads crop
+        return y
+
+
+def _check_pyramid(features: Sequence[torch.Tensor], in_channels: Sequence[int], name: str) -> None:
+    if not isinstance(features, (list, tuple)) or len(features) != len(in_channels):
+        n = len(features) if isinstance(features, (list, tuple)) else type(features).__name__
+        raise ValueError(f"{name}: expected a list of {len(in_channels)} feature maps (finest first, as timm's "
+                         f"features_only returns them), got {n}")
+    for i, (f, c) in enumerate(zip(features, in_channels)):
+        if f.dim() != 4 or f.shape[1] != c:
+            raise ValueError(f"{name}: level {i} should be [B, {c}, H, W], got {tuple(f.shape)}; the head was built "
+                             f"for channels {list(in_channels)}")
+
+
+def _check_reductions(reductions: Sequence[int], output_stride: int, name: str) -> None:
+    if any(not isinstance(r, int) or r < 1 for r in reductions):
+        raise ValueError(f"{name}: reductions must be positive ints, got {list(reductions)}")
+    for a, b in zip(reductions[:-1], reductions[1:]):
+        if b % a != 0 or b == a:
+            raise ValueError(f"{name}: each level must be coarser than the previous by an integer factor > 1 "
+                             f"(finest first), got reductions {list(reductions)}")
+    if not isinstance(output_stride, int) or output_stride < 1 or reductions[0] % output_stride != 0:
+        raise ValueError(f"{name}: output_stride must divide the finest reduction {reductions[0]}, got "
+                         f"{output_stride!r}")
+    ratio = reductions[0] // output_stride
+    if ratio & (ratio - 1):
+        raise ValueError(f"{name}: finest reduction / output_stride = {ratio} must be a power of two (the head "
+                         f"reaches it by x2 steps)")
+
+
+class RecombinatorHead(nn.Module):
+    """Recombinator keypoint head over a feature pyramid (see the module docstring for the maths).
+
+    Args:
+        in_channels: channels of each level, finest first (``feature_info.channels()``).
+        reductions: stride of each level w.r.t. the input, finest first (``feature_info.reduction()``).
+        num_keypoints: ``K``.
+        branch_channels: channels of each branch's output, an int (all levels) or one per level (finest first).
+        convs_per_branch: 3x3 conv-BN-ReLU layers per branch (``phi_l``).
+        upsample: ``'nearest'``, ``'bilinear'`` or ``'learned'``.
+        output_stride: stride of the output heatmaps (1 = input resolution). When the finest level is coarser,
+            the head continues with x2 upsample + conv stages that have no lateral input.
+
+    Shapes:
+        features ``[[B, C_l, H/r_l, W/r_l] for l in levels]`` -> logits ``[B, K, H/output_stride, W/output_stride]``.
+
+    Example:
+        >>> head = RecombinatorHead([16, 32, 64], [2, 4, 8], num_keypoints=5)
+        >>> feats = [torch.randn(2, 16, 32, 32), torch.randn(2, 32, 16, 16), torch.randn(2, 64, 8, 8)]
+        >>> head(feats).shape
+        torch.Size([2, 5, 64, 64])
+    """
+
+    def __init__(self, in_channels: Sequence[int], reductions: Sequence[int], num_keypoints: int,
+                 branch_channels: Union[int, Sequence[int]] = 64, convs_per_branch: int = 2,
+                 upsample: str = 'nearest', output_stride: int = 1):
+        super().__init__()
+        in_channels, reductions = [int(c) for c in in_channels], [int(r) for r in reductions]
+        if len(in_channels) != len(reductions) or not in_channels:
+            raise ValueError(f"RecombinatorHead: in_channels {in_channels} and reductions {reductions} must be "
+                             f"non-empty lists of the same length")
+        _check_reductions(reductions, output_stride, 'RecombinatorHead')
+        if num_keypoints < 1:
+            raise ValueError(f"RecombinatorHead: num_keypoints must be >= 1, got {num_keypoints}")
+        if upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"RecombinatorHead: upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
+        n = len(in_channels)
+        bc = [int(branch_channels)] * n if isinstance(branch_channels, int) else [int(c) for c in branch_channels]
+        if len(bc) != n:
+            raise ValueError(f"RecombinatorHead: branch_channels needs one entry per level ({n}), got {bc}")
+        self.in_channels, self.reductions, self.branch_channels = in_channels, reductions, bc
+        self.num_keypoints, self.output_stride, self.upsample_mode = num_keypoints, output_stride, upsample
+        # branches[l] consumes [F_l, up(B_{l+1})]; the coarsest consumes F_{L-1} alone.
+        self.branches = nn.ModuleList()
+        self.ups = nn.ModuleList()
+        for lvl in range(n):
+            cin = in_channels[lvl] + (bc[lvl + 1] if lvl < n - 1 else 0)
+            self.branches.append(_conv_stack(cin, bc[lvl], convs_per_branch))
+            if lvl < n - 1:
+                self.ups.append(Upsample2d(bc[lvl + 1], reductions[lvl + 1] // reductions[lvl], upsample))
+        # refinement stages from the finest level down to output_stride
+        self.refine_ups = nn.ModuleList()
+        self.refine = nn.ModuleList()
+        c, r = bc[0], reductions[0]
+        while r > output_stride:
+            cout = max(c // 2, 16)
+            self.refine_ups.append(Upsample2d(c, 2, upsample))
+            self.refine.append(_conv_stack(c, cout, 1))
+            c, r = cout, r // 2
+        self.out_channels = c
+        self.classifier = nn.Conv2d(c, num_keypoints, 1)
+
+    def forward(self, features: Sequence[torch.Tensor], out_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """``features``: finest first. ``out_size``: the exact output ``(H, W)`` (default: finest size times
+        ``reductions[0] / output_stride``)."""
+        _check_pyramid(features, self.in_channels, type(self).__name__)
+        n = len(features)
+        b = self.branches[-1](features[-1])
+        for lvl in range(n - 2, -1, -1):
+            up = self.ups[lvl](b, features[lvl].shape[-2:])
+            b = self.branches[lvl](torch.cat([features[lvl], up], 1))
+        for i, (up, conv) in enumerate(zip(self.refine_ups, self.refine)):
+            last = i == len(self.refine) - 1
+            size = out_size if (last and out_size is not None) else None
+            b = conv(up(b, size))
+        return self.classifier(b)
+
+
+class SumNetHead(nn.Module):
+    """The SumNet baseline of Honari et al.: every level predicts ``K`` maps, upsampled to the output size and
+    summed with learned per-level, per-keypoint weights ``w [L, K]`` (initialised to 1):
+    ``z_k = sum_l w_{lk} up(conv_l(F_l))_k``.
+
+    Args as :class:`RecombinatorHead`; ``convs_per_branch`` 3x3 conv-BN-ReLU layers then a 1x1 conv per level.
+    ``upsample`` is ``'nearest'`` or ``'bilinear'`` (levels are resized straight to the output size).
+
+    Example:
+        >>> head = SumNetHead([16, 32], [2, 4], num_keypoints=3)
+        >>> head([torch.randn(1, 16, 16, 16), torch.randn(1, 32, 8, 8)]).shape
+        torch.Size([1, 3, 32, 32])
+    """
+
+    def __init__(self, in_channels: Sequence[int], reductions: Sequence[int], num_keypoints: int,
+                 branch_channels: Union[int, Sequence[int]] = 64, convs_per_branch: int = 1,
+                 upsample: str = 'bilinear', output_stride: int = 1):
+        super().__init__()
+        in_channels, reductions = [int(c) for c in in_channels], [int(r) for r in reductions]
+        if len(in_channels) != len(reductions) or not in_channels:
+            raise ValueError(f"{type(self).__name__}: in_channels {in_channels} and reductions {reductions} must "
+                             f"be non-empty lists of the same length")
+        _check_reductions(reductions, output_stride, type(self).__name__)
+        if upsample not in ('nearest', 'bilinear'):
+            raise ValueError(f"{type(self).__name__}: upsample must be 'nearest' or 'bilinear' (maps are resized "
+                             f"straight to the output size), got {upsample!r}")
+        n = len(in_channels)
+        bc = [int(branch_channels)] * n if isinstance(branch_channels, int) else [int(c) for c in branch_channels]
+        if len(bc) != n:
+            raise ValueError(f"{type(self).__name__}: branch_channels needs one entry per level ({n}), got {bc}")
+        self.in_channels, self.reductions, self.num_keypoints = in_channels, reductions, num_keypoints
+        self.output_stride, self.upsample_mode = output_stride, upsample
+        self.branches = nn.ModuleList(
+            nn.Sequential(_conv_stack(c, b, convs_per_branch), nn.Conv2d(b if convs_per_branch else c, num_keypoints, 1))
+            for c, b in zip(in_channels, bc))
+        self.level_weight = nn.Parameter(torch.ones(n, num_keypoints))
+
+    def forward(self, features: Sequence[torch.Tensor], out_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        _check_pyramid(features, self.in_channels, type(self).__name__)
+        if out_size is None:
+            f = self.reductions[0] // self.output_stride
+            out_size = (features[0].shape[-2] * f, features[0].shape[-1] * f)
+        out = 0
+        kw = {} if self.upsample_mode == 'nearest' else {'align_corners': False}
+        for lvl, (feat, branch) in enumerate(zip(features, self.branches)):
+            z = F.interpolate(branch(feat), size=tuple(int(s) for s in out_size), mode=self.upsample_mode, **kw)
+            out = out + z * self.level_weight[lvl][None, :, None, None]
+        return out
+
+
+class SingleScaleHead(SumNetHead):
+    """The single-scale baseline: only the coarsest level predicts ``K`` maps, bilinearly upsampled to the
+    output size. Takes the whole pyramid (same call as the other heads) and ignores all but the last level."""
+
+    def __init__(self, in_channels: Sequence[int], reductions: Sequence[int], num_keypoints: int,
+                 branch_channels: int = 64, convs_per_branch: int = 1, upsample: str = 'bilinear',
+                 output_stride: int = 1):
+        super().__init__(in_channels[-1:], reductions[-1:], num_keypoints, branch_channels, convs_per_branch,
+                         upsample, output_stride=1)
+        self.level_weight.requires_grad_(False)
+        self.all_channels, self.all_reductions = [int(c) for c in in_channels], [int(r) for r in reductions]
+        _check_reductions(self.all_reductions, output_stride, type(self).__name__)
+        self.output_stride = output_stride
+
+    def forward(self, features: Sequence[torch.Tensor], out_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        _check_pyramid(features, self.all_channels, type(self).__name__)
+        if out_size is None:
+            f = self.all_reductions[0] // self.output_stride
+            out_size = (features[0].shape[-2] * f, features[0].shape[-1] * f)
+        return super().forward(list(features[-1:]), out_size)
+
+
+class CoordRegressionHead(nn.Module):
+    """Direct coordinate regression: global average pool of the coarsest level, then ``Linear(C, 2K)``.
+
+    Outputs normalised coordinates ``[B, K, 2]`` in ``[-1, 1]`` units of the image (``-1`` / ``+1`` = the outer
+    edges, ``align_corners=False`` convention); :meth:`to_pixels` converts them to ``(x, y)`` input pixels. This is
+    the "no heatmap" baseline; it is trained with a masked L1 / smooth-L1 loss on the normalised coordinates.
+    """
+
+    def __init__(self, in_channels: Sequence[int], num_keypoints: int, drop_rate: float = 0.0):
+        super().__init__()
+        self.in_channels, self.num_keypoints = [int(c) for c in in_channels], num_keypoints
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(self.in_channels[-1], 2 * num_keypoints)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        _check_pyramid(features, self.in_channels, type(self).__name__)
+        z = self.drop(features[-1].mean((-2, -1)))
+        return self.fc(z).view(-1, self.num_keypoints, 2)
+
+    @staticmethod
+    def to_pixels(coords: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+        """Normalised ``[-1, 1]`` (x, y) -> input pixels for an ``H x W`` image (``x = ((u + 1) W - 1) / 2``)."""
+        h, w = size
+        scale = coords.new_tensor([w, h])
+        return ((coords + 1) * scale - 1) / 2
+
+    @staticmethod
+    def to_normalised(keypoints: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+        """Input pixels (x, y) -> normalised ``[-1, 1]``; the inverse of :meth:`to_pixels`."""
+        h, w = size
+        scale = keypoints.new_tensor([w, h])
+        return (2 * keypoints + 1) / scale - 1
+
+
+class DenoisingKeypointModel(nn.Module):
+    """The paper's denoising keypoint model: one-hot keypoint maps in, corrected keypoint logits out.
+
+    An encoder of ``depth`` stride-2 5x5 conv-BN-ReLU layers (no skip connections: a skip would let it copy the
+    corrupted input) down to ``H / 2**depth``, then ``depth`` x2 nearest upsample + 3x3 conv-BN-ReLU stages back
+    to ``H x W`` and a 1x1 conv to ``K`` logits. Its receptive field covers the whole map, so it can learn
+    where each keypoint sits relative to the others.
+
+    Train it on :func:`keypoints_to_onehot` of :func:`corrupt_keypoints` with :func:`heatmap_cross_entropy`
+    against the true keypoints.
+
+    Shapes: ``[B, K, H, W] -> [B, K, H, W]`` (``H`` and ``W`` divisible by ``2**depth``).
+    """
+
+    def __init__(self, num_keypoints: int, width: int = 32, depth: int = 4):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"DenoisingKeypointModel: depth must be >= 1, got {depth}")
+        self.num_keypoints, self.depth = num_keypoints, depth
+        enc, c = [], num_keypoints
+        for i in range(depth):
+            cout = width * min(2 ** i, 4)
+            enc.append(ConvNormAct(c, cout, 5, stride=2))
+            c = cout
+        self.encoder = nn.Sequential(*enc)
+        self.ups = nn.ModuleList()
+        self.decoder = nn.ModuleList()
+        for i in range(depth - 1, -1, -1):
+            cout = width * min(2 ** max(i - 1, 0), 4)
+            self.ups.append(Upsample2d(c, 2, 'nearest'))
+            self.decoder.append(ConvNormAct(c, cout, 3))
+            c = cout
+        self.classifier = nn.Conv2d(c, num_keypoints, 1)
+
+    def forward(self, onehot: torch.Tensor) -> torch.Tensor:
+        _check_heatmaps(onehot, type(self).__name__)
+        if onehot.shape[1] != self.num_keypoints:
+            raise ValueError(f"{type(self).__name__}: expected {self.num_keypoints} keypoint maps, got "
+                             f"{onehot.shape[1]}")
+        m = 2 ** self.depth
+        if onehot.shape[-2] % m or onehot.shape[-1] % m:
+            raise ValueError(f"{type(self).__name__}: map size {tuple(onehot.shape[-2:])} must be divisible by "
+                             f"2**depth = {m}")
+        sizes = []
+        x = onehot
+        for layer in self.encoder:
+            sizes.append(x.shape[-2:])
+            x = layer(x)
+        for up, conv, size in zip(self.ups, self.decoder, reversed(sizes)):
+            x = conv(up(x, size))
+        return self.classifier(x)
+
+
+class JointKeypointModel(nn.Module):
+    """RCN + denoiser, combined as in the paper.
+
+    ``forward(x)`` runs ``keypoint_net`` (any module giving heatmap logits ``[B, K, H, W]`` at ``stride``), takes
+    its argmax keypoints as one-hot maps, runs ``denoiser`` on them and returns the joint logits
+    ``log_softmax(z_rcn + weight * z_den)`` (see :func:`joint_log_probs`). ``weight`` is a plain float.
+    """
+
+    def __init__(self, keypoint_net: nn.Module, denoiser: DenoisingKeypointModel, stride: int = 1,
+                 weight: float = 1.0):
+        super().__init__()
+        self.keypoint_net, self.denoiser, self.stride, self.weight = keypoint_net, denoiser, stride, weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.keypoint_net(x)
+        coords, _ = argmax_keypoints(z.detach(), self.stride)
+        onehot = keypoints_to_onehot(coords, z.shape[-2:], self.stride).to(z.dtype)
+        return joint_log_probs(z, self.denoiser(onehot), self.weight)
+
+
+class RCNPaperTrunk(nn.Module):
+    """The paper-style trunk: ``levels`` resolutions, each two 3x3 conv-BN-ReLU layers, 2x2 max-pool between.
+
+    Modelled on the 5-branch RCN of Honari et al. (grayscale faces, one branch per resolution, the finest at
+    input resolution); channel counts are ours (``channels``, finest first). Returns the list of per-level
+    features, finest first, like a timm ``features_only`` model; ``channels`` and ``reductions`` describe them.
+
+    Shapes: ``[B, in_chans, H, W] -> [[B, channels[l], H / 2**l, W / 2**l] for l in range(levels)]``.
+    """
+
+    def __init__(self, in_chans: int = 1, channels: Sequence[int] = (16, 32, 48, 64, 64)):
+        super().__init__()
+        self.channels = [int(c) for c in channels]
+        self.reductions = [2 ** i for i in range(len(self.channels))]
+        self.in_chans = in_chans
+        self.stages = nn.ModuleList()
+        c = in_chans
+        for cout in self.channels:
+            self.stages.append(nn.Sequential(ConvNormAct(c, cout), ConvNormAct(cout, cout)))
+            c = cout
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"RCNPaperTrunk: expected [B, {self.in_chans}, H, W], got {tuple(x.shape)}")
+        m = self.reductions[-1]
+        if x.shape[-2] % m or x.shape[-1] % m:
+            raise ValueError(f"RCNPaperTrunk: input size {tuple(x.shape[-2:])} must be divisible by {m} "
+                             f"({len(self.channels)} levels)")
+        out = []
+        for i, stage in enumerate(self.stages):
+            if i:
+                x = F.max_pool2d(x, 2)
+            x = stage(x)
+            out.append(x)
+        return out

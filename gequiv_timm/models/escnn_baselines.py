@@ -1,0 +1,438 @@
+"""escnn steerable CNNs as timm models: the baselines that ``gequiv-timm compare`` runs beside our G-CNNs.
+
+Two recipes, both built from escnn's regular-field modules (Weiler & Cesa, "General E(2)-Equivariant Steerable
+CNNs", NeurIPS 2019; the library: https://github.com/QUVA-Lab/escnn):
+
+* :class:`EscnnCNN` -- P4CNN-shaped (Cohen & Welling, ICML 2016, sec. 8.1): a lifting ``R2Conv`` from trivial to
+  regular fields, then ``R2Conv`` regular -> regular; every conv is followed by ``InnerBatchNorm`` and ``ReLU``;
+  a 2x2 ``PointwiseMaxPool2D`` after the second conv; group (max) pooling over the fibre at the end; global
+  spatial pooling and a linear classifier. Seven unpadded 3x3 convs take a 28x28 digit to a 2x2 map, as ``gequiv_p4cnn``.
+* :class:`EscnnWideResNet` -- a small pre-activation wide residual network (Zagoruyko & Komodakis 2016) with
+  regular fields, the family of escnn's "E(2)-WRN" reference models; stages are joined by 2x2 max pooling.
+
+The symmetry group is one of ``'c4'`` (rotations by 90 degrees, escnn ``rot2dOnR2(4)``), ``'c8'``
+(``rot2dOnR2(8)``) or ``'d4'`` (rotations and mirrors, ``flipRot2dOnR2(4)``). Widths are counted in regular
+fields; a field has ``|G|`` channels.
+
+Feature layout handed to timm: ``forward_features`` returns the *invariant* map ``[B, C, H, W]`` (group pooled);
+``forward_intermediates`` returns *folded* equivariant maps ``[B, C*|G|, H, W]`` (escnn stores a regular field's
+``|G|`` channels contiguously, which is the ``fold_group`` layout of :mod:`gequiv_timm.layers`).
+
+escnn is an optional dependency (``pip install 'gequiv_timm[escnn]'``): this module imports without it, and
+building a model without it raises an ImportError naming the extra. ``export()`` swaps every escnn module for its
+plain-PyTorch equivalent (escnn's own ``export()``), which is what evaluation and latency measurements use.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ['EscnnCNN', 'EscnnWideResNet', 'import_escnn', 'escnn_available', 'ESCNN_EXTRA_HINT', 'GROUPS']
+
+ESCNN_EXTRA_HINT = "pip install 'gequiv_timm[escnn]'"
+GROUPS = ('c4', 'c8', 'd4')
+_SVD_PATCHED = False
+
+
+def escnn_available() -> bool:
+    """True when escnn can be imported."""
+    try:
+        import_escnn()
+    except ImportError:
+        return False
+    return True
+
+
+def _exact_svd(A, n_components=None, random_state=None, **_):
+    """Deterministic stand-in for sklearn's ``randomized_svd`` inside escnn's null-space solver.
+
+    escnn 1.0.11 hands it an ``np.matrix`` (rejected by scikit-learn >= 1.6) and asks for all singular values
+    anyway, so an exact SVD is both what it wants and reproducible (the randomized one is seeded by the clock).
+    """
+    import numpy as np
+    import scipy.linalg
+    u, s, vh = scipy.linalg.svd(np.asarray(A), full_matrices=False)
+    k = len(s) if n_components is None else n_components
+    return u[:, :k], s[:k], vh[:k]
+
+
+def import_escnn():
+    """Import and return ``(gspaces, escnn.nn)``; raise an ImportError naming the extra when escnn is missing.
+
+    Also replaces the randomized SVD escnn uses to solve for kernel bases by an exact one (see
+    :func:`_exact_svd`): without it, building D4 (``flipRot2dOnR2``) bases fails with scikit-learn >= 1.6.
+    The ``py3nj`` warning escnn prints on import concerns SO(3) only and is silenced here.
+    """
+    global _SVD_PATCHED
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='.*py3nj.*')
+            from escnn import gspaces
+            from escnn import nn as enn
+            import escnn.group._numerical as _numerical
+    except ImportError as e:
+        raise ImportError(
+            f"the escnn baselines (gequiv_escnn_*) need escnn, which is not installed: {e}. "
+            f"Install the extra with `{ESCNN_EXTRA_HINT}`.") from e
+    if not _SVD_PATCHED:
+        if getattr(_numerical, 'randomized_svd', None) is not None:
+            _numerical.randomized_svd = _exact_svd
+        _SVD_PATCHED = True
+    return gspaces, enn
+
+
+def _gspace(group: str):
+    gspaces, _ = import_escnn()
+    g = str(group).lower()
+    if g == 'c4':
+        return gspaces.rot2dOnR2(N=4)
+    if g == 'c8':
+        return gspaces.rot2dOnR2(N=8)
+    if g == 'd4':
+        return gspaces.flipRot2dOnR2(N=4)
+    raise ValueError(f"escnn baselines: group must be one of {GROUPS}, got {group!r}")
+
+
+def _check_widths(name: str, widths: Sequence[int]) -> Tuple[int, ...]:
+    widths = tuple(widths)
+    if not widths or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in widths):
+        raise ValueError(f"{name}: widths must be a non-empty sequence of positive ints (regular fields per layer), "
+                         f"got {widths!r}")
+    return widths
+
+
+class _Chain(nn.Module):
+    """A sequence of modules applied in order; works on escnn ``GeometricTensor`` s and, after export, tensors."""
+
+    def __init__(self, *mods: nn.Module):
+        super().__init__()
+        for i, m in enumerate(mods):
+            self.add_module(str(i), m)
+
+    def forward(self, x):
+        for m in self._modules.values():
+            x = m(x)
+        return x
+
+
+class _Residual(nn.Module):
+    """``y = body(x) + shortcut(x)`` (identity shortcut when ``shortcut`` is None)."""
+
+    def __init__(self, body: nn.Module, shortcut: Optional[nn.Module] = None):
+        super().__init__()
+        self.body = body
+        self.shortcut = shortcut if shortcut is not None else nn.Identity()
+
+    def forward(self, x):
+        return self.body(x) + self.shortcut(x)
+
+
+def _export_inplace(module: nn.Module) -> nn.Module:
+    """Replace every escnn ``EquivariantModule`` under ``module`` by its ``export()`` (plain PyTorch)."""
+    _, enn = import_escnn()
+    for name, child in list(module.named_children()):
+        if isinstance(child, enn.EquivariantModule):
+            setattr(module, name, child.export())
+        else:
+            _export_inplace(child)
+    return module
+
+
+class _EscnnBase(nn.Module):
+    """The timm model API shared by the escnn recipes.
+
+    Subclasses build ``self.stages`` (a ModuleList of escnn stages), ``self.gpool`` (group pooling), ``self.norm``
+    (final escnn module before pooling, may be Identity), ``self.in_type``, ``self.feature_info`` and
+    ``self.num_features``.
+    """
+
+    stages: nn.ModuleList
+    exported: bool = False
+
+    def _init_head(self, num_classes: int, drop_rate: float, global_pool: str) -> None:
+        from timm.layers import ClassifierHead
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.head_hidden_size = self.num_features
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.grad_checkpointing = False
+
+    # ----- input ----------------------------------------------------------------------------------------------
+    def _wrap(self, x: torch.Tensor):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{type(self).__name__}: expected an image batch [B, C={self.in_chans}, H, W], got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"{type(self).__name__}: expected {self.in_chans} input channels, got {x.shape[1]} "
+                             f"(shape {tuple(x.shape)}); build the model with in_chans={x.shape[1]}")
+        if self.exported:
+            return x
+        _, enn = import_escnn()
+        return enn.GeometricTensor(x, self.in_type)
+
+    @staticmethod
+    def _unwrap(x) -> torch.Tensor:
+        return x if isinstance(x, torch.Tensor) else x.tensor
+
+    def _run_stage(self, stage: nn.Module, x):
+        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+            from torch.utils.checkpoint import checkpoint
+            if self.exported:
+                return checkpoint(stage, x, use_reentrant=False)
+            _, enn = import_escnn()
+            out_type = stage.out_type
+            t = checkpoint(lambda t, s=stage, it=x.type: s(enn.GeometricTensor(t, it)).tensor, x.tensor,
+                           use_reentrant=False)
+            return enn.GeometricTensor(t, out_type)
+        return stage(x)
+
+    # ----- timm API -------------------------------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, in_chans, H, W] -> [B, num_features, H', W']``, invariant (pooled over the group)."""
+        x = self._wrap(x)
+        for stage in self.stages:
+            x = self._run_stage(stage, x)
+        x = self.norm(x)
+        return self._unwrap(self.gpool(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, pool_type=global_pool)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(stem=r'^stages\.0\.', blocks=r'^stages\.(\d+)')
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return set()
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
+                              intermediates_only: bool = False):
+        """Features at the end of each stage, folded ``[B, C*|G|, H, W]`` (equivariant), plus the final invariant
+        features ``[B, num_features, H', W']`` unless ``intermediates_only``."""
+        from timm.models._features import feature_take_indices
+        if output_fmt != 'NCHW':
+            raise ValueError(f"{type(self).__name__}: output_fmt must be 'NCHW', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        intermediates = []
+        x = self._wrap(x)
+        stages = self.stages if not stop_early else self.stages[:max_index + 1]
+        for i, stage in enumerate(stages):
+            x = self._run_stage(stage, x)
+            if i in take:
+                y = self.norm(x) if (norm and i == len(self.stages) - 1) else x
+                intermediates.append(self._unwrap(y))
+        if intermediates_only:
+            return intermediates
+        if len(stages) < len(self.stages):
+            for stage in self.stages[len(stages):]:
+                x = self._run_stage(stage, x)
+        x = self._unwrap(self.gpool(self.norm(x)))
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        from timm.models._features import feature_take_indices
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        self.feature_info = self.feature_info[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take
+
+    # ----- escnn extras ---------------------------------------------------------------------------------------
+    def export(self) -> '_EscnnBase':
+        """A copy in eval mode in which every escnn module is replaced by plain PyTorch (escnn's ``export()``).
+
+        The copy computes the same function (to float rounding), takes plain tensors and is what evaluation and
+        latency benchmarks use. Group pooling exports to escnn's ``MaxPoolChannels`` (a plain ``nn.Module``).
+        """
+        if self.exported:
+            return copy.deepcopy(self).eval()
+        # escnn's R2Conv caches its expanded filter (a non-leaf tensor, which deepcopy refuses) in eval mode and
+        # drops it in train mode: copy in train mode, then restore the mode of ``self``.
+        was = self.training
+        self.train()
+        try:
+            m = copy.deepcopy(self)
+        finally:
+            self.train(was)
+        m.eval()
+        _export_inplace(m)
+        m.exported = True
+        return m.eval()
+
+    @torch.no_grad()
+    def check_invariance(self, x: Optional[torch.Tensor] = None, size: int = 28) -> float:
+        """Max abs change of the logits when the input is turned by multiples of 90 degrees (and mirrored for
+        D4). For C8, 45 degree turns are not exact on the pixel grid and are not included."""
+        was = self.training
+        self.eval()
+        if x is None:
+            x = torch.randn(2, self.in_chans, size, size)
+        y = self(x)
+        err = 0.0
+        for k in range(1, 4):
+            err = max(err, (self(torch.rot90(x, k, dims=(-2, -1))) - y).abs().max().item())
+        if self.group == 'd4':
+            err = max(err, (self(torch.flip(x, dims=(-1,))) - y).abs().max().item())
+        self.train(was)
+        return err
+
+
+class EscnnCNN(_EscnnBase):
+    """P4CNN-shaped steerable CNN with regular fields (escnn), see the module docstring.
+
+    Args:
+        group: ``'c4'``, ``'c8'`` or ``'d4'``.
+        widths: regular fields per conv layer; one stage per layer (P4CNN: seven 3x3 layers).
+        kernel_size: odd spatial kernel size of every conv.
+        pool_after: 0-based indices of the conv layers followed by 2x2 max pooling.
+        padding: spatial padding of every conv (0 as in P4CNN: 28 -> 2 through seven 3x3 convs and one pool).
+        num_classes, in_chans, drop_rate, global_pool: as in timm.
+
+    Shapes:
+        input ``[B, in_chans, H, W]``; ``forward_features`` ``[B, widths[-1], H', W']`` (invariant);
+        logits ``[B, num_classes]``.
+    """
+
+    def __init__(self, group: str = 'c4', widths: Sequence[int] = (12,) * 7, kernel_size: int = 3,
+                 pool_after: Sequence[int] = (1,), padding: int = 0, num_classes: int = 10, in_chans: int = 1,
+                 drop_rate: float = 0.0, global_pool: str = 'avg', **kwargs):
+        super().__init__()
+        if kwargs:
+            raise TypeError(f"EscnnCNN: unexpected arguments {sorted(kwargs)}")
+        _, enn = import_escnn()
+        widths = _check_widths('EscnnCNN', widths)
+        if kernel_size % 2 == 0 or kernel_size < 1:
+            raise ValueError(f"EscnnCNN: kernel_size must be a positive odd int, got {kernel_size}")
+        pool_after = tuple(sorted(set(int(p) for p in pool_after)))
+        if any(p < 0 or p >= len(widths) for p in pool_after):
+            raise ValueError(f"EscnnCNN: pool_after indices must lie in [0, {len(widths) - 1}] (conv layers), "
+                             f"got {pool_after}")
+        self.group = str(group).lower()
+        self.gspace = _gspace(self.group)
+        self.in_chans = in_chans
+        self.widths = widths
+        gs = self.gspace
+        self.in_type = enn.FieldType(gs, in_chans * [gs.trivial_repr])
+        stages, feature_info, reduction = [], [], 1
+        t = self.in_type
+        for i, w in enumerate(widths):
+            out = enn.FieldType(gs, w * [gs.regular_repr])
+            mods = [enn.R2Conv(t, out, kernel_size, padding=padding, bias=False),
+                    enn.InnerBatchNorm(out), enn.ReLU(out, inplace=True)]
+            if i in pool_after:
+                mods.append(enn.PointwiseMaxPool2D(out, 2))
+                reduction *= 2
+            stages.append(enn.SequentialModule(*mods))
+            feature_info.append(dict(num_chs=w * gs.regular_repr.size, reduction=reduction, module=f'stages.{i}',
+                                     group=self.group, layout='folded'))
+            t = out
+        self.stages = nn.ModuleList(stages)
+        self.feature_info = feature_info
+        self.norm = nn.Identity()
+        self.gpool = enn.GroupPooling(t)
+        self.num_features = widths[-1]
+        self._init_head(num_classes, drop_rate, global_pool)
+
+
+class EscnnWideResNet(_EscnnBase):
+    """Pre-activation wide ResNet with regular fields (escnn), see the module docstring.
+
+    Args:
+        group: ``'c4'``, ``'c8'`` or ``'d4'``.
+        stem_width: regular fields of the 3x3 stem conv.
+        widths: regular fields of each stage; a 2x2 max pool starts every stage after the first.
+        depth: residual blocks per stage (each: BN-ReLU-conv3x3-BN-ReLU-conv3x3, 1x1 conv shortcut when the
+            width changes).
+        kernel_size: odd kernel size of the 3x3 convs (padding keeps the size).
+        num_classes, in_chans, drop_rate, global_pool: as in timm.
+
+    Shapes:
+        input ``[B, in_chans, H, W]`` (H, W divisible by ``2**(len(widths)-1)`` for exact 90 degree equivariance);
+        ``forward_features`` ``[B, widths[-1], H / 2**(len(widths)-1), ...]``; logits ``[B, num_classes]``.
+    """
+
+    def __init__(self, group: str = 'c8', stem_width: int = 6, widths: Sequence[int] = (6, 12, 24), depth: int = 1,
+                 kernel_size: int = 3, num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.0,
+                 global_pool: str = 'avg', **kwargs):
+        super().__init__()
+        if kwargs:
+            raise TypeError(f"EscnnWideResNet: unexpected arguments {sorted(kwargs)}")
+        _, enn = import_escnn()
+        widths = _check_widths('EscnnWideResNet', widths)
+        _check_widths('EscnnWideResNet', (stem_width, depth))
+        if kernel_size % 2 == 0:
+            raise ValueError(f"EscnnWideResNet: kernel_size must be odd, got {kernel_size}")
+        self.group = str(group).lower()
+        self.gspace = gs = _gspace(self.group)
+        self.in_chans = in_chans
+        self.widths = widths
+        self.in_type = enn.FieldType(gs, in_chans * [gs.trivial_repr])
+        pad = kernel_size // 2
+
+        def ftype(n):
+            return enn.FieldType(gs, n * [gs.regular_repr])
+
+        def block(t_in, t_out):
+            body = enn.SequentialModule(
+                enn.InnerBatchNorm(t_in), enn.ReLU(t_in, inplace=False),
+                enn.R2Conv(t_in, t_out, kernel_size, padding=pad, bias=False),
+                enn.InnerBatchNorm(t_out), enn.ReLU(t_out, inplace=True),
+                enn.R2Conv(t_out, t_out, kernel_size, padding=pad, bias=False))
+            short = None if t_in == t_out else enn.R2Conv(t_in, t_out, 1, bias=False)
+            return _Residual(body, short)
+
+        t = ftype(stem_width)
+        stages: List[nn.Module] = []
+        feature_info = []
+        reduction = 1
+        for si, w in enumerate(widths):
+            mods: List[nn.Module] = []
+            if si == 0:
+                mods.append(enn.R2Conv(self.in_type, t, kernel_size, padding=pad, bias=False))
+            else:
+                mods.append(enn.PointwiseMaxPool2D(t, 2))
+                reduction *= 2
+            for _ in range(depth):
+                t_out = ftype(w)
+                mods.append(block(t, t_out))
+                t = t_out
+            stage = _Chain(*mods)
+            stage.out_type = t
+            stages.append(stage)
+            feature_info.append(dict(num_chs=w * gs.regular_repr.size, reduction=reduction, module=f'stages.{si}',
+                                     group=self.group, layout='folded'))
+        self.stages = nn.ModuleList(stages)
+        self.feature_info = feature_info
+        self.norm = enn.SequentialModule(enn.InnerBatchNorm(t), enn.ReLU(t, inplace=True))
+        self.gpool = enn.GroupPooling(t)
+        self.num_features = widths[-1]
+        self._init_head(num_classes, drop_rate, global_pool)
+
+
+_MODEL_CLASSES = {'cnn': EscnnCNN, 'wrn': EscnnWideResNet}
