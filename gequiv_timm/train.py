@@ -121,3 +121,58 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int = 500, device: Opt
         n += len(y)
     model.train(was_training)
     return dict(error=err / n, loss=loss / n, n=n)
+
+
+# ----- `gequiv-timm train` --------------------------------------------------------------------------------
+DATASETS = ('rotmnist', 'rotmnist-upright')
+
+
+def add_arguments(p) -> None:
+    p.add_argument('model', help='registered model name, e.g. gequiv_p4cnn')
+    p.add_argument('--data', default='rotmnist', choices=DATASETS, help='built-in data set (default rotmnist)')
+    p.add_argument('--epochs', type=int, default=20)
+    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--lr', type=float, default=3e-3)
+    p.add_argument('--weight-decay', type=float, default=1e-4)
+    p.add_argument('--seed', type=int, default=0, help='seeds the data split, the init and the data order')
+    p.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
+    p.add_argument('--out', help='write the trained weights here (.safetensors)')
+    p.add_argument('--tag', default='', help='pretrained tag recorded in the file and the manifest')
+    p.add_argument('--manifest', help='add/replace NAME.TAG in this weights manifest (JSON)')
+    p.add_argument('--no-progress', action='store_true')
+
+
+def run(args) -> int:
+    import json
+    import shlex
+    import sys
+
+    import timm
+    from .data import rotated_mnist
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model not in timm.list_models('gequiv_*'):
+        print(f"gequiv-timm train: unknown model {args.model!r}; see `gequiv-timm list`", file=sys.stderr)
+        return 2
+    protocol = 'upright' if args.data == 'rotmnist-upright' else 'rotated'
+    data = rotated_mnist(args.seed, protocol=protocol)
+    seed_everything(args.seed)
+    model = timm.create_model(args.model)
+    res = fit(model, data.train.dataset(), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+              weight_decay=args.weight_decay, seed=args.seed, progress=not args.no_progress, desc=args.model)
+    ev = evaluate(model, data.test.dataset())
+    metrics = {'test_error': round(ev['error'], 4), 'test_split': f'{args.data} seed {args.seed} (1,000 digits)',
+               'seed': args.seed, 'epochs': res.epochs, 'train_seconds': round(res.seconds, 1)}
+    print(json.dumps({'model': args.model, **metrics}))
+    if args.out:
+        from .hub import save_weights, update_manifest
+        command = 'gequiv-timm train ' + ' '.join(shlex.quote(a) for a in sys.argv[2:])
+        recipe = f'{args.data}/adamw-cosine/lr{args.lr}/bs{args.batch_size}/ep{args.epochs}/seed{args.seed}'
+        info = save_weights(model, args.out, args.model, args.tag, recipe, extra={'metrics': metrics})
+        print(f"wrote {args.out} sha256={info['sha256']}")
+        if args.manifest and args.tag:
+            update_manifest(args.manifest, f'{args.model}.{args.tag}', {
+                'file': info['file'], 'sha256': info['sha256'], 'size': info['size'], 'metrics': metrics,
+                'recipe': recipe, 'command': command, 'budget': f'{res.epochs} epochs, {res.seconds:.0f} s',
+                'hf_hub_id': f'gequiv-timm/{args.model}.{args.tag}'})
+    return 0
