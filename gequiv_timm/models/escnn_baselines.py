@@ -436,3 +436,17 @@ class EscnnWideResNet(_EscnnBase):
 
 
 _MODEL_CLASSES = {'cnn': EscnnCNN, 'wrn': EscnnWideResNet}
+
+
+def _create(variant: str, pretrained: bool = False, arch: str = 'cnn', **kwargs) -> _EscnnBase:
+    """Build a catalog entry (``registry/escnn.toml``): ``arch`` picks the recipe (``'cnn'`` or ``'wrn'``)."""
+    import_escnn()  # the clear ImportError naming the extra, before timm gets involved
+    from ._helpers import create_gequiv_model
+    if arch not in _MODEL_CLASSES:
+        raise ValueError(f"{variant}: arch must be one of {sorted(_MODEL_CLASSES)}, got {arch!r}")
+    if pretrained:
+        raise ValueError(f"{variant}: there are no pretrained weights for the escnn baselines; they are trained by "
+                         f"`gequiv-timm compare` (use pretrained=False)")
+    n_stages = len(kwargs.get('widths', ())) or 5
+    feature_cfg = dict(out_indices=tuple(range(min(n_stages, 5))))
+    return create_gequiv_model(_MODEL_CLASSES[arch], variant, pretrained, feature_cfg=feature_cfg, **kwargs)
