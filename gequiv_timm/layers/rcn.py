@@ -543,7 +543,8 @@ class DenoisingKeypointModel(nn.Module):
 
     An encoder of ``depth`` stride-2 5x5 conv-BN-ReLU layers (no skip connections: a skip would let it copy the
     corrupted input) down to ``H / 2**depth``, then ``depth`` x2 nearest upsample + 3x3 conv-BN-ReLU stages back
-    to ``H x W`` and a 1x1 conv to ``K`` logits. Its receptive field covers the whole map, so it can learn
+    to ``H x W`` and a 1x1 conv to ``K`` logits. A global-context term (mean-pooled bottleneck -> Linear -> ReLU,
+    added back at every bottleneck position) makes every output depend on every input keypoint, so it can learn
     where each keypoint sits relative to the others.
 
     Train it on :func:`keypoints_to_onehot` of :func:`corrupt_keypoints` with :func:`heatmap_cross_entropy`
@@ -563,6 +564,7 @@ class DenoisingKeypointModel(nn.Module):
             enc.append(ConvNormAct(c, cout, 5, stride=2))
             c = cout
         self.encoder = nn.Sequential(*enc)
+        self.context = nn.Sequential(nn.Linear(c, c), nn.ReLU(inplace=True))
         self.ups = nn.ModuleList()
         self.decoder = nn.ModuleList()
         for i in range(depth - 1, -1, -1):
@@ -586,6 +588,7 @@ class DenoisingKeypointModel(nn.Module):
         for layer in self.encoder:
             sizes.append(x.shape[-2:])
             x = layer(x)
+        x = x + self.context(x.mean((-2, -1)))[..., None, None]  # global context: every output sees every input
         for up, conv, size in zip(self.ups, self.decoder, reversed(sizes)):
             x = conv(up(x, size))
         return self.classifier(x)
