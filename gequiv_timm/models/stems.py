@@ -1,0 +1,626 @@
+"""Equivariant stems for any timm CNN: swap a backbone's stem for group convolutions, keep everything else.
+
+Two entry points:
+
+* :func:`inject_stem` (generic): put *any* module in place of a timm model's stem. The stem is found through
+  timm's own metadata, not a table of attribute names: ``pretrained_cfg['first_conv']`` names the stem
+  convolution, and a traced forward pass on a small probe follows its output through the per-pixel modules that
+  come right after it (norms, activations, spatial pooling). The chain ends at the first module that is none of
+  these (a block, a residual, a conv). The replacement module must map ``[B, C_in, H, W]`` to the output of one
+  point of that chain; the longest matching segment is replaced (the first conv is replaced by the new module,
+  the rest of the segment by ``nn.Identity``), so every later layer and its weights are untouched. ``feature_info``
+  entries that tap the replaced segment are annotated. Any module works, e.g. the PDE engineer's ``PDEStem``::
+
+      model = timm.create_model('resnet18')
+      inject_stem(model, PDEStem(3, 64, stride=4))   # replaces conv1, bn1, act1 and maxpool (stride 4)
+
+* :func:`inject_equivariant_stem`: an :class:`EquivariantStem` (lifting group convolution, group
+  convolution(s), then pooling over the group or a learned equivariant fold) with the original stem's output
+  channels and stride, optionally warm-started from the original stem's filters.
+
+The stem's output transforms as follows (``g`` a 90-degree rotation, or for p4m also a mirror, about the image
+centre; exact when ``H`` and ``W`` are multiples of the stem's stride):
+
+* ``mode='invariant'``: ``stem(g x) = g stem(x)``, the spatial rotation/flip only (channels untouched),
+* ``mode='equivariant'``: the output is folded ``[B, C'*|G|, H', W']``; ``stem(g x) = fold(g . unfold(stem(x)))``:
+  spatial transform plus the regular-representation permutation inside every block of ``|G|`` channels.
+
+Loading a plain backbone checkpoint (say ``resnet18``'s) into the stem-injected model: every non-stem weight is
+loaded and equals the source, the stem keeps its initialisation (or is warm-started from the source's first
+conv), and :func:`adapt_backbone_state_dict` returns a report of what was and was not loaded. The registered
+models (``registry/stems.toml``: ``gequiv_p4_resnet18`` ...) do this through timm's ``pretrained=True`` path, so
+``pretrained_cfg_overlay=dict(file='resnet18.safetensors')`` or the Hub (the plain backbone's ``hf_hub_id``)
+both work.
+
+Cohen & Welling, "Group Equivariant Convolutional Networks", ICML 2016 (lifting and group convolutions).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..layers.gconv import (
+    GroupAvgPool2d, GroupBatchNorm, GroupConv2d, GroupMaxPool2d, GroupPool, fold_group, unfold_group,
+)
+from ..layers.groups import get_group
+from ._helpers import create_gequiv_model
+
+__all__ = ['StemError', 'StemInfo', 'EquivariantStem', 'find_stem', 'inject_stem', 'inject_equivariant_stem',
+           'adapt_backbone_state_dict', 'load_backbone_checkpoint', 'get_stem', 'stem_output']
+
+_logger = logging.getLogger(__name__)
+
+
+class StemError(ValueError):
+    """A model whose stem cannot be found or replaced; the message says why and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# finding the stem
+# ----------------------------------------------------------------------------------------------------------------
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+_POOL_TYPES = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd)
+_ACT_MODULES = ('torch.nn.modules.activation', 'timm.layers.activations', 'timm.layers.activations_me')
+
+
+def _kind(m: nn.Module) -> Optional[str]:
+    """'norm' / 'act' / 'pool' for per-pixel modules that may follow a stem conv, 'pass' for Identity/Dropout."""
+    if isinstance(m, _NORM_TYPES):
+        return 'norm'
+    if isinstance(m, _POOL_TYPES):
+        return 'pool'
+    if type(m).__module__ in _ACT_MODULES:
+        return 'act'
+    if isinstance(m, (nn.Identity, nn.Dropout, nn.Dropout2d)):
+        return 'pass'
+    return None
+
+
+@dataclass
+class StemInfo:
+    """Where a model's stem is.
+
+    Attributes:
+        first_conv: path of the stem convolution (``pretrained_cfg['first_conv']``).
+        chain: the per-pixel modules that follow it in execution order, ``(path, kind, output shape)`` with
+            kind ``'norm' | 'act' | 'pool'`` (the candidates to be replaced with it).
+        in_chs, out_chs, stride, kernel_size: of the stem convolution.
+        conv_shape: output shape of the stem convolution on the probe.
+        probe_shape: the probe input shape used to trace (``[1, C_in, H, W]``).
+        feature_info: the model's feature_info entries (timm metadata), used to annotate the taps of the stem.
+    """
+
+    first_conv: str
+    chain: List[Tuple[str, str, Tuple[int, ...]]]
+    in_chs: int
+    out_chs: int
+    stride: int
+    kernel_size: int
+    conv_shape: Tuple[int, ...]
+    probe_shape: Tuple[int, ...]
+    feature_info: List[Dict[str, Any]] = field(default_factory=list)
+
+    def segment_ends(self) -> List[Tuple[str, Tuple[int, ...]]]:
+        """Every possible end of the stem segment with the output shape there (the conv itself first)."""
+        return [(self.first_conv, self.conv_shape)] + [(p, s) for p, _, s in self.chain]
+
+
+class _StopTrace(Exception):
+    pass
+
+
+def _model_name(model: nn.Module) -> str:
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    return cfg.get('architecture') or type(model).__name__
+
+
+def _probe_size(model: nn.Module, stride: int) -> Tuple[int, int]:
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    if cfg.get('fixed_input_size') and cfg.get('input_size'):
+        return tuple(cfg['input_size'][-2:])
+    return (64, 64) if stride <= 8 else (4 * stride, 4 * stride)
+
+
+def find_stem(model: nn.Module, first_conv: Optional[str] = None) -> StemInfo:
+    """Locate ``model``'s stem from timm's metadata and a traced forward pass.
+
+    ``first_conv`` defaults to ``model.pretrained_cfg['first_conv']``. Raises :class:`StemError` (saying why) when
+    the model has no single first conv, when it is not a plain ``nn.Conv2d``, or when it is not on the forward path.
+    """
+    name = _model_name(model)
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    if first_conv is None:
+        first_conv = cfg.get('first_conv')
+    if not first_conv:
+        raise StemError(f"{name}: the model's pretrained_cfg has no 'first_conv', so its stem cannot be located. "
+                        f"Pass first_conv='<path of the stem conv>' explicitly.")
+    if isinstance(first_conv, (list, tuple)):
+        if len(first_conv) != 1:
+            raise StemError(f"{name}: pretrained_cfg['first_conv'] lists several input convs {list(first_conv)}; "
+                            f"a multi-branch stem cannot be replaced by one module. Pass first_conv= to pick one.")
+        first_conv = first_conv[0]
+    try:
+        conv = model.get_submodule(first_conv)
+    except AttributeError:
+        raise StemError(f"{name}: first_conv {first_conv!r} is not a submodule of the model") from None
+    if not isinstance(conv, nn.Conv2d):
+        raise StemError(f"{name}: the stem {first_conv!r} is a {type(conv).__name__}, not an nn.Conv2d; only a "
+                        f"convolutional stem can be replaced (was it replaced already?)")
+    if conv.groups != 1 or conv.dilation != (1, 1):
+        raise StemError(f"{name}: the stem conv {first_conv!r} has groups={conv.groups}, dilation={conv.dilation}; "
+                        f"expected a dense, undilated conv")
+    if conv.stride[0] != conv.stride[1] or conv.kernel_size[0] != conv.kernel_size[1]:
+        raise StemError(f"{name}: the stem conv {first_conv!r} is not square (kernel {conv.kernel_size}, stride "
+                        f"{conv.stride}); a 90-degree rotation would not map its grid onto itself")
+    stride = conv.stride[0]
+    if stride > 4:
+        raise StemError(f"{name}: the stem {first_conv!r} is a stride-{stride} patch embedding (a transformer-style "
+                        f"patchify stem), not a CNN stem; a group convolution at full resolution in its place would "
+                        f"cost ~{stride * stride}x the embedding. Use a CNN backbone.")
+    size = _probe_size(model, stride)
+    w = conv.weight
+    x = torch.zeros(1, conv.in_channels, *size, device=w.device, dtype=w.dtype)
+
+    chain: List[Tuple[str, str, Tuple[int, ...]]] = []
+    state: Dict[str, Any] = dict(cur=None, conv_shape=None, inside=None, seen=False)
+    handles = []
+
+    def pre_hook(path, m, inputs):
+        if not state['seen'] or state['inside'] is not None:
+            return
+        kind = _kind(m)
+        inp = inputs[0] if inputs else None
+        if len(list(m.children())) and kind is None:
+            return  # a container starting: its children will tell
+        if kind == 'pass':
+            return
+        if kind is None or inp is not state['cur']:
+            raise _StopTrace
+        state['inside'] = path
+
+    def post_hook(path, m, inputs, output):
+        if path == first_conv:
+            state.update(cur=output, conv_shape=tuple(output.shape), seen=True)
+            return
+        if state['inside'] == path:
+            state['inside'] = None
+            chain.append((path, _kind(m), tuple(output.shape)))
+            state['cur'] = output
+        elif state['seen'] and state['inside'] is None and _kind(m) == 'pass' and inputs and \
+                inputs[0] is state['cur']:
+            state['cur'] = output
+
+    for path, m in model.named_modules():
+        if not path:
+            continue
+        handles.append(m.register_forward_pre_hook(partial(pre_hook, path)))
+        handles.append(m.register_forward_hook(partial(post_hook, path)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except _StopTrace:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if not state['seen']:
+        raise StemError(f"{name}: the stem conv {first_conv!r} named by pretrained_cfg['first_conv'] is not used by "
+                        f"the model's forward pass on a {tuple(x.shape)} probe")
+    fi = list(getattr(model, 'feature_info', []) or [])
+    fi = [dict(f) for f in fi if isinstance(f, dict)]
+    return StemInfo(first_conv=first_conv, chain=chain, in_chs=conv.in_channels, out_chs=conv.out_channels,
+                    stride=stride, kernel_size=conv.kernel_size[0], conv_shape=state['conv_shape'],
+                    probe_shape=tuple(x.shape), feature_info=fi)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# generic injection
+# ----------------------------------------------------------------------------------------------------------------
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition('.')
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, leaf, module)
+
+
+def _state_keys(model: nn.Module, path: str) -> List[str]:
+    prefix = path + '.'
+    return [k for k in model.state_dict().keys() if k.startswith(prefix)]
+
+
+def inject_stem(model: nn.Module, stem_module: nn.Module, *, first_conv: Optional[str] = None,
+                info: Optional[StemInfo] = None) -> nn.Module:
+    """Replace ``model``'s stem by ``stem_module`` in place and return ``model``.
+
+    Args:
+        model: a timm CNN (anything with ``pretrained_cfg['first_conv']``, or pass ``first_conv``).
+        stem_module: any ``nn.Module`` mapping ``[B, C_in, H, W]`` to the output of the original stem at some point
+            of its chain ``first conv -> norm/act -> pool`` (same channels and stride), e.g. ``[B, 64, H/2, W/2]``
+            (replaces ``conv1, bn1, act1`` of a ResNet) or ``[B, 64, H/4, W/4]`` (also ``maxpool``). It may have a
+            ``first_conv`` attribute naming (relative to itself) its own first layer with a ``.weight``; the model's
+            ``pretrained_cfg['first_conv']`` is then pointed at it, as timm expects.
+        first_conv: overrides ``pretrained_cfg['first_conv']``.
+        info: a :class:`StemInfo` from :func:`find_stem` (to skip tracing again).
+
+    The first conv's slot receives ``stem_module``; the other modules of the replaced segment become
+    ``nn.Identity`` (so ``forward``, ``forward_intermediates`` and ``features_only`` run through the new stem);
+    every later module and parameter is untouched. ``model._gequiv_stem`` records what was replaced
+    (``path``, ``replaced``, ``source_keys``: the state-dict keys of the old stem, ``stride``, ``out_chs``).
+
+    Raises :class:`StemError` when the stem cannot be found or ``stem_module``'s output matches no point of the
+    stem (message lists the shapes it could have produced).
+    """
+    if getattr(model, '_gequiv_stem', None):
+        raise StemError(f"{_model_name(model)}: its stem was already replaced ({model._gequiv_stem['path']}); "
+                        f"create a fresh model to inject another stem")
+    info = info or find_stem(model, first_conv)
+    conv = model.get_submodule(info.first_conv)
+    probe = torch.zeros(*info.probe_shape, device=conv.weight.device, dtype=conv.weight.dtype)
+    was_training = stem_module.training
+    stem_module.eval()
+    try:
+        with torch.no_grad():
+            out = stem_module(probe)
+    except Exception as e:
+        raise StemError(f"{_model_name(model)}: the stem module {type(stem_module).__name__} failed on a probe of "
+                        f"shape {tuple(probe.shape)} ({type(e).__name__}: {e})") from e
+    finally:
+        stem_module.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 4:
+        raise StemError(f"{_model_name(model)}: the stem module must return a 4-D tensor [B, C, H, W], got "
+                        f"{getattr(out, 'shape', type(out).__name__)}")
+    ends = info.segment_ends()
+    match = [i for i, (_, s) in enumerate(ends) if tuple(s) == tuple(out.shape)]
+    if not match:
+        options = ', '.join(f"{p} -> {list(s)}" for p, s in ends)
+        raise StemError(f"{_model_name(model)}: the stem module maps {list(probe.shape)} to {list(out.shape)}, which "
+                        f"matches no point of the original stem ({options}). Give it the channels and stride of one "
+                        f"of these.")
+    end = match[-1]
+    replaced = [p for p, _ in ends[:end + 1]]
+    source_keys = [k for p in replaced for k in _state_keys(model, p)]
+    stem_module.to(device=conv.weight.device)
+    _set_submodule(model, info.first_conv, stem_module)
+    for p in replaced[1:]:
+        _set_submodule(model, p, nn.Identity())
+
+    stride = info.probe_shape[-1] // out.shape[-1]
+    record = dict(path=info.first_conv, replaced=replaced, end=replaced[-1], source_keys=source_keys,
+                  stride=stride, out_chs=int(out.shape[1]), in_chs=info.in_chs,
+                  stem_type=type(stem_module).__name__)
+    model._gequiv_stem = record
+    # timm metadata: first_conv -> the new stem's own first layer (so `first_conv + '.weight'` exists)
+    rel = getattr(stem_module, 'first_conv', None)
+    new_first = f"{info.first_conv}.{rel}" if rel else None
+    if new_first is not None:
+        cfg = getattr(model, 'pretrained_cfg', None)
+        if isinstance(cfg, dict):
+            model.pretrained_cfg = dict(cfg, first_conv=new_first)
+            model.default_cfg = model.pretrained_cfg
+        traits = getattr(model, '_traits', None)
+        if isinstance(traits, dict):
+            model._traits = dict(traits, first_conv=new_first)
+    # annotate the feature taps that now read the new stem
+    fi = getattr(model, 'feature_info', None)
+    desc = dict(stem=type(stem_module).__name__, group=getattr(stem_module, 'group_name', None),
+                layout=getattr(stem_module, 'layout', 'planar'))
+    if isinstance(fi, list):
+        for f in fi:
+            if isinstance(f, dict) and (f.get('module') in replaced or any(
+                    r.startswith(str(f.get('module')) + '.') for r in replaced)):
+                f.update(desc)
+    return model
+
+
+def get_stem(model: nn.Module) -> nn.Module:
+    """The module injected by :func:`inject_stem` (raises when the model has none)."""
+    rec = getattr(model, '_gequiv_stem', None)
+    if not rec:
+        raise StemError(f"{_model_name(model)}: no injected stem; call inject_stem / inject_equivariant_stem first")
+    return model.get_submodule(rec['path'])
+
+
+def stem_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The output of the (injected) stem inside a forward pass of ``model`` on ``x`` (captured by a hook)."""
+    stem = get_stem(model)
+    box = {}
+
+    def hook(m, i, o):
+        box['out'] = o
+        raise _StopTrace
+
+    h = stem.register_forward_hook(hook)
+    try:
+        model(x)
+    except _StopTrace:
+        pass
+    finally:
+        h.remove()
+    return box['out']
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the equivariant stem
+# ----------------------------------------------------------------------------------------------------------------
+class EquivariantStem(nn.Module):
+    """Lifting group conv + group conv(s), then pooling over the group (invariant) or an equivariant fold.
+
+    ``[B, C_in, H, W] -> lift (k x k, stride 1, 'same') -> GBN -> ReLU -> avg pool (stride) -> [G-conv 3x3 -> GBN ->
+    ReLU] x depth -> head``, with head
+
+    * ``'invariant'``: max (or mean) over the group -> 1x1 conv -> BN -> ReLU: ``[B, out_chs, H/s, W/s]`` with
+      ``f(g x) = g f(x)`` (spatial transform only);
+    * ``'equivariant'``: 1x1 group conv to ``out_chs / |G|`` fields -> GBN -> ReLU -> fold:
+      ``[B, out_chs, H/s, W/s]`` with ``f(g x) = fold(g . unfold(f(x)))``.
+
+    The spatial reduction is a ``stride x stride`` average pool after the lifting conv rather than a strided conv:
+    a stride-2 conv on an even-sized image samples a grid that a rotation about the centre does not map onto itself,
+    whereas the pooling windows tile the image symmetrically, so equivariance is exact whenever ``H`` and ``W`` are
+    multiples of ``stride``.
+
+    Args:
+        in_chs, out_chs, stride: planar channels in/out and the spatial reduction (1, 2 or 4).
+        group: ``'p4'`` or ``'p4m'``. mode: ``'invariant'`` or ``'equivariant'`` (needs ``out_chs % |G| == 0``).
+        width: fields of the group layers (default ``out_chs // |G|``: as many channels as the original stem).
+        kernel_size: odd size of the lifting filters. depth: number of group convs after the lift.
+        group_pool: ``'max'`` or ``'mean'`` (invariant mode).
+
+    Example:
+        >>> stem = EquivariantStem(3, 64, 2, group='p4')
+        >>> stem(torch.randn(1, 3, 32, 32)).shape
+        torch.Size([1, 64, 16, 16])
+    """
+
+    first_conv = 'lift'
+
+    def __init__(self, in_chs: int = 3, out_chs: int = 64, stride: int = 2, group: str = 'p4',
+                 mode: str = 'invariant', width: Optional[int] = None, kernel_size: int = 7, depth: int = 1,
+                 group_pool: str = 'max', device=None, dtype=None):
+        super().__init__()
+        g = get_group(group)
+        if g.order == 1:
+            raise ValueError("EquivariantStem: group must be 'p4' or 'p4m', got 'z2' (that is the plain stem)")
+        if mode not in ('invariant', 'equivariant'):
+            raise ValueError(f"EquivariantStem: mode must be 'invariant' or 'equivariant', got {mode!r}")
+        if mode == 'equivariant' and out_chs % g.order:
+            raise ValueError(f"EquivariantStem: mode='equivariant' folds |G|={g.order} copies of each field into the "
+                             f"output channels, so out_chs must be a multiple of {g.order}; got {out_chs}. Use "
+                             f"mode='invariant' or group='p4'.")
+        if stride not in (1, 2, 4):
+            raise ValueError(f"EquivariantStem: stride must be 1, 2 or 4, got {stride!r}")
+        if kernel_size % 2 == 0:
+            raise ValueError(f"EquivariantStem: kernel_size must be odd (a rotated even filter is off by half a "
+                             f"pixel), got {kernel_size}; use {kernel_size + 1}")
+        self.group = g
+        self.group_name = g.name
+        self.mode = mode
+        self.layout = 'invariant' if mode == 'invariant' else 'folded'
+        self.in_chs, self.out_chs, self.stride = in_chs, out_chs, stride
+        self.width = width = int(width or max(1, out_chs // g.order))
+        self.lift = GroupConv2d(in_chs, width, kernel_size, 'z2', g.name, padding=kernel_size // 2, bias=False)
+        self.bn1 = GroupBatchNorm(width, g)
+        self.act1 = nn.ReLU(inplace=True)
+        self.pool = GroupAvgPool2d(stride, group=g) if stride > 1 else nn.Identity()
+        convs = []
+        for _ in range(depth):
+            convs += [GroupConv2d(width, width, 3, g.name, g.name, padding=1, bias=False), GroupBatchNorm(width, g),
+                      nn.ReLU(inplace=True)]
+        self.convs = nn.Sequential(*convs)
+        if mode == 'invariant':
+            self.gpool = GroupPool(g, group_pool)
+            self.proj = nn.Conv2d(width, out_chs, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(out_chs)
+        else:
+            self.gpool = nn.Identity()
+            self.proj = GroupConv2d(width, out_chs // g.order, 1, g.name, g.name, bias=False)
+            self.bn2 = GroupBatchNorm(out_chs // g.order, g)
+        self.act2 = nn.ReLU(inplace=True)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
+
+    def forward_group(self, x: torch.Tensor) -> torch.Tensor:
+        """The group feature map ``[B, width, |G|, H/s, W/s]`` before the group pooling / fold."""
+        return self.convs(self.pool(self.act1(self.bn1(self.lift(x)))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act2(self.bn2(self.proj(self.gpool(self.forward_group(x)))))
+        if self.mode == 'equivariant':
+            y = fold_group(y)
+        return y
+
+    def transform_output(self, y: torch.Tensor, g: int) -> torch.Tensor:
+        """How the output moves when the input is transformed by group element ``g`` (see the class docstring)."""
+        if self.mode == 'invariant':
+            return self.group.transform_plane(y, g)
+        return fold_group(self.group.transform_group_map(unfold_group(y, self.group.order), g))
+
+    @torch.no_grad()
+    def check_equivariance(self, x: Optional[torch.Tensor] = None, size: int = 32) -> float:
+        """``max_g |f(g x) - T_g f(x)|`` over the group on a random (or given) input, in eval mode."""
+        was = self.training
+        self.eval()
+        if x is None:
+            p = self.lift.weight
+            x = torch.randn(2, self.in_chs, size, size, device=p.device, dtype=p.dtype)
+        fx = self(x)
+        err = max((self(self.group.transform_plane(x, g)) - self.transform_output(fx, g)).abs().max().item()
+                  for g in self.group.elements())
+        self.train(was)
+        return err
+
+    @torch.no_grad()
+    def init_from_conv(self, weight: torch.Tensor) -> None:
+        """Warm-start the lifting filters from a planar stem conv weight ``[C, C_in, k0, k0]``.
+
+        The ``width`` filters of largest L2 norm are copied into the lifting weight (one per field; the group
+        convolution then applies every rotated / mirrored copy of each). An even ``k0`` is zero-padded at the end
+        to the odd size, a larger ``k0`` is centre-cropped, a smaller one centre-padded.
+        """
+        lw = self.lift.weight  # [width, C_in, 1, k, k]
+        if weight.dim() != 4 or weight.shape[1] != lw.shape[1]:
+            raise ValueError(f"EquivariantStem.init_from_conv: expected a conv weight [C, {lw.shape[1]}, k, k], got "
+                             f"{tuple(weight.shape)}")
+        k = lw.shape[-1]
+        w = weight.to(device=lw.device, dtype=lw.dtype)
+        norms = w.flatten(1).norm(dim=1)
+        idx = norms.argsort(descending=True)[:lw.shape[0]]
+        w = w[idx]
+        k0 = w.shape[-1]
+        if k0 > k:
+            o = (k0 - k) // 2
+            w = w[..., o:o + k, o:o + k]
+        elif k0 < k:
+            lo = (k - k0) // 2
+            hi = k - k0 - lo
+            w = F.pad(w, (lo, hi, lo, hi))
+        out = lw.clone()
+        out[:w.shape[0], :, 0] = w
+        lw.copy_(out)
+        self.lift._cache = None
+
+
+def inject_equivariant_stem(model: Union[nn.Module, str], group: str = 'p4', mode: str = 'invariant', *,
+                            width: Optional[int] = None, kernel_size: Optional[int] = None, depth: int = 1,
+                            stride: Optional[int] = None, group_pool: str = 'max', warm_start: bool = True,
+                            first_conv: Optional[str] = None, **create_kwargs) -> nn.Module:
+    """Replace the stem of a timm CNN (instance or name) by an :class:`EquivariantStem`; return the model.
+
+    Args:
+        model: a timm model or a model name (created with ``timm.create_model(model, **create_kwargs)``).
+        group: ``'p4'`` (90-degree rotations) or ``'p4m'`` (rotations and mirrors).
+        mode: ``'invariant'`` (pool over the group) or ``'equivariant'`` (learned equivariant fold to the width).
+        width, depth, group_pool: see :class:`EquivariantStem`.
+        kernel_size: lifting filter size; default: the stem conv's, made odd (ConvNeXt's 4 -> 5).
+        stride: the new stem's reduction; default: the stem conv's (a ResNet's 2; pass 4 to also replace its
+            max pool).
+        warm_start: copy the original stem filters into the lifting filters (:meth:`EquivariantStem.init_from_conv`).
+        first_conv: overrides ``pretrained_cfg['first_conv']``.
+
+    Every later layer (and its pretrained weights) is kept. Raises :class:`StemError` when the stem cannot be
+    replaced.
+
+    Example:
+        >>> m = inject_equivariant_stem('resnet18', 'p4', 'invariant')
+        >>> m(torch.randn(1, 3, 64, 64)).shape
+        torch.Size([1, 1000])
+    """
+    if isinstance(model, str):
+        import timm
+        model = timm.create_model(model, **create_kwargs)
+    elif create_kwargs:
+        raise TypeError(f"inject_equivariant_stem: unexpected keyword arguments {sorted(create_kwargs)} (they are "
+                        f"only used when `model` is a name)")
+    info = find_stem(model, first_conv)
+    conv = model.get_submodule(info.first_conv)
+    k = kernel_size or (info.kernel_size if info.kernel_size % 2 else info.kernel_size + 1)
+    stem = EquivariantStem(info.in_chs, info.out_chs, stride or info.stride, group=group, mode=mode, width=width,
+                           kernel_size=k, depth=depth, group_pool=group_pool,
+                           device=conv.weight.device, dtype=conv.weight.dtype)
+    if warm_start and conv.weight.device.type != 'meta':
+        stem.init_from_conv(conv.weight.detach())
+    return inject_stem(model, stem, info=info)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading a plain backbone checkpoint
+# ----------------------------------------------------------------------------------------------------------------
+def adapt_backbone_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, warm_start: bool = True
+                              ) -> Tuple[Dict[str, torch.Tensor], Dict[str, List[str]]]:
+    """Map a plain backbone's state dict onto a stem-injected model.
+
+    Returns ``(new_state_dict, report)``. ``new_state_dict`` holds every source tensor whose key and shape the
+    model has outside the stem, plus the model's own (initialised, or warm-started) stem tensors, so that it
+    loads strictly. ``report``: ``loaded`` (keys taken from the source), ``initialised`` (stem keys kept from the
+    model), ``not_loaded`` (source keys dropped, each with the reason), ``missing`` (model keys that neither the
+    source nor the stem provide).
+    """
+    rec = getattr(model, '_gequiv_stem', None)
+    if not rec:
+        raise StemError(f"{_model_name(model)}: no injected stem; adapt_backbone_state_dict is for stem-injected "
+                        f"models")
+    stem = model.get_submodule(rec['path'])
+    own = model.state_dict()
+    stem_prefix = rec['path'] + '.'
+    source_stem = set(rec['source_keys'])
+    conv_key = rec['path'] + '.weight'
+    if warm_start and conv_key in state_dict and hasattr(stem, 'init_from_conv'):
+        w = state_dict[conv_key]
+        if w.dim() == 4 and w.shape[1] != rec['in_chs']:
+            from timm.layers import adapt_input_conv
+            w = adapt_input_conv(rec['in_chs'], w)
+        if stem.lift.weight.device.type != 'meta':
+            stem.init_from_conv(w)
+            own = model.state_dict()
+    out: Dict[str, torch.Tensor] = {}
+    report: Dict[str, List[str]] = dict(loaded=[], initialised=[], not_loaded=[], missing=[])
+    for k, v in state_dict.items():
+        if k in source_stem or (k.startswith(stem_prefix) and k not in own):
+            reason = 'replaced stem' + (' (warm-started the lifting filters)' if k == conv_key and warm_start else '')
+            report['not_loaded'].append(f"{k}: {reason}")
+        elif k not in own:
+            report['not_loaded'].append(f"{k}: not in the model")
+        elif tuple(own[k].shape) != tuple(v.shape):
+            report['not_loaded'].append(f"{k}: shape {tuple(v.shape)} != model {tuple(own[k].shape)}")
+        else:
+            out[k] = v
+            report['loaded'].append(k)
+    for k, v in own.items():
+        if k in out:
+            continue
+        if k.startswith(stem_prefix):
+            out[k] = v
+            report['initialised'].append(k)
+        else:
+            report['missing'].append(k)
+    return out, report
+
+
+def load_backbone_checkpoint(model: nn.Module, checkpoint: Union[str, Dict[str, torch.Tensor]],
+                             warm_start: bool = True) -> Dict[str, List[str]]:
+    """Load a plain backbone checkpoint (a path to a ``.safetensors`` / ``.pth`` file, or a state dict) into a
+    stem-injected model; return the report of :func:`adapt_backbone_state_dict`. Keys the source lacks (e.g. a new
+    classifier) keep the model's values and are listed under ``missing``."""
+    if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, '__fspath__'):
+        from timm.models import load_state_dict
+        checkpoint = load_state_dict(str(checkpoint))
+    sd, report = adapt_backbone_state_dict(checkpoint, model, warm_start=warm_start)
+    model.load_state_dict(sd, strict=False)
+    model.pretrained_load_report = report
+    return report
+
+
+def _pretrained_filter(state_dict, model, warm_start: bool = True):
+    sd, report = adapt_backbone_state_dict(state_dict, model, warm_start=warm_start)
+    model.pretrained_load_report = report
+    _logger.info(f"{_model_name(model)}: loaded {len(report['loaded'])} backbone tensors; stem initialised "
+                 f"({len(report['initialised'])} tensors); not loaded: {report['not_loaded']}")
+    return sd
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# registered models (registry/stems.toml)
+# ----------------------------------------------------------------------------------------------------------------
+def _build(backbone: str, group: str, mode: str, stem_args: Dict[str, Any], **kwargs):
+    import timm
+    model = timm.create_model(backbone, pretrained=False, **kwargs)
+    return inject_equivariant_stem(model, group, mode, warm_start=False, **stem_args)
+
+
+def _create(variant: str, pretrained: bool = False, *, backbone: str, group: str = 'p4', mode: str = 'invariant',
+            stem_width: Optional[int] = None, stem_kernel_size: Optional[int] = None, stem_depth: int = 1,
+            stem_stride: Optional[int] = None, stem_group_pool: str = 'max', warm_start: bool = True, **kwargs):
+    """Build ``backbone`` with an equivariant stem; ``pretrained=True`` loads the *plain backbone's* checkpoint
+    (the cfg's file / Hub id) into every non-stem layer and initialises (warm-starts) the stem."""
+    stem_args = dict(width=stem_width, kernel_size=stem_kernel_size, depth=stem_depth, stride=stem_stride,
+                     group_pool=stem_group_pool)
+    builder = partial(_build, backbone, group, mode, stem_args)
+    return create_gequiv_model(builder, variant, pretrained,
+                               pretrained_filter_fn=partial(_pretrained_filter, warm_start=warm_start), **kwargs)
