@@ -37,15 +37,27 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ['add_arguments', 'run', 'default_models', 'count_macs', 'train_memory_bytes', 'time_round_robin',
-           'invariance_error', 'accuracy_vs_angle', 'spread', 'verdict', 'REFERENCE']
+__all__ = [
+    'REFERENCE',
+    'accuracy_vs_angle',
+    'add_arguments',
+    'count_macs',
+    'default_models',
+    'invariance_error',
+    'run',
+    'spread',
+    'time_round_robin',
+    'train_memory_bytes',
+    'verdict',
+]
 
 REFERENCE = 'gequiv_z2cnn'
 # ours first, then the escnn baselines; optional families are added when registered
@@ -76,14 +88,14 @@ def count_macs(model: nn.Module, input_size: Sequence[int] = (1, 1, 28, 28)) -> 
     return int(counter.get_total_flops() // 2)
 
 
-def train_memory_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Dict[str, int]:
+def train_memory_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, int]:
     """Bytes held at the peak of one train step: parameters + gradients + AdamW state (2 per parameter) + the
     distinct tensors autograd saves for backward (counted by storage, so views are not double counted).
 
     This is device independent and deterministic (a CPU has no allocator peak counter); it is the memory that
     grows with batch size and with the way a layer builds its filters.
     """
-    storages: Dict[int, int] = {}
+    storages: dict[int, int] = {}
 
     def pack(t):
         try:
@@ -105,13 +117,13 @@ def train_memory_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Di
                 total=4 * params + saved)
 
 
-def time_round_robin(fns: Dict[str, Any], reps: int = 10, warmup: int = 2) -> Dict[str, float]:
+def time_round_robin(fns: dict[str, Any], reps: int = 10, warmup: int = 2) -> dict[str, float]:
     """Median seconds of each zero-argument callable, timed round-robin (one call of each per round) so a
     machine shared with other jobs slows every entry alike."""
     for _ in range(warmup):
         for f in fns.values():
             f()
-    times: Dict[str, List[float]] = {k: [] for k in fns}
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
             t = time.perf_counter()
@@ -130,7 +142,7 @@ def invariance_error(model: nn.Module, x: torch.Tensor) -> float:
 
 @torch.no_grad()
 def accuracy_vs_angle(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                      angles: Sequence[float] = ANGLES, normalize=None, batch_size: int = 500) -> List[float]:
+                      angles: Sequence[float] = ANGLES, normalize=None, batch_size: int = 500) -> list[float]:
     """Top-1 accuracy on ``images`` (upright digits in [0, 1]) rotated by each angle (degrees, counter-clockwise)."""
     from .data import rotate_images
     model.eval()
@@ -163,7 +175,7 @@ def verdict(a: str, ea: float, sa: float, b: str, eb: float, sb: float) -> str:
 
 
 # ----- the command ----------------------------------------------------------------------------------------------
-def default_models() -> List[str]:
+def default_models() -> list[str]:
     """The default model list: ours, the escnn baselines, and the STN / PDE models when they are registered."""
     import timm
     known = set(timm.list_models('gequiv_*'))
@@ -187,13 +199,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="which protocols to train: 'rotated', 'upright' or both (default both)")
     p.add_argument('--sweep-digits', type=int, default=500,
                    help='test digits used for the accuracy-vs-angle sweep (default 500 of the 1,000)')
+    p.add_argument('--train-digits', type=int, default=0,
+                   help='train on only the first N of the 4,000 train digits (smoke tests; default all)')
     p.add_argument('--timing-reps', type=int, default=10, help='timed rounds for step time and latency')
     p.add_argument('--threads', type=int, default=2, help='torch threads (default 2)')
     p.add_argument('--no-plots', action='store_true', help='skip the PNG plots (no matplotlib needed)')
     p.add_argument('--no-progress', action='store_true', help='no progress bars')
 
 
-def _parse_models(spec: Optional[str]) -> List[str]:
+def _parse_models(spec: str | None) -> list[str]:
     import timm
     known = set(timm.list_models('gequiv_*'))
     if spec is None:
@@ -216,6 +230,7 @@ def _parse_models(spec: Optional[str]) -> List[str]:
 
 def _check_extras(models: Sequence[str], plots: bool, progress: bool) -> None:
     import importlib.util
+
     from . import registry
     for m in models:
         missing = registry.get_entry(m).missing_extras()
@@ -253,6 +268,7 @@ def _normalizer():
 
 def _fresh(name: str, seed: int) -> nn.Module:
     import timm
+
     from .train import seed_everything
     seed_everything(seed)
     return timm.create_model(name)
@@ -267,7 +283,7 @@ def _exported(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).eval()
 
 
-def _measure_costs(models: Sequence[str], seed: int, batch_size: int, reps: int, log) -> Dict[str, Dict[str, Any]]:
+def _measure_costs(models: Sequence[str], seed: int, batch_size: int, reps: int, log) -> dict[str, dict[str, Any]]:
     """Parameters, MACs, train memory, train step and batch-1 latency, side by side."""
     from .data import load_mnist
     images, labels = load_mnist()
@@ -275,7 +291,7 @@ def _measure_costs(models: Sequence[str], seed: int, batch_size: int, reps: int,
     x = norm(images[:batch_size])
     y = labels[:batch_size]
     x1 = norm(images[:1])
-    costs: Dict[str, Dict[str, Any]] = {}
+    costs: dict[str, dict[str, Any]] = {}
     steps, lat = {}, {}
     for name in models:
         t0 = time.perf_counter()
@@ -310,7 +326,7 @@ def _measure_costs(models: Sequence[str], seed: int, batch_size: int, reps: int,
     return costs
 
 
-def _run_seed(models: Sequence[str], seed: int, args, protocols: Sequence[str], log) -> Dict[str, Dict[str, Any]]:
+def _run_seed(models: Sequence[str], seed: int, args, protocols: Sequence[str], log) -> dict[str, dict[str, Any]]:
     from .data import load_mnist, rotated_mnist, split_indices
     from .train import evaluate, fit
     images, labels = load_mnist()
@@ -319,10 +335,12 @@ def _run_seed(models: Sequence[str], seed: int, args, protocols: Sequence[str], 
     sweep_idx = te[torch.linspace(0, len(te) - 1, n_sweep).round().long()] if n_sweep < len(te) else te
     sweep_x, sweep_y = images[sweep_idx], labels[sweep_idx]
     norm = _normalizer()
-    out: Dict[str, Dict[str, Any]] = {m: dict(seed=seed) for m in models}
+    out: dict[str, dict[str, Any]] = {m: dict(seed=seed) for m in models}
     for protocol in protocols:
         data = rotated_mnist(seed, protocol=protocol)
         train_ds, test_ds = data.train.dataset(), data.test.dataset()
+        if args.train_digits:
+            train_ds = torch.utils.data.TensorDataset(*(t[:args.train_digits] for t in train_ds.tensors))
         inv_x = test_ds.tensors[0][:256]
         for i, name in enumerate(models):
             log(f"[seed {seed}] [{protocol}] {i + 1}/{len(models)} {name}: {args.budget} epochs")
@@ -342,7 +360,7 @@ def _run_seed(models: Sequence[str], seed: int, args, protocols: Sequence[str], 
     return out
 
 
-def _aggregate(models, per_seed: List[Dict[str, Dict[str, Any]]], costs, n_test: int) -> Dict[str, Dict[str, Any]]:
+def _aggregate(models, per_seed: list[dict[str, dict[str, Any]]], costs, n_test: int) -> dict[str, dict[str, Any]]:
     agg = {}
     for m in models:
         runs = [r[m] for r in per_seed]
@@ -363,7 +381,7 @@ def _aggregate(models, per_seed: List[Dict[str, Dict[str, Any]]], costs, n_test:
     return agg
 
 
-def _verdicts(agg: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
+def _verdicts(agg: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """The issue's goals, checked: p4cnn vs escnn C4 (error and step time), our best vs escnn C8."""
     out = []
 
@@ -398,7 +416,7 @@ def _fmt_err(rec, key) -> str:
     return f"{100 * rec[f'{key}_mean']:.1f} ± {100 * rec[f'{key}_spread']:.1f}"
 
 
-def _markdown(report: Dict[str, Any]) -> str:
+def _markdown(report: dict[str, Any]) -> str:
     agg = report['models']
     seeds = report['seeds']
     spread_note = ('std over seeds' if len(seeds) > 1 else 'binomial standard error, one seed')
@@ -406,7 +424,8 @@ def _markdown(report: Dict[str, Any]) -> str:
         '# gequiv-timm compare: rotated MNIST (5,000 real digits: 4,000 train / 1,000 test)',
         '',
         f"Command: `{report['command']}`  ",
-        f"Seeds {seeds}; budget {report['budget_epochs']} epochs per model and protocol (AdamW, lr "
+        f"Seeds {seeds}; budget {report['budget_epochs']} epochs of {report['train_digits']:,} train digits per model "
+        f"and protocol (AdamW, lr "
         f"{report['lr']}, cosine, batch {report['batch_size']}); {report['threads']} torch threads; "
         f"{report['wall_minutes']:.1f} min wall clock; {report['date']}.  ",
         f"torch {report['versions']['torch']}, timm {report['versions']['timm']}, escnn "
@@ -441,7 +460,7 @@ def _markdown(report: Dict[str, Any]) -> str:
     return '\n'.join(lines) + '\n'
 
 
-def _plots(report: Dict[str, Any], out: Path) -> Dict[str, str]:
+def _plots(report: dict[str, Any], out: Path) -> dict[str, str]:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -491,7 +510,7 @@ def _plots(report: Dict[str, Any], out: Path) -> Dict[str, str]:
     return files
 
 
-def _versions() -> Dict[str, str]:
+def _versions() -> dict[str, str]:
     import timm
     v = {'torch': torch.__version__, 'timm': timm.__version__}
     try:
@@ -519,6 +538,8 @@ def _run(args, log) -> int:
     t_start = time.perf_counter()
     if args.budget < 1:
         raise CompareError(f"--budget must be at least 1 epoch, got {args.budget}")
+    if args.train_digits < 0:
+        raise CompareError(f"--train-digits must be >= 0 (0: all), got {args.train_digits}")
     if args.seeds < 1:
         raise CompareError(f"--seeds must be at least 1, got {args.seeds}")
     protocols = [p.strip() for p in args.protocols.split(',') if p.strip()]
@@ -540,7 +561,8 @@ def _run(args, log) -> int:
     agg = _aggregate(models, per_seed, costs, n_test=1000)
     report = dict(
         command=_command_from_args(args),
-        seeds=seeds, budget_epochs=args.budget, batch_size=args.batch_size, lr=args.lr, threads=torch.get_num_threads(),
+        seeds=seeds, budget_epochs=args.budget, train_digits=args.train_digits or 4000, batch_size=args.batch_size,
+        lr=args.lr, threads=torch.get_num_threads(),
         protocols=protocols, sweep_digits=args.sweep_digits, angles=ANGLES,
         date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
         versions=_versions(), machine=f"{platform.machine()}, {os.cpu_count()} CPUs visible",
@@ -564,14 +586,15 @@ def _command_from_args(args) -> str:
         parts.append(f'--models {args.models}')
     parts += [f'--budget {args.budget}', f'--seed {args.seed}', f'--seeds {args.seeds}',
               f'--out {shlex.quote(str(args.out))}', f'--threads {args.threads}']
-    for flag, default in (('protocols', 'rotated,upright'), ('batch_size', 64), ('lr', 3e-3), ('sweep_digits', 500)):
+    for flag, default in (('protocols', 'rotated,upright'), ('batch_size', 64), ('lr', 3e-3), ('sweep_digits', 500),
+                          ('train_digits', 0), ('timing_reps', 10)):
         v = getattr(args, flag)
         if v != default:
             parts.append(f"--{flag.replace('_', '-')} {v}")
     return ' '.join(parts)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog='gequiv-timm compare', description=__doc__.split('\n')[0])
     add_arguments(p)
     return run(p.parse_args(argv))

@@ -6,11 +6,11 @@ import torch
 
 pytest.importorskip('escnn')
 
-import timm  # noqa: E402
+import timm
 
-import gequiv_timm  # noqa: E402,F401
-from gequiv_timm import registry  # noqa: E402
-from gequiv_timm.models import escnn_baselines as eb  # noqa: E402
+import gequiv_timm  # noqa: F401
+from gequiv_timm import registry
+from gequiv_timm.models import escnn_baselines as eb
 
 CNNS = ['gequiv_escnn_c4cnn', 'gequiv_escnn_c8cnn', 'gequiv_escnn_d4cnn']
 ALL = CNNS + ['gequiv_escnn_c8_wrn']

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from torch import nn
 
-__all__ = ['EscnnCNN', 'EscnnWideResNet', 'import_escnn', 'escnn_available', 'ESCNN_EXTRA_HINT', 'GROUPS']
+__all__ = ['ESCNN_EXTRA_HINT', 'GROUPS', 'EscnnCNN', 'EscnnWideResNet', 'escnn_available', 'import_escnn']
 
 ESCNN_EXTRA_HINT = "pip install 'gequiv_timm[escnn]'"
 GROUPS = ('c4', 'c8', 'd4')
@@ -74,7 +74,7 @@ def import_escnn():
             warnings.filterwarnings('ignore', message='.*py3nj.*')
             from escnn import gspaces
             from escnn import nn as enn
-            import escnn.group._numerical as _numerical
+            from escnn.group import _numerical
     except ImportError as e:
         raise ImportError(
             f"the escnn baselines (gequiv_escnn_*) need escnn, which is not installed: {e}. "
@@ -98,7 +98,7 @@ def _gspace(group: str):
     raise ValueError(f"escnn baselines: group must be one of {GROUPS}, got {group!r}")
 
 
-def _check_widths(name: str, widths: Sequence[int]) -> Tuple[int, ...]:
+def _check_widths(name: str, widths: Sequence[int]) -> tuple[int, ...]:
     widths = tuple(widths)
     if not widths or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in widths):
         raise ValueError(f"{name}: widths must be a non-empty sequence of positive ints (regular fields per layer), "
@@ -123,7 +123,7 @@ class _Chain(nn.Module):
 class _Residual(nn.Module):
     """``y = body(x) + shortcut(x)`` (identity shortcut when ``shortcut`` is None)."""
 
-    def __init__(self, body: nn.Module, shortcut: Optional[nn.Module] = None):
+    def __init__(self, body: nn.Module, shortcut: nn.Module | None = None):
         super().__init__()
         self.body = body
         self.shortcut = shortcut if shortcut is not None else nn.Identity()
@@ -210,7 +210,7 @@ class _EscnnBase(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         self.head.reset(num_classes, pool_type=global_pool)
 
@@ -219,14 +219,14 @@ class _EscnnBase(nn.Module):
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         return dict(stem=r'^stages\.0\.', blocks=r'^stages\.(\d+)')
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         return set()
 
-    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
                               intermediates_only: bool = False):
         """Features at the end of each stage, folded ``[B, C*|G|, H, W]`` (equivariant), plus the final invariant
@@ -251,8 +251,8 @@ class _EscnnBase(nn.Module):
         x = self._unwrap(self.gpool(self.norm(x)))
         return x, intermediates
 
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> List[int]:
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
         from timm.models._features import feature_take_indices
         take, max_index = feature_take_indices(len(self.stages), indices)
         self.stages = self.stages[:max_index + 1]
@@ -264,7 +264,7 @@ class _EscnnBase(nn.Module):
         return take
 
     # ----- escnn extras ---------------------------------------------------------------------------------------
-    def export(self) -> '_EscnnBase':
+    def export(self) -> _EscnnBase:
         """A copy in eval mode in which every escnn module is replaced by plain PyTorch (escnn's ``export()``).
 
         The copy computes the same function (to float rounding), takes plain tensors and is what evaluation and
@@ -286,7 +286,7 @@ class _EscnnBase(nn.Module):
         return m.eval()
 
     @torch.no_grad()
-    def check_invariance(self, x: Optional[torch.Tensor] = None, size: int = 28) -> float:
+    def check_invariance(self, x: torch.Tensor | None = None, size: int = 28) -> float:
         """Max abs change of the logits when the input is turned by multiples of 90 degrees (and mirrored for
         D4). For C8, 45 degree turns are not exact on the pixel grid and are not included."""
         was = self.training
@@ -408,11 +408,11 @@ class EscnnWideResNet(_EscnnBase):
             return _Residual(body, short)
 
         t = ftype(stem_width)
-        stages: List[nn.Module] = []
+        stages: list[nn.Module] = []
         feature_info = []
         reduction = 1
         for si, w in enumerate(widths):
-            mods: List[nn.Module] = []
+            mods: list[nn.Module] = []
             if si == 0:
                 mods.append(enn.R2Conv(self.in_type, t, kernel_size, padding=pad, bias=False))
             else:
