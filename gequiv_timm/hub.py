@@ -33,7 +33,7 @@ from .models._helpers import ChecksumError, sha256_file
 
 __all__ = ['save_weights', 'load_weights', 'read_metadata', 'update_manifest', 'WeightsError', 'ChecksumError',
            'check_state_dict', 'export', 'ExportResult', 'build_config', 'model_card', 'verify_export', 'push',
-           'check_entry', 'CONFIG_NAME', 'WEIGHTS_NAME', 'CARD_NAME']
+           'check_entry', 'render_card', 'write_cards', 'card_path', 'CONFIG_NAME', 'WEIGHTS_NAME', 'CARD_NAME']
 
 CONFIG_NAME = 'config.json'
 WEIGHTS_NAME = 'model.safetensors'  # timm's HF_SAFE_WEIGHTS_NAME: what `hf-hub:` / `local-dir:` loading looks for
@@ -354,10 +354,9 @@ def model_card(name: str, tag: str, entry: Mapping[str, Any], config: Mapping[st
     context = {k: v for k, v in metrics.items() if k not in scalars and k not in run_keys and 'seconds' not in k}
     if scalars:
         lines += ['| metric | value |', '|---|---|'] + [f'| {k} | {_fmt(v)} |' for k, v in scalars.items()]
-        for k, v in context.items():
-            lines.append(f'\n{k}: {v}')
-        if entry.get('budget'):
-            lines.append(f"\nBudget: {entry['budget']}.")
+        if context:
+            lines.append('')
+            lines += [f"- **{k.replace('_', ' ').capitalize()}:** {v}" for k, v in context.items()]
     else:
         lines.append('No measured metrics were recorded for this checkpoint.')
     lines += ['', '## Training recipe', '']
@@ -593,6 +592,32 @@ def check_entry(name_tag: str, entry: Mapping[str, Any], folder=None, metrics: b
     return out
 
 
+def card_path(name_tag: str, folder=None) -> Path:
+    from ._resources import weights_dir
+    return Path(folder if folder is not None else weights_dir() / 'cards') / f'{name_tag}.md'
+
+
+def render_card(name_tag: str) -> str:
+    """The model card of a shipped ``name.tag`` (catalog + manifest), as ``export`` writes it to README.md."""
+    with tempfile.TemporaryDirectory() as tmp:
+        export(name_tag, tmp, card_only=True)
+        return (Path(tmp) / CARD_NAME).read_text(encoding='utf-8')
+
+
+def write_cards(names: Optional[Sequence[str]] = None, folder=None) -> List[Path]:
+    """Write ``weights/cards/<name>.<tag>.md`` for the shipped tags (default: every manifest entry with a file)."""
+    from . import registry
+    man = registry.manifest()
+    names = list(names) if names else sorted(k for k, e in man.items() if _shipped_file(k, e) is not None)
+    out = []
+    for n in names:
+        p = card_path(n, folder)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(render_card(n), encoding='utf-8')
+        out.append(p)
+    return out
+
+
 # ----- CLI -----------------------------------------------------------------------------------------------------
 def add_export_arguments(p) -> None:
     p.add_argument('model', help='NAME.TAG (shipped weights) or NAME with --checkpoint')
@@ -637,6 +662,8 @@ def add_check_arguments(p) -> None:
     p.add_argument('names', nargs='*', help='NAME.TAG entries to check (default: every manifest entry)')
     p.add_argument('--metrics', action='store_true', help="also re-measure each metric with the entry's evaluator")
     p.add_argument('--manifest', help='manifest JSON (default: the package weights/manifest.json)')
+    p.add_argument('--write-cards', action='store_true',
+                   help='(re)write weights/cards/NAME.TAG.md, the model cards of the shipped tags, then check')
 
 
 def run_check(args) -> int:
@@ -645,6 +672,12 @@ def run_check(args) -> int:
     folder = Path(args.manifest).parent if args.manifest else None
     names = args.names or sorted(man)
     bad = 0
+    if args.write_cards:
+        if args.manifest:
+            print("gequiv-timm check: --write-cards works on the package manifest only", file=sys.stderr)
+            return 2
+        for p in write_cards([n for n in names if n in man]):
+            print(f"wrote {p}")
     for n in names:
         if n not in man:
             print(f"{n}: not in the manifest (entries: {sorted(man)})", file=sys.stderr)
