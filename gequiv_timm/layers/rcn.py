@@ -414,9 +414,19 @@ class RecombinatorHead(nn.Module):
         self.out_channels = c
         self.classifier = nn.Conv2d(c, num_keypoints, 1)
 
-    def forward(self, features: Sequence[torch.Tensor], out_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    def reset_classifier(self, num_keypoints: int) -> None:
+        """A fresh final 1x1 conv for ``num_keypoints`` maps (the branches are kept)."""
+        if num_keypoints < 1:
+            raise ValueError(f"RecombinatorHead: num_keypoints must be >= 1, got {num_keypoints}")
+        self.num_keypoints = num_keypoints
+        dev = self.classifier.weight.device
+        self.classifier = nn.Conv2d(self.out_channels, num_keypoints, 1).to(dev)
+
+    def forward(self, features: Sequence[torch.Tensor], out_size: Optional[Tuple[int, int]] = None,
+                pre_logits: bool = False) -> torch.Tensor:
         """``features``: finest first. ``out_size``: the exact output ``(H, W)`` (default: finest size times
-        ``reductions[0] / output_stride``)."""
+        ``reductions[0] / output_stride``). ``pre_logits=True`` returns the finest branch's map
+        ``[B, out_channels, H', W']`` before the final 1x1 conv."""
         _check_pyramid(features, self.in_channels, type(self).__name__)
         n = len(features)
         b = self.branches[-1](features[-1])
@@ -427,7 +437,7 @@ class RecombinatorHead(nn.Module):
             last = i == len(self.refine) - 1
             size = out_size if (last and out_size is not None) else None
             b = conv(up(b, size))
-        return self.classifier(b)
+        return b if pre_logits else self.classifier(b)
 
 
 class SumNetHead(nn.Module):
