@@ -171,4 +171,5 @@ def _check_state_dict_fits(state_dict, model, source: Optional[str], kwargs: Dic
         classifiers = (classifiers,) if isinstance(classifiers, str) else classifiers
         ignore = {k for c in classifiers for k in (*state_dict.keys(), *model.state_dict().keys())
                   if k.startswith(c + '.')}
-    check_state_dict(state_dict, model, source or cfg.get('hf_hub_id') or 'pretrained weights', ignore=ignore)
+    check_state_dict(state_dict, model, source or cfg.get('hf_hub_id') or 'pretrained weights', ignore=ignore,
+                     strict=kwargs.get('pretrained_strict', True) is not False)
