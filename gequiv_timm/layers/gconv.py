@@ -195,7 +195,7 @@ class GroupConv2d(EquivariantMixin, nn.Module):
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         self.register_buffer('filter_idx', filter_indices(self.in_group, self.out_group, kernel_size),
                              persistent=False)
-        self._cache: Optional[torch.Tensor] = None
+        self._cache: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
         self._cache_key: Optional[tuple] = None
         self.reset_parameters()
 
@@ -217,8 +217,9 @@ class GroupConv2d(EquivariantMixin, nn.Module):
     def _expand(self, weight: torch.Tensor) -> torch.Tensor:
         co, ci, gi, k, _ = weight.shape
         go = self.out_group.order
-        w = weight.reshape(co, ci, gi * k * k)[:, :, self.filter_idx]  # [Co, Ci, Go, Gi*k*k]
-        return w.transpose(1, 2).reshape(co * go, ci * gi, k, k)
+        # one index_select (its backward is a cheap index_add) -> [Co, Ci, Go, Gi*k*k]
+        w = weight.reshape(co * ci, gi * k * k).index_select(1, self.filter_idx.flatten())
+        return w.view(co, ci, go, gi * k * k).transpose(1, 2).reshape(co * go, ci * gi, k, k)
 
     def expanded_weight(self) -> torch.Tensor:
         """The full filter bank ``[C_out*|G_out|, C_in*|G_in|, k, k]`` used by the single ``conv2d``.
@@ -229,17 +230,27 @@ class GroupConv2d(EquivariantMixin, nn.Module):
         w = self.weight
         if self.training or torch.jit.is_scripting() or (torch.is_grad_enabled() and w.requires_grad):
             return self._expand(w)
-        key = (w._version, w.data_ptr(), w.dtype, w.device)
+        self._refresh_cache()
+        return self._cache[0]
+
+    def _refresh_cache(self) -> None:
+        w, b = self.weight, self.bias
+        key = (w._version, w.data_ptr(), w.dtype, w.device) + ((b._version, b.data_ptr()) if b is not None else ())
         if self._cache is None or self._cache_key != key:
             with torch.no_grad():
-                self._cache = self._expand(w)
+                self._cache = (self._expand(w), self._expand_bias(b))
             self._cache_key = key
-        return self._cache
+
+    def _expand_bias(self, b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if b is None else b.repeat_interleave(self.out_group.order)
 
     def expanded_bias(self) -> Optional[torch.Tensor]:
-        if self.bias is None:
-            return None
-        return self.bias.repeat_interleave(self.out_group.order)
+        """The bias ``[C_out*|G_out|]`` (each channel's bias repeated over the group); cached like the filter."""
+        b = self.bias
+        if b is None or self.training or torch.jit.is_scripting() or (torch.is_grad_enabled() and b.requires_grad):
+            return self._expand_bias(b)
+        self._refresh_cache()
+        return self._cache[1]
 
     def train(self, mode: bool = True):
         self._cache = None
@@ -275,7 +286,7 @@ class GroupConv2d(EquivariantMixin, nn.Module):
         with torch.no_grad():
             conv.weight.copy_(self._expand(self.weight))
             if self.bias is not None:
-                conv.bias.copy_(self.expanded_bias())
+                conv.bias.copy_(self._expand_bias(self.bias))
         return conv
 
 

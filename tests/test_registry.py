@@ -1,0 +1,64 @@
+"""The catalog in registry/ and its registration with timm."""
+import json
+import subprocess
+import sys
+
+import pytest
+import timm
+
+import gequiv_timm
+from gequiv_timm import registry
+from gequiv_timm._resources import registry_dir, weights_dir
+from gequiv_timm.cli import main as cli_main
+
+
+def test_every_catalog_entry_is_registered_with_prefix():
+    cat = registry.catalog()
+    assert cat, 'empty catalog'
+    for name, entry in cat.items():
+        assert name.startswith('gequiv_')
+        assert timm.is_model(name), name
+        fn = timm.models.model_entrypoint(name)
+        assert fn.__name__ == name and fn.__module__ == entry.module
+
+
+def test_pretrained_tags_and_cfg():
+    cfg = timm.models.get_pretrained_cfg('gequiv_p4cnn.rotmnist')
+    assert cfg.architecture == 'gequiv_p4cnn' and cfg.tag == 'rotmnist'
+    assert cfg.input_size == (1, 28, 28) and cfg.hf_hub_id
+
+
+def test_resources_found_from_checkout():
+    assert (registry_dir() / 'gcnn.toml').exists()
+    assert (weights_dir() / 'manifest.json').exists()
+
+
+def test_builder_signature():
+    import inspect
+    sig = inspect.signature(timm.models.model_entrypoint('gequiv_p4cnn'))
+    assert list(sig.parameters) == ['pretrained', 'kwargs']
+    assert sig.parameters['pretrained'].default is False
+
+
+def test_bad_catalog_names_entry_and_field(tmp_path):
+    (tmp_path / 'x.toml').write_text('[gequiv_bad]\nfamily = "gcnn"\nsummary = "x"\n[gequiv_bad.cfg]\nfoo = 1\n')
+    with pytest.raises(registry.CatalogError, match=r"x.toml: entry \[gequiv_bad\]: field 'cfg' has key\(s\) \['foo'\]"):
+        registry.load_catalog(tmp_path)
+    (tmp_path / 'x.toml').write_text('[plain_name]\nfamily = "gcnn"\nsummary = "x"\n')
+    with pytest.raises(registry.CatalogError, match="must start with 'gequiv_'"):
+        registry.load_catalog(tmp_path)
+    (tmp_path / 'x.toml').write_text('[gequiv_a]\nsummary = "x"\n')
+    with pytest.raises(registry.CatalogError, match="field 'family' is required"):
+        registry.load_catalog(tmp_path)
+
+
+def test_cli_list(capsys):
+    assert cli_main(['list']) == 0
+    out = capsys.readouterr().out
+    assert 'gequiv_p4cnn' in out and '.rotmnist' in out
+
+
+def test_import_registers_in_fresh_process():
+    code = "import timm, gequiv_timm; print(len(timm.list_models('gequiv_*')))"
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
+    assert int(out.strip()) == len(registry.catalog())
