@@ -828,8 +828,9 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig, dist: Optiona
             scheduler.step_update(step)
             resumed = step
             log.truncate_after(step)
-            if dist.is_main and cfg.progress:
-                print(f"resumed from {where} (step {step}, epoch {epoch}, batch {pos})")
+            if dist.is_main:
+                import sys
+                print(f"resumed from {where} (step {step}, epoch {epoch}, batch {pos})", file=sys.stderr)
     ddp_model = model
     if dist.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
