@@ -225,11 +225,33 @@ def build_config(model: torch.nn.Module, name: str, tag: str = '', entry: Option
         model_config['label_names'] = list(labels)
     with tempfile.TemporaryDirectory() as tmp:
         p = Path(tmp) / CONFIG_NAME
-        save_config_for_hf(model, str(p), model_config=model_config, model_args=args)
+        save_config_for_hf(_ConfigView(model), str(p), model_config=model_config, model_args=args)
         cfg = json.loads(p.read_text())
     cfg['architecture'] = name
-    cfg['gequiv_timm'] = {'version': __version__, 'tag': tag, 'recipe': (entry or {}).get('recipe', '')}
+    cfg['gequiv_timm'] = {'version': __version__, 'tag': tag, 'recipe': (entry or {}).get('recipe', ''),
+                          'task': _task(model)}
     return cfg
+
+
+def _task(model) -> str:
+    return 'keypoint-detection' if hasattr(model, 'num_keypoints') else 'image-classification'
+
+
+class _ConfigView:
+    """``model`` as timm's config writer sees it: heads without a pooled feature width (keypoint heatmaps) get
+    ``num_features = None`` instead of an AttributeError."""
+
+    def __init__(self, model):
+        object.__setattr__(self, '_model', model)
+
+    def __getattr__(self, key):
+        model = object.__getattribute__(self, '_model')
+        try:
+            return getattr(model, key)
+        except AttributeError:
+            if key == 'num_features':
+                return None
+            raise
 
 
 # ----- the model card -----------------------------------------------------------------------------------------
@@ -324,8 +346,9 @@ def model_card(name: str, tag: str, entry: Mapping[str, Any], config: Mapping[st
     recipe = entry.get('recipe', '')
     data = recipe.split('/', 1)[0] if recipe else ''
     metrics = dict(entry.get('metrics') or {})
-    lines = ['---', 'library_name: timm', f'license: {licence}', 'pipeline_tag: image-classification', 'tags:']
-    lines += [f'- {t}' for t in ('image-classification', 'timm', 'gequiv_timm', 'group-equivariant', 'safetensors')]
+    task = config.get('gequiv_timm', {}).get('task', 'image-classification')
+    lines = ['---', 'library_name: timm', f'license: {licence}', f'pipeline_tag: {task}', 'tags:']
+    lines += [f'- {t}' for t in (task, 'timm', 'gequiv_timm', 'group-equivariant', 'safetensors')]
     if data.startswith('rotmnist'):
         lines += ['datasets:', '- mnist']
     lines += ['---', '', f'# Model card for {name_tag}', '', cat.summary + '.' if not cat.summary.endswith('.')
@@ -375,7 +398,9 @@ def model_card(name: str, tag: str, entry: Mapping[str, Any], config: Mapping[st
               f"# model = timm.create_model('{name_tag}', pretrained=True).eval()",
               'cfg = timm.data.resolve_data_config({}, model=model)',
               'x = torch.rand(1, *cfg["input_size"])  # images in [0, 1], as in training',
-              'with torch.no_grad():', '    probs = model(x).softmax(-1)', '```', '']
+              'with torch.no_grad():',
+              '    heatmaps = model(x)  # [1, keypoints, H, W]' if task == 'keypoint-detection'
+              else '    probs = model(x).softmax(-1)', '```', '']
     lines += ['## Citation', '']
     ids = _arxiv_ids(pcfg.get('paper_ids', ''), cat.paper)
     cites = [CITATIONS[i] for i in ids if i in CITATIONS]
@@ -459,11 +484,13 @@ def verify_export(folder, model: torch.nn.Module, batch: int = 4, seed: int = 0)
     in_size = tuple(reloaded.pretrained_cfg.get('input_size') or (getattr(model, 'in_chans', 3), 224, 224))
     x = torch.rand((batch, *in_size), generator=torch.Generator().manual_seed(seed))
     model.eval()
-    ya, yb = model(x), reloaded(x)
-    if ya.shape != yb.shape:
-        raise WeightsError(f"{folder}: reloaded model gives outputs of shape {tuple(yb.shape)}, source "
-                           f"{tuple(ya.shape)}")
-    diff = (ya - yb).abs().max().item()
+    from torch.utils._pytree import tree_flatten
+    ya, yb = tree_flatten(model(x))[0], tree_flatten(reloaded(x))[0]
+    shapes_a = [tuple(t.shape) for t in ya if torch.is_tensor(t)]
+    shapes_b = [tuple(t.shape) for t in yb if torch.is_tensor(t)]
+    if shapes_a != shapes_b or not shapes_a:
+        raise WeightsError(f"{folder}: reloaded model gives outputs of shapes {shapes_b}, source {shapes_a}")
+    diff = max((a - b).abs().max().item() for a, b in zip(ya, yb) if torch.is_tensor(a))
     if diff != 0.0:
         raise WeightsError(f"{folder}: reloaded model's outputs differ from the source model's by {diff:.3g}")
     return diff
