@@ -1,0 +1,160 @@
+"""`gequiv-timm train` and gequiv_timm.train: the fit/evaluate API other modules use, the CLI the lead uses, image
+folders through timm's data factories, layer decay through group_matcher, metrics logs, precision and memory format."""
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import gequiv_timm  # noqa: F401
+import gequiv_timm.train as T
+from gequiv_timm.cli import main
+from gequiv_timm.hub import load_weights, read_metadata
+
+torch.set_num_threads(1)
+SMALL = ['--model-kwargs', 'widths=[4,4,4]', '--threads', '1', '--no-progress']
+
+
+def _digits(n=128, seed=0):
+    from gequiv_timm.data import rotated_mnist
+    d = rotated_mnist(0)
+    idx = torch.randperm(len(d.train), generator=torch.Generator().manual_seed(seed))[:n]
+    return d.train.dataset(), torch.utils.data.Subset(d.train.dataset(), idx.tolist())
+
+
+def test_fit_keyword_api_is_deterministic_for_a_seed():
+    _, sub = _digits(96)
+    results = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = timm.create_model('gequiv_p4cnn', widths=[4, 4, 4])
+        res = T.fit(model, sub, epochs=1, batch_size=32, lr=3e-3, weight_decay=1e-4, seed=5, progress=False,
+                    time_budget=None, augment=lambda x, g: x + 0.01 * torch.randn(x.shape, generator=g),
+                    desc='t')
+        ev = T.evaluate(model, sub)
+        results.append((res, ev, [p.detach().clone() for p in model.parameters()]))
+    (r1, e1, p1), (r2, e2, p2) = results
+    assert r1.steps == r2.steps == 3 and r1.epochs == 1 and len(r1.history) == 1
+    assert e1 == e2 and set(e1) == {'error', 'loss', 'n'} and e1['n'] == 96
+    assert all(torch.equal(a, b) for a, b in zip(p1, p2))
+
+
+def test_lead_command_writes_weights_and_manifest(tmp_path, capsys):
+    out, man = tmp_path / 'weights' / 'x.safetensors', tmp_path / 'weights' / 'manifest.json'
+    rc = main(['train', 'gequiv_p4cnn', '--data', 'rotmnist', '--epochs', '1', '--seed', '0', '--out', str(out),
+               '--tag', 'rotmnist', '--manifest', str(man), '--limit-train', '64', '--limit-eval', '100', *SMALL])
+    assert rc == 0
+    report = json.loads([x for x in capsys.readouterr().out.splitlines() if x.startswith('{')][0])
+    assert report['model'] == 'gequiv_p4cnn' and 0 <= report['test_error'] <= 1 and report['steps'] == 1
+    entry = json.loads(man.read_text())['gequiv_p4cnn.rotmnist']
+    assert entry['file'] == 'x.safetensors' and entry['metrics']['test_error'] == report['test_error']
+    assert entry['hf_hub_id'] == 'gequiv-timm/gequiv_p4cnn.rotmnist' and entry['command'].startswith('gequiv-timm')
+    meta = read_metadata(out)
+    assert meta['architecture'] == 'gequiv_p4cnn' and meta['tag'] == 'rotmnist'
+    load_weights(timm.create_model('gequiv_p4cnn', widths=[4, 4, 4]), out, architecture='gequiv_p4cnn')
+
+
+def _write_folder(root: Path, per_class=(8, 4)):
+    from PIL import Image
+    from gequiv_timm.data import load_mnist
+    images, labels = load_mnist()
+    for split, n in zip(('train', 'val'), per_class):
+        for c in (0, 1, 7):
+            idx = (labels == c).nonzero().flatten()
+            idx = idx[:n] if split == 'train' else idx[-n:]
+            d = root / split / f'digit{c}'
+            d.mkdir(parents=True)
+            for i in idx.tolist():
+                Image.fromarray((images[i, 0] * 255).byte().numpy(), mode='L').save(d / f'{i}.png')
+
+
+def test_image_folder_uses_timm_factories_and_the_model_data_config(tmp_path, capsys):
+    _write_folder(tmp_path / 'pngs')
+    model = timm.create_model('gequiv_p4cnn')
+    cfg = timm.data.resolve_data_config(model=model)
+    data = T.load_data(str(tmp_path / 'pngs'), seed=0, data_config=cfg, augment=False)
+    assert data.num_classes == 3 and data.in_chans == 1 and len(data.train) == 24 and len(data.eval) == 12
+    x, y = data.eval[0]
+    assert x.shape == (1, 28, 28) and y == 0
+    from PIL import Image
+    png = sorted((tmp_path / 'pngs' / 'val' / 'digit0').iterdir())[0]
+    raw = torch.from_numpy(np.array(Image.open(png))).float().view(1, 28, 28) / 255
+    assert torch.allclose(x, (raw - cfg['mean'][0]) / cfg['std'][0], atol=1e-5)  # model's mean/std, no resize
+    # augmentation is seeded per (seed, epoch, index): identical draws for the same sample, new ones next epoch
+    aug = T.load_data(str(tmp_path / 'pngs'), seed=0, data_config=cfg, augment=True).train
+    a0 = aug[3][0]
+    assert torch.equal(a0, aug[3][0])
+    aug.set_epoch(1)
+    assert not torch.equal(a0, aug[3][0])
+    rc = main(['train', 'gequiv_p4cnn', '--data', str(tmp_path / 'pngs'), '--epochs', '2', '--batch-size', '8',
+               '--out', str(tmp_path / 'w.safetensors'), *SMALL])
+    assert rc == 0
+    report = json.loads([x for x in capsys.readouterr().out.splitlines() if x.startswith('{')][0])
+    assert report['steps'] == 6 and '12 held-out' in report['test_split']
+    w = timm.create_model('gequiv_p4cnn', widths=[4, 4, 4], num_classes=3)
+    load_weights(w, tmp_path / 'w.safetensors')
+
+
+def test_layer_decay_through_group_matcher_and_csv_log(tmp_path):
+    ck, log = tmp_path / 'ck', tmp_path / 'm.csv'
+    rc = main(['train', 'gequiv_p4cnn', '--epochs', '1', '--max-steps', '3', '--limit-train', '64', '--batch-size', '16', '--layer-decay',
+               '0.5', '--checkpoint-dir', str(ck), '--metrics-log', str(log), '--log-every', '1',
+               '--limit-eval', '20', *SMALL])
+    assert rc == 0
+    state = T.load_state(T.CheckpointManager(ck).latest() / 'state.safetensors')
+    scales = sorted({round(g['lr_scale'], 6) for g in state['optimizer']['param_groups']})
+    # stem (stage 0), stages 1-2 and the head: 0.5 ** 3 ... 1 (timm's param_groups_layer_decay)
+    assert scales == [0.125, 0.25, 0.5, 1.0]
+    rows = list(csv.DictReader(log.open()))
+    assert [r['kind'] for r in rows] == ['step', 'step', 'step', 'final'] and tuple(rows[0]) == T.LOG_FIELDS
+    lrs = [float(r['lr']) for r in rows[:3]]
+    assert lrs[0] > lrs[1] > lrs[2] > 0  # the cosine schedule steps per update
+
+
+def test_precision_and_memory_format(tmp_path, capsys):
+    _, sub = _digits(32)
+    data = T.DataBundle(sub, None)
+    runs = {}
+    for name, kw in {'fp32': {}, 'cl': dict(channels_last=True), 'bf16': dict(amp='bf16')}.items():
+        torch.manual_seed(0)
+        model = timm.create_model('gequiv_p4cnn', widths=[4, 4, 4])
+        cfg = T.TrainConfig(epochs=1, batch_size=16, progress=False, **kw)
+        T.train(model, data, cfg)
+        runs[name] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert torch.allclose(runs['fp32'], runs['cl'], atol=1e-5)
+    assert torch.isfinite(runs['bf16']).all() and not torch.equal(runs['bf16'], runs['fp32'])
+    assert main(['train', 'gequiv_p4cnn', '--amp', 'fp16', '--device', 'cpu', '--max-steps', '1', *SMALL]) == 2
+    assert 'fp16 needs a CUDA device' in capsys.readouterr().err
+
+
+def test_unknown_data_lists_the_built_in_sets(capsys):
+    assert main(['train', 'gequiv_p4cnn', '--data', 'imagenet-please', *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert 'rotmnist' in err and 'neither a built-in set' in err
+
+
+@pytest.mark.skipif(importlib.util.find_spec('gequiv_timm.data.distorted') is None, reason='no distorted MNIST')
+def test_distorted_mnist_rts(capsys):
+    assert main(['train', 'gequiv_p4cnn', '--data', 'distorted-rts', '--max-steps', '2', '--limit-train', '32',
+                 '--limit-eval', '20', '--batch-size', '16', *SMALL]) == 0
+    report = json.loads([x for x in capsys.readouterr().out.splitlines() if x.startswith('{')][0])
+    assert report['steps'] == 2 and 'test_error' in report
+
+
+@pytest.mark.skipif(importlib.util.find_spec('gequiv_timm.data.landmarks') is None, reason='no MNIST landmarks')
+def test_landmarks_keypoint_task_with_a_classifier_head():
+    data = T.load_data('landmarks', limit_train=32, limit_eval=16)
+    assert data.task == 'keypoints' and data.num_keypoints == 5
+    torch.manual_seed(0)
+    model = timm.create_model('gequiv_p4cnn', widths=[4, 4, 4], num_classes=2 * data.num_keypoints)
+    before = T.evaluate_task(model, data.eval, 'keypoints', num_keypoints=5)
+    res = T.train(model, data, T.TrainConfig(epochs=4, batch_size=16, lr=1e-2, progress=False))
+    assert set(res.eval) == {'nme', 'loss', 'n'} and res.eval['n'] == 16
+    assert res.eval['loss'] < before['loss']
+    with pytest.raises(ValueError, match='num_classes=10'):
+        T.train(timm.create_model('gequiv_p4cnn', widths=[4, 4, 4], num_classes=3), data,
+                T.TrainConfig(epochs=1, batch_size=16, progress=False))
