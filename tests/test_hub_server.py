@@ -216,3 +216,22 @@ def test_corrupted_download_is_named_and_nothing_loads(server, ckpt, no_xet, tmp
     monkeypatch.setattr(C, 'HUGGINGFACE_CO_URL_TEMPLATE', server.url + '/{repo_id}/resolve/{revision}/{filename}')
     with pytest.raises(hub.WeightsError, match=r'model\.safetensors: not a readable safetensors file'):
         timm.create_model('hf-hub:org/broken', pretrained=True, cache_dir=tmp_path / 'cache')
+
+
+def test_xet_upload_is_where_the_stand_in_stops(server, ckpt, tmp_path, monkeypatch):
+    """With hf_xet enabled (the client's default) the real client asks the Hub for a Xet write token after the
+    preupload call and then talks to a separate CAS service: that part is not served, so it stays untested. The
+    push fails cleanly there, with the export kept and nothing committed."""
+    pytest.importorskip('hf_xet')
+    import huggingface_hub.constants as C
+    monkeypatch.setattr(C, 'HF_HUB_DISABLE_XET', False)
+    monkeypatch.setenv('HF_TOKEN', TOKEN)
+    _, path, _, _ = ckpt
+    n = len(server.log)
+    with pytest.raises(hub.PushError, match='xet-write-token'):
+        hub.push(f'{NAME}.{TAG}', 'org/xet', checkpoint=path, export_dir=tmp_path / 'e', endpoint=server.url,
+                 log=lambda *a: None)
+    assert [(m, p) for m, p, *_ in server.log[n:]][-2:] == [
+        ('POST', '/api/models/org/xet/preupload/main'), ('GET', '/api/models/org/xet/xet-write-token/main')]
+    assert len(server.commits('org/xet')) == 1
+    assert (tmp_path / 'e' / 'model.safetensors').read_bytes() == path.read_bytes()
