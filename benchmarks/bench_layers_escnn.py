@@ -3,22 +3,21 @@ fields (C4 / D4 regular fields, 3x3, padding 1) and against the plain-conv floor
 already expanded filter bank of the same shape), in train mode (forward + backward, the filter bank is rebuilt
 from the weights every call) and eval mode (no grad; both libraries cache the expanded filter), batch 1 and 32.
 
-Ratios only (the machine is shared and noisy): medians of interleaved rounds.
+Ratios only (the machine is shared and noisy): medians of round-robin rounds whose order rotates every round
+(:func:`gequiv_timm.compare.time_round_robin`).
 
 Run: .venv/bin/python benchmarks/bench_layers_escnn.py [--fields 16] [--size 28] [--threads 1]
          [--out benchmarks/results/escnn_layers.md]
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import interleaved  # noqa: E402
 
+from gequiv_timm.compare import time_round_robin  # noqa: E402
 from gequiv_timm.layers import P4ConvP4, P4MConvP4M  # noqa: E402
 from gequiv_timm.models.escnn_baselines import import_escnn  # noqa: E402
 
@@ -63,7 +62,7 @@ def bench_group(group_key, fields, size, batches, repeats):
             wt.grad = None
             F.conv2d(xf, wt, None, 1, 1).sum().backward()
 
-        t = interleaved({'ours': ours_train, 'escnn': esc_train, 'floor': floor_train}, repeats=repeats,
+        t = time_round_robin({'ours': ours_train, 'escnn': esc_train, 'floor': floor_train}, reps=repeats,
                         inner=1 if b > 1 else 5)
         out[f'train b{b}'] = t
         # ----- eval: cached filters, no grad
@@ -76,8 +75,8 @@ def bench_group(group_key, fields, size, batches, repeats):
                     f()
             return g
 
-        t = interleaved({'ours': ev(lambda: ours(x5)), 'escnn': ev(lambda: esc(xg)),
-                         'floor': ev(lambda: F.conv2d(xf, w, None, 1, 1))}, repeats=repeats,
+        t = time_round_robin({'ours': ev(lambda: ours(x5)), 'escnn': ev(lambda: esc(xg)),
+                         'floor': ev(lambda: F.conv2d(xf, w, None, 1, 1))}, reps=repeats,
                         inner=1 if b > 1 else 10)
         out[f'eval b{b}'] = t
     params = {'ours': sum(p.numel() for p in ours.parameters()),

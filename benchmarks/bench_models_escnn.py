@@ -12,20 +12,17 @@ Run: .venv/bin/python benchmarks/bench_models_escnn.py [--ours gequiv_p4cnn] [--
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import interleaved  # noqa: E402
 
 import timm  # noqa: E402
 
 import gequiv_timm  # noqa: E402,F401
-from gequiv_timm.compare import count_macs, train_memory_bytes  # noqa: E402
+from gequiv_timm.compare import count_macs, time_round_robin, train_memory_bytes  # noqa: E402
 
 
 def build_time(name, reps):
@@ -75,7 +72,7 @@ def main(argv=None):
             opt.step()
         return f
 
-    t = interleaved({k: step(k) for k in models}, repeats=args.repeats, warmup=3)
+    t = time_round_robin({k: step(k) for k in models}, reps=args.repeats, warmup=3)
     for k in models:
         res[k]['train_step_s'] = t[k]
     for k, m in models.items():
@@ -94,7 +91,7 @@ def main(argv=None):
             with torch.no_grad():
                 e(x1)
         infer[k] = f
-    t = interleaved(infer, repeats=args.repeats * 3, warmup=5, inner=5)
+    t = time_round_robin(infer, reps=args.repeats * 3, warmup=5, inner=5)
     for k in models:
         res[k]['latency_b1_s'] = t[k]
 

@@ -117,18 +117,22 @@ def train_memory_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> di
                 total=4 * params + saved)
 
 
-def time_round_robin(fns: dict[str, Any], reps: int = 10, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each zero-argument callable, timed round-robin (one call of each per round) so a
-    machine shared with other jobs slows every entry alike."""
+def time_round_robin(fns: Dict[str, Any], reps: int = 10, warmup: int = 2, inner: int = 1) -> Dict[str, float]:
+    """Median seconds per call of each zero-argument callable, timed round-robin (one turn of each per round, the
+    order rotated every round) so that a machine shared with other jobs, and whatever one candidate leaves behind
+    for the next (freed memory, cold caches), hits every entry alike. ``inner`` calls are timed together."""
     for _ in range(warmup):
         for f in fns.values():
             f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
+    keys = list(fns)
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for r in range(reps):
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            f = fns[k]
             t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
+            for _ in range(inner):
+                f()
+            times[k].append((time.perf_counter() - t) / inner)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -197,8 +201,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--lr', type=float, default=3e-3)
     p.add_argument('--protocols', default='rotated,upright',
                    help="which protocols to train: 'rotated', 'upright' or both (default both)")
-    p.add_argument('--sweep-digits', type=int, default=500,
-                   help='test digits used for the accuracy-vs-angle sweep (default 500 of the 1,000)')
+    p.add_argument('--sweep-digits', type=int, default=250,
+                   help='test digits used for the accuracy-vs-angle sweep (default 250 of the 1,000, evenly spread)')
     p.add_argument('--train-digits', type=int, default=0,
                    help='train on only the first N of the 4,000 train digits (smoke tests; default all)')
     p.add_argument('--timing-reps', type=int, default=10, help='timed rounds for step time and latency')
@@ -392,7 +396,8 @@ def _verdicts(agg: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             and 'test_error_mean' in agg['gequiv_escnn_c4cnn']:
         (ea, sa), (eb, sb) = err('gequiv_p4cnn'), err('gequiv_escnn_c4cnn')
         v = verdict('gequiv_p4cnn', ea, sa, 'gequiv_escnn_c4cnn', eb, sb)
-        out.append(dict(goal='gequiv_p4cnn error <= gequiv_escnn_c4cnn error', result=v, met=v != 'gequiv_escnn_c4cnn wins',
+        out.append(dict(goal='gequiv_p4cnn error <= gequiv_escnn_c4cnn error', result=v,
+                        met=v != 'gequiv_escnn_c4cnn wins',
                         detail=f"{100 * ea:.1f} +- {100 * sa:.1f}% vs {100 * eb:.1f} +- {100 * sb:.1f}%"))
     if 'gequiv_p4cnn' in agg and 'gequiv_escnn_c4cnn' in agg:
         r = agg['gequiv_p4cnn']['train_step_s'] / agg['gequiv_escnn_c4cnn']['train_step_s']
@@ -557,6 +562,12 @@ def _run(args, log) -> int:
     log(f"gequiv-timm compare: {len(models)} models x {len(protocols)} protocols x {len(seeds)} seed(s), "
         f"{args.budget} epochs each -> {out}")
     costs = _measure_costs(models, seeds[0], args.batch_size, args.timing_reps, log)
+    n_train = args.train_digits or 4000
+    steps = math.ceil(n_train / args.batch_size) * args.budget * len(protocols) * len(seeds)
+    est = {m: steps * costs[m]['train_step_s'] for m in models}
+    log("estimated training time (from the measured step times): " + ', '.join(
+        f"{m.replace('gequiv_', '')} {est[m] / 60:.1f} min" for m in models) +
+        f"; total {sum(est.values()) / 60:.1f} min")
     per_seed = [_run_seed(models, s, args, protocols, log) for s in seeds]
     agg = _aggregate(models, per_seed, costs, n_test=1000)
     report = dict(
@@ -586,7 +597,7 @@ def _command_from_args(args) -> str:
         parts.append(f'--models {args.models}')
     parts += [f'--budget {args.budget}', f'--seed {args.seed}', f'--seeds {args.seeds}',
               f'--out {shlex.quote(str(args.out))}', f'--threads {args.threads}']
-    for flag, default in (('protocols', 'rotated,upright'), ('batch_size', 64), ('lr', 3e-3), ('sweep_digits', 500),
+    for flag, default in (('protocols', 'rotated,upright'), ('batch_size', 64), ('lr', 3e-3), ('sweep_digits', 250),
                           ('train_digits', 0), ('timing_reps', 10)):
         v = getattr(args, flag)
         if v != default:
