@@ -235,3 +235,38 @@ def test_xet_upload_is_where_the_stand_in_stops(server, ckpt, tmp_path, monkeypa
         ('POST', '/api/models/org/xet/preupload/main'), ('GET', '/api/models/org/xet/xet-write-token/main')]
     assert len(server.commits('org/xet')) == 1
     assert (tmp_path / 'e' / 'model.safetensors').read_bytes() == path.read_bytes()
+
+
+def test_repo_without_safetensors_is_refused(server, ckpt, no_xet, tmp_path, monkeypatch):
+    """A repo that only has a pickle checkpoint: refused by name, the pickle is never downloaded."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+    model, _, _, _ = ckpt
+    api = HfApi(endpoint=server.url)
+    api.create_repo('org/pickle', exist_ok=True)
+    cfg = json.dumps(hub.build_config(model, NAME, TAG)).encode()
+    api.create_commit('org/pickle', [CommitOperationAdd('config.json', cfg),
+                                     CommitOperationAdd('pytorch_model.bin', b'\x80\x04not-a-real-pickle')],
+                      commit_message='pickle only')
+    import huggingface_hub.constants as C
+    monkeypatch.setattr(C, 'ENDPOINT', server.url)
+    monkeypatch.setattr(C, 'HUGGINGFACE_CO_URL_TEMPLATE', server.url + '/{repo_id}/resolve/{revision}/{filename}')
+    n = len(server.log)
+    with pytest.raises(hub.WeightsError, match='org/pickle: the repo has no model.safetensors'):
+        timm.create_model('hf-hub:org/pickle', pretrained=True, cache_dir=tmp_path / 'cache')
+    assert not any('pytorch_model.bin' in p for _, p, *_ in server.log[n:])
+
+
+def test_stand_in_is_bounded_and_stops_by_itself():
+    import urllib.error
+    import urllib.request
+    with HubStandIn(token='t', max_body=1000, max_lifetime=1.5) as s:
+        assert s.url.startswith('http://127.0.0.1:')
+        req = urllib.request.Request(s.url + '/api/repos/create', data=b'x' * 5000, method='POST',
+                                     headers={'Authorization': 'Bearer t'})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=5)
+        assert e.value.code == 413
+        import time
+        time.sleep(2.5)
+        with pytest.raises(OSError):
+            urllib.request.urlopen(s.url + '/api/models/a/b', timeout=2)

@@ -99,8 +99,13 @@ def _fetch_from_hub(hub_id: str, filename: Optional[str], cache_dir) -> Path:
     if not filename.endswith('.safetensors'):
         raise _weights_error()(f"hf-hub:{hub_id}: file {filename!r} is not safetensors; gequiv_timm loads "
                                f"safetensors only (it never unpickles). Publish model.safetensors.")
-    return Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir,
-                                library_name='gequiv_timm'))
+    from huggingface_hub.errors import EntryNotFoundError
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir,
+                                    library_name='gequiv_timm'))
+    except EntryNotFoundError:
+        raise _weights_error()(f"hf-hub:{hub_id}: the repo has no {filename}; gequiv_timm loads safetensors only "
+                               f"(it never unpickles). Publish it with `gequiv-timm push`.") from None
 
 
 def _weights_error():
