@@ -324,6 +324,18 @@ def _arxiv_ids(*texts: str) -> List[str]:
     return out
 
 
+RUN_KEYS = ('seed', 'epochs', 'steps', 'processes')
+
+
+def _is_run_key(k: str) -> bool:
+    """Metrics-dict keys that describe the run (seed, budget), not a measurement of the model."""
+    return k in RUN_KEYS or 'seconds' in k
+
+
+def _is_measure(k: str, v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not _is_run_key(k)
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -371,10 +383,8 @@ def model_card(name: str, tag: str, entry: Mapping[str, Any], config: Mapping[st
     if weights_sha256:
         lines.append(f'- **Weights:** `{WEIGHTS_NAME}`, {weights_size:,} bytes, sha256 `{weights_sha256}`')
     lines += ['', '## Metrics', '']
-    run_keys = ('seed', 'epochs', 'steps')
-    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-               and k not in run_keys and 'seconds' not in k}
-    context = {k: v for k, v in metrics.items() if k not in scalars and k not in run_keys and 'seconds' not in k}
+    scalars = {k: v for k, v in metrics.items() if _is_measure(k, v)}
+    context = {k: v for k, v in metrics.items() if k not in scalars and not _is_run_key(k)}
     if scalars:
         lines += ['| metric | value |', '|---|---|'] + [f'| {k} | {_fmt(v)} |' for k, v in scalars.items()]
         if context:
@@ -387,7 +397,7 @@ def model_card(name: str, tag: str, entry: Mapping[str, Any], config: Mapping[st
     if entry.get('command'):
         lines.append(f"- **Command:** `{entry['command']}`")
     for k in metrics:
-        if k in run_keys or 'seconds' in k:
+        if _is_run_key(k):
             lines.append(f"- **{k.replace('_', ' ').capitalize()}:** {metrics[k]}")
     if entry.get('budget'):
         lines.append(f"- **Budget:** {entry['budget']}")
@@ -603,7 +613,7 @@ def check_entry(name_tag: str, entry: Mapping[str, Any], folder=None, metrics: b
     expected = entry.get('metrics') or {}
     problems = []
     for k, v in expected.items():
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or k in ('seed', 'epochs') or 'seconds' in k:
+        if not _is_measure(k, v):
             continue
         if k not in measured:
             problems.append(f"{k}: the evaluator did not measure it")
