@@ -162,8 +162,9 @@ class _Source:
     entry: Dict[str, Any]    # manifest entry (or one made from the file's metadata)
 
 
-def _load_source(name_tag: str, checkpoint=None) -> _Source:
-    """Build ``name`` and load the tag's shipped weights (or ``checkpoint``), checked, in eval mode."""
+def _load_source(name_tag: str, checkpoint=None, model_args: Optional[Mapping[str, Any]] = None) -> _Source:
+    """Build ``name`` (with ``model_args`` over the catalog's) and load the tag's shipped weights (or
+    ``checkpoint``), checked, in eval mode."""
     import timm
 
     from . import registry
@@ -192,8 +193,12 @@ def _load_source(name_tag: str, checkpoint=None) -> _Source:
     if meta.get('architecture') and meta['architecture'] != name:
         raise WeightsError(f"{path}: weights are for {meta['architecture']!r}, not {name!r}")
     if not entry:
-        entry = {'recipe': meta.get('recipe', ''), 'metrics': json.loads(meta['metrics']) if meta.get('metrics') else {}}
-    model = timm.create_model(name_tag if tag else name, pretrained=False)
+        try:
+            metrics = json.loads(meta.get('metrics') or '{}')
+        except json.JSONDecodeError:
+            raise WeightsError(f"{path}: metadata 'metrics' is not JSON: {meta.get('metrics')!r}") from None
+        entry = {'recipe': meta.get('recipe', ''), 'metrics': metrics if isinstance(metrics, dict) else {}}
+    model = timm.create_model(name_tag if tag in cat.tags else name, pretrained=False, **dict(model_args or {}))
     load_weights(model, path, architecture=name)
     model.eval()
     return _Source(name, tag, model, path, entry)
@@ -215,7 +220,7 @@ def build_config(model: torch.nn.Module, name: str, tag: str = '', entry: Option
     from . import registry
     cat = registry.get_entry(name)
     args = {k: v for k, v in cat.args.items()}
-    args.update({k: v for k, v in getattr(model, '_model_args', {}).items() if k in args})
+    args.update(getattr(model, '_model_args', {}))
     model_config: Dict[str, Any] = {'pretrained_cfg': {'architecture': name}}
     if tag:
         model_config['pretrained_cfg']['tag'] = tag
@@ -438,14 +443,14 @@ class ExportResult:
 
 
 def export(name_tag: str, out_dir, checkpoint=None, repo_id: Optional[str] = None, card_only: bool = False,
-           _source: Optional[_Source] = None) -> ExportResult:
+           model_args: Optional[Mapping[str, Any]] = None, _source: Optional[_Source] = None) -> ExportResult:
     """Write ``name[.tag]`` in the Hub layout to ``out_dir``: ``config.json``, ``model.safetensors``, ``README.md``.
 
     The weights file is the shipped (or given) safetensors file byte for byte when it already carries gequiv_timm
     metadata, so the Hub serves the same bytes as the manifest's sha256; otherwise it is rewritten with metadata.
     Files are written to temporary names and renamed, so an interrupted export never leaves a half-written file.
     """
-    src = _source or _load_source(name_tag, checkpoint)
+    src = _source or _load_source(name_tag, checkpoint, model_args)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = read_metadata(src.weights)
@@ -522,7 +527,7 @@ class PushError(RuntimeError):
 
 def push(name_tag: str, repo_id: str, private: bool = False, dry_run: bool = False, checkpoint=None,
          export_dir=None, commit_message: Optional[str] = None, endpoint: Optional[str] = None,
-         log=print) -> PushResult:
+         model_args: Optional[Mapping[str, Any]] = None, log=print) -> PushResult:
     """Export ``name_tag``, verify the export through timm, then upload it to ``repo_id`` as one commit.
 
     ``export_dir`` (default: a new temporary folder) holds the export; on success a temporary folder is removed,
@@ -531,7 +536,7 @@ def push(name_tag: str, repo_id: str, private: bool = False, dry_run: bool = Fal
     """
     if repo_id.count('/') != 1 or not all(repo_id.split('/')):
         raise ValueError(f"push: --repo must be ORG/NAME, got {repo_id!r}")
-    src = _load_source(name_tag, checkpoint)
+    src = _load_source(name_tag, checkpoint, model_args)
     keep = export_dir is not None
     folder = Path(export_dir) if keep else Path(tempfile.mkdtemp(prefix=f'gequiv-push-{src.name}-'))
     try:
@@ -662,12 +667,33 @@ def add_export_arguments(p) -> None:
     p.add_argument('--checkpoint', help='a .safetensors file to export instead of the shipped weights')
     p.add_argument('--repo', help='Hub repo id used in the model card (default: the manifest hf_hub_id)')
     p.add_argument('--card-only', action='store_true', help='write only README.md (the model card)')
+    _add_model_arg(p)
+
+
+def _add_model_arg(p) -> None:
+    p.add_argument('--model-arg', action='append', default=[], metavar='KEY=VALUE',
+                   help='model argument the checkpoint was trained with, over the catalog default (VALUE is '
+                        'JSON, e.g. num_classes=7); repeatable')
+
+
+def _model_args(items: Sequence[str]) -> Dict[str, Any]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition('=')
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--model-arg expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def run_export(args) -> int:
     try:
-        res = export(args.model, args.dir, checkpoint=args.checkpoint, repo_id=args.repo, card_only=args.card_only)
-    except (WeightsError, ChecksumError, KeyError, FileNotFoundError) as e:
+        res = export(args.model, args.dir, checkpoint=args.checkpoint, repo_id=args.repo, card_only=args.card_only,
+                     model_args=_model_args(args.model_arg))
+    except (WeightsError, ChecksumError, KeyError, FileNotFoundError, ValueError) as e:
         print(f"gequiv-timm export: {e.args[0] if e.args else e}", file=sys.stderr)
         return 1
     print(f"wrote {', '.join(res.files)} to {res.dir}" + ('' if args.card_only else
@@ -683,12 +709,13 @@ def add_push_arguments(p) -> None:
     p.add_argument('--checkpoint', help='a .safetensors file to push instead of the shipped weights')
     p.add_argument('--export-dir', help='export here and keep it (default: a temporary folder)')
     p.add_argument('--message', help='commit message')
+    _add_model_arg(p)
 
 
 def run_push(args) -> int:
     try:
         push(args.model, args.repo, private=args.private, dry_run=args.dry_run, checkpoint=args.checkpoint,
-             export_dir=args.export_dir, commit_message=args.message)
+             export_dir=args.export_dir, commit_message=args.message, model_args=_model_args(args.model_arg))
     except (WeightsError, ChecksumError, PushError, KeyError, ValueError, FileNotFoundError) as e:
         print(f"gequiv-timm push: {e.args[0] if e.args else e}", file=sys.stderr)
         return 1

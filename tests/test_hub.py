@@ -258,3 +258,18 @@ def test_keypoint_model_exports_and_reloads(tmp_path):
     assert 'label_names' not in cfg
     assert 'pipeline_tag: keypoint-detection' in (tmp_path / 'out' / 'README.md').read_text()
     assert hub.verify_export(tmp_path / 'out', model) == 0.0
+
+
+def test_fine_tuned_head_exports_with_its_model_args(tmp_path, capsys):
+    """A checkpoint trained with num_classes=7: refused against the catalog default, exported with --model-arg,
+    and the exported folder rebuilds the 7-class network by itself."""
+    torch.manual_seed(0)
+    model = timm.create_model(NAME, num_classes=7).eval()
+    hub.save_weights(model, tmp_path / 'ft.safetensors', NAME, 'ft', 'folder/adamw')
+    assert cli_main(['export', NAME, str(tmp_path / 'a'), '--checkpoint', str(tmp_path / 'ft.safetensors')]) == 1
+    assert "head.fc.weight: file (7, 10) vs model (10, 10)" in capsys.readouterr().err
+    assert cli_main(['export', NAME, str(tmp_path / 'b'), '--checkpoint', str(tmp_path / 'ft.safetensors'),
+                     '--model-arg', 'num_classes=7']) == 0
+    cfg = json.loads((tmp_path / 'b' / 'config.json').read_text())
+    assert cfg['num_classes'] == 7 and cfg['model_args']['num_classes'] == 7 and cfg['model_args']['group'] == 'p4'
+    assert hub.verify_export(tmp_path / 'b', model) == 0.0
