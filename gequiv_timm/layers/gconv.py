@@ -20,7 +20,9 @@ centre pixel, so their rotations are off by half a pixel: they are rejected.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import os
+from contextlib import contextmanager
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,7 +33,8 @@ from .groups import Group, filter_indices, get_group
 __all__ = [
     'GroupConv2d', 'P4ConvZ2', 'P4ConvP4', 'P4MConvZ2', 'P4MConvP4M',
     'GroupPool', 'GroupBatchNorm', 'GroupMaxPool2d', 'GroupAvgPool2d', 'fold_group', 'unfold_group',
-    'stride_is_exact', 'EquivariantMixin', 'check_group_input',
+    'stride_is_exact', 'EquivariantMixin', 'check_group_input', 'set_finite_check', 'finite_check',
+    'check_finite',
 ]
 
 
@@ -57,6 +60,51 @@ def stride_is_exact(size: int, kernel_size: int, stride: int = 1, padding: int =
     """
     span = size + 2 * padding - dilation * (kernel_size - 1) - 1
     return span >= 0 and span % stride == 0
+
+
+_FINITE_CHECK = os.environ.get('GEQUIV_TIMM_CHECK_FINITE', '').strip().lower() not in ('', '0', 'false', 'no')
+
+
+def set_finite_check(enabled: bool = True) -> bool:
+    """Turn on (or off) the check that rejects NaN / Inf inputs in every group layer; returns the old setting.
+
+    Off by default: the check costs a reduction and a device-to-host sync per layer (and a graph break under
+    ``torch.compile``). Turn it on while debugging a run whose loss turned NaN, to learn which layer saw it first;
+    the environment variable ``GEQUIV_TIMM_CHECK_FINITE=1`` turns it on at import.
+    """
+    global _FINITE_CHECK
+    old, _FINITE_CHECK = _FINITE_CHECK, bool(enabled)
+    return old
+
+
+@contextmanager
+def finite_check(enabled: bool = True) -> Iterator[None]:
+    """``with finite_check(): ...`` runs the block with the NaN / Inf input check on (see :func:`set_finite_check`)."""
+    old = set_finite_check(enabled)
+    try:
+        yield
+    finally:
+        set_finite_check(old)
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    """When the finite check is on, raise a ValueError naming the layer if ``x`` holds NaN or Inf."""
+    if not _FINITE_CHECK or not x.is_floating_point():
+        return
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+        raise ValueError(f"{name}: input holds {n_nan} NaN and {n_inf} Inf values (shape {tuple(x.shape)}); they "
+                         f"would poison training. Check the data and the previous layer, or lower the learning rate.")
+
+
+def _check_float(x: torch.Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: expected a floating point tensor, got dtype {x.dtype}; convert it with "
+                         f"x.float() (and scale uint8 images to [0, 1])")
+    check_finite(x, name)
 
 
 def check_group_input(x: torch.Tensor, channels: int, order: int, name: str, min_size: int = 1) -> None:
@@ -85,6 +133,7 @@ def check_group_input(x: torch.Tensor, channels: int, order: int, name: str, min
                 f"is this feature map from another group?")
     if not x.is_floating_point():
         raise ValueError(f"{name}: expected a floating point tensor, got dtype {x.dtype}")
+    check_finite(x, name)
     if min(x.shape[-2:]) < min_size:
         raise ValueError(
             f"{name}: input of spatial size {tuple(x.shape[-2:])} is too small: this layer needs at least "
@@ -338,8 +387,10 @@ class GroupPool(EquivariantMixin, nn.Module):
         return f"{self.in_group.name}, mode={self.mode!r}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 5 or x.shape[2] != self.in_group.order:
-            raise ValueError(f"GroupPool: expected [B, C, |G|={self.in_group.order}, H, W], got {tuple(x.shape)}")
+        if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[2] != self.in_group.order:
+            raise ValueError(f"GroupPool: expected [B, C, |G|={self.in_group.order}, H, W], got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        _check_float(x, 'GroupPool')
         return x.amax(dim=2) if self.mode == 'max' else x.mean(dim=2)
 
 
@@ -359,6 +410,7 @@ class GroupBatchNorm(nn.BatchNorm3d):
         if x.dim() != 5 or x.shape[1] != self.num_features or x.shape[2] != self.group.order:
             raise ValueError(f"GroupBatchNorm: expected [B, C={self.num_features}, |G|={self.group.order}, H, W], "
                              f"got {tuple(x.shape)}")
+        _check_float(x, 'GroupBatchNorm')
         return super().forward(x)
 
 
@@ -379,8 +431,10 @@ class _GroupSpatialPool(EquivariantMixin, nn.Module):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 5:
-            raise ValueError(f"{type(self).__name__}: expected [B, C, |G|, H, W], got {tuple(x.shape)}")
+        if x.dim() != 5 or x.shape[2] != self.in_group.order:
+            raise ValueError(f"{type(self).__name__}: expected [B, C, |G|={self.in_group.order}, H, W], got "
+                             f"{tuple(x.shape)}")
+        _check_float(x, type(self).__name__)
         if min(x.shape[-2:]) + 2 * self.padding < self.kernel_size:
             raise ValueError(f"{type(self).__name__}: input {tuple(x.shape[-2:])} is smaller than the window "
                              f"{self.kernel_size}")
