@@ -39,7 +39,7 @@ def _sha(b: bytes) -> str:
 
 @pytest.fixture(scope='module')
 def server():
-    with HubStandIn(token=TOKEN, max_lifetime=300, idle_timeout=120) as s:
+    with HubStandIn(token=TOKEN, max_lifetime=600, idle_timeout=180) as s:
         yield s
 
 
