@@ -138,7 +138,7 @@ def check_theta(theta: torch.Tensor, kind: str, num_points: Optional[int] = None
         raise ValueError(f"{name}: expected a {kind} theta of shape {expected}, got {shape}{hint}")
     if not theta.is_floating_point():
         raise ValueError(f"{name}: expected a floating point tensor, got dtype {theta.dtype}")
-    if finite:
+    if finite and theta.device.type != 'meta':
         bad = ~torch.isfinite(theta.detach()).flatten(1).all(1)
         if bad.any():
             idx = bad.nonzero().flatten().tolist()
@@ -212,8 +212,8 @@ def projective_grid(theta: torch.Tensor, size: SizeLike, align_corners: bool, ep
     """
     check_theta(theta, 'projective')
     h, w = _size2(size)
-    bad = projective_invalid(theta, (h, w), align_corners, eps)
-    if bad.any():
+    bad = projective_invalid(theta, (h, w), align_corners, eps) if theta.device.type != 'meta' else None
+    if bad is not None and bad.any():
         idx = bad.nonzero().flatten().tolist()
         raise ValueError(
             f"projective_grid: the 3x3 matrix of sample(s) {idx[:8]} is singular or sends part of the {h}x{w} output "
@@ -665,17 +665,19 @@ class TPSTransform(TransformFamily):
         device = self.ctrl.device if device is None else torch.device(device)
         key = (h, w, bool(align_corners), str(device))
         m = self._cache.get(key)
-        if m is None:
-            base = identity_grid((h, w), align_corners, torch.float64, device).view(-1, 2)
-            m = tps_solve_matrix(base, self.ctrl.to(device))
+        if m is None:  # solved on the CPU in float64 from the rest positions (also for meta / accelerators)
+            base = identity_grid((h, w), align_corners, torch.float64).view(-1, 2)
+            m = tps_solve_matrix(base, tps_control_points(self.grid_size, torch.float64)).to(device)
             if len(self._cache) > 8:
                 self._cache.clear()
             self._cache[key] = m
         return m
 
     def grid(self, theta: torch.Tensor, size: SizeLike, align_corners: bool) -> torch.Tensor:
-        ctrl = self.ctrl.to(theta.device)
-        return tps_grid(theta, ctrl, size, align_corners, self.solve_matrix(size, align_corners, theta.device))
+        check_theta(theta, 'tps', self.num_points, name='tps theta', finite=theta.device.type != 'meta')
+        h, w = _size2(size)
+        m = self.solve_matrix((h, w), align_corners, theta.device)
+        return torch.matmul(m.to(theta.dtype), theta).view(-1, h, w, 2)
 
     def probe_points(self, dtype=torch.float32, device=None) -> torch.Tensor:
         return self.ctrl.to(dtype=dtype, device=device)
@@ -793,8 +795,9 @@ class SpatialTransformer(nn.Module):
         loc_features: ``F``; read from ``loc_net.num_features`` when omitted.
         loc_input_size: resize the input to this size (antialiased bilinear) before the localisation net: predict
             the transform from a small image, sample from the full-resolution one.
-        out_size: output size ``(h, w)``; ``None`` keeps the input size. Smaller than the input = the paper's CUB
-            trick (transform at high resolution, hand a smaller crop on).
+        out_size: output size ``(h, w)`` (or an int), or a float ``f``: ``round(f * (H, W))`` of each input;
+            ``None`` keeps the input size. Smaller than the input = the paper's CUB trick (transform at high
+            resolution, hand a smaller crop on).
         num_transforms: ``K`` transforms predicted in parallel from the same localisation features (the 2x / 4x
             ST-CNN). With ``K > 1`` the output is ``[B, K, C, h, w]``.
         align_corners, mode, padding_mode: passed to every grid generator and to ``grid_sample``.
@@ -851,7 +854,13 @@ class SpatialTransformer(nn.Module):
         self.loc_input_size = None if loc_input_size is None else _size2(loc_input_size, 'loc_input_size')
         self.num_transforms = num_transforms
         self.head = nn.Linear(loc_features, num_transforms * self.family.num_params)
-        self.out_size = None if out_size is None else _size2(out_size, 'out_size')
+        if isinstance(out_size, float):
+            if not 0 < out_size <= 16:
+                raise ValueError(f"{name}: a float out_size is a scale factor of the input size and must be in "
+                                 f"(0, 16], got {out_size}")
+            self.out_size = out_size
+        else:
+            self.out_size = None if out_size is None else _size2(out_size, 'out_size')
         self.align_corners, self.mode, self.padding_mode, self.invalid = bool(align_corners), mode, padding_mode, \
             invalid
         self.reg_weight, self.boundary_weight = float(reg_weight), float(boundary_weight)
@@ -882,11 +891,22 @@ class SpatialTransformer(nn.Module):
                              f"pooled features)")
         return self.head(feats).view(x.shape[0], self.num_transforms, self.family.num_params)
 
+    def output_size(self, x: torch.Tensor) -> Tuple[int, int]:
+        """The output size ``(h, w)`` for input ``x``."""
+        if self.out_size is None:
+            return int(x.shape[-2]), int(x.shape[-1])
+        if isinstance(self.out_size, float):
+            return max(1, round(self.out_size * x.shape[-2])), max(1, round(self.out_size * x.shape[-1]))
+        return self.out_size
+
     def predict_theta(self, x: torch.Tensor) -> torch.Tensor:
         """Transforms ``[B*K, ...]`` (sample-major) for ``x``, after the invalid-theta policy."""
         params = self.localise(x).flatten(0, 1)
         theta = self.family.to_theta(params)
-        size = self.out_size or tuple(x.shape[-2:])
+        if theta.device.type == 'meta':  # shape-only run (timm's meta-device checks): nothing to validate
+            self.last_num_fallbacks = 0
+            return theta
+        size = self.output_size(x)
         bad = self.family.invalid(theta, size, self.align_corners)
         self.last_num_fallbacks = int(bad.sum())
         if self.last_num_fallbacks:
@@ -904,7 +924,7 @@ class SpatialTransformer(nn.Module):
         theta = self.predict_theta(x)
         self._theta = theta
         b, k = x.shape[0], self.num_transforms
-        size = self.out_size or tuple(x.shape[-2:])
+        size = self.output_size(x)
         grid = self.family.grid(theta, size, self.align_corners)  # [B*K, h, w, 2]
         src = x if k == 1 else x[:, None].expand(b, k, *x.shape[1:]).flatten(0, 1)
         out = warp(src, grid, self.align_corners, self.mode, self.padding_mode)
@@ -924,7 +944,9 @@ class SpatialTransformer(nn.Module):
         if self._theta is None:
             return None
         with torch.no_grad():
-            return self.family.grid(self._theta.detach(), size or self.out_size or (16, 16), self.align_corners)
+            if size is None:
+                size = self.out_size if isinstance(self.out_size, tuple) else (16, 16)
+            return self.family.grid(self._theta.detach(), size, self.align_corners)
 
     def transform_loss(self, reg_weight: Optional[float] = None,
                        boundary_weight: Optional[float] = None) -> torch.Tensor:
