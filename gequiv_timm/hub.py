@@ -703,7 +703,7 @@ def run_export(args) -> int:
 
 def add_push_arguments(p) -> None:
     p.add_argument('model', help='NAME.TAG (shipped weights) or NAME with --checkpoint')
-    p.add_argument('--repo', required=True, help='Hub repo id ORG/NAME (created if needed)')
+    p.add_argument('--repo', help="Hub repo id ORG/NAME (created if needed); default: the tag's hf_hub_id")
     p.add_argument('--private', action='store_true', help='create the repo private (ignored if it exists)')
     p.add_argument('--dry-run', action='store_true', help='export and verify only; upload nothing')
     p.add_argument('--checkpoint', help='a .safetensors file to push instead of the shipped weights')
@@ -712,9 +712,25 @@ def add_push_arguments(p) -> None:
     _add_model_arg(p)
 
 
-def run_push(args) -> int:
+def default_repo(name_tag: str) -> Optional[str]:
+    """The Hub repo of a registered tag: the catalog tag's ``hf_hub_id``, else the manifest's."""
+    from . import registry
+    name, tag = _split(name_tag)
     try:
-        push(args.model, args.repo, private=args.private, dry_run=args.dry_run, checkpoint=args.checkpoint,
+        cat = registry.get_entry(name)
+    except KeyError:
+        return None
+    return (cat.tags.get(tag, {}).get('hf_hub_id') or (registry.manifest_entry(name_tag) or {}).get('hf_hub_id')
+            if tag else None)
+
+
+def run_push(args) -> int:
+    repo = args.repo or default_repo(args.model)
+    if not repo:
+        print(f"gequiv-timm push: {args.model} has no hf_hub_id in the catalog; give --repo ORG/NAME", file=sys.stderr)
+        return 2
+    try:
+        push(args.model, repo, private=args.private, dry_run=args.dry_run, checkpoint=args.checkpoint,
              export_dir=args.export_dir, commit_message=args.message, model_args=_model_args(args.model_arg))
     except (WeightsError, ChecksumError, PushError, KeyError, ValueError, FileNotFoundError) as e:
         print(f"gequiv-timm push: {e.args[0] if e.args else e}", file=sys.stderr)

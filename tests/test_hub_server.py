@@ -79,7 +79,8 @@ PULL = textwrap.dedent('''
     out = {}
     if sys.argv[1] == 'push':
         from gequiv_timm.cli import main
-        out['push_rc'] = main(['push', 'gequiv_p4cnn.rotmnist', '--repo', sys.argv[2], '--checkpoint', sys.argv[3]])
+        # no --repo: the tag's hf_hub_id from the catalog (sys.argv[2])
+        out['push_rc'] = main(['push', 'gequiv_p4cnn.rotmnist', '--checkpoint', sys.argv[3]])
         os.environ.pop('HF_TOKEN')  # everything below reads the public repo without a token
     x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     m = timm.create_model('hf-hub:' + sys.argv[2], pretrained=True).eval()
