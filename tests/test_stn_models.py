@@ -183,3 +183,25 @@ def test_errors_are_clear():
     model = timm.create_model('gequiv_stn_cnn_mnist')
     with pytest.raises(ValueError, match='1 input channels'):
         model(torch.rand(1, 3, 42, 42))
+
+
+def test_stn_viz_writes_png(tmp_path):
+    import argparse
+
+    from gequiv_timm import viz
+    p = argparse.ArgumentParser()
+    viz.add_arguments(p)
+    out = tmp_path / 'stn.png'
+    args = p.parse_args(['--num', '2', '--out', str(out), '--protocol', 'RTS'])
+    assert viz.run(args) == 0
+    data = out.read_bytes()
+    assert data[:8] == b'\x89PNG\r\n\x1a\n' and len(data) > 5000
+    # a parallel model: one rectified column per transformer
+    torch.manual_seed(0)
+    model = STNFrontEnd('gequiv_z2cnn', 'attention', num_transforms=2, in_chans=1, num_classes=3,
+                        init_translations=[(-0.3, 0.0), (0.3, 0.0)], backbone_kwargs=SMALL_CNN)
+    path = viz.plot_stn(model, torch.rand(2, 1, 24, 24), str(tmp_path / 'two.png'))
+    assert path.read_bytes()[:4] == b'\x89PNG'
+    args = p.parse_args(['--model', 'gequiv_z2cnn', '--out', str(tmp_path / 'x.png')])
+    assert viz.run(args) == 2  # not an STN model: a clear message, no file
+    assert not (tmp_path / 'x.png').exists()

@@ -1,0 +1,186 @@
+"""``gequiv-timm stn-viz``: a PNG of spatial-transformer inputs beside their rectified outputs, with the sampling grid.
+
+Each row is one test image: the input with the transformer's sampling grid drawn on it (where a coarse lattice of
+output pixels reads the input; the red outline is the border of the output), then the rectified output(s) handed to
+the backbone (``K`` columns for a ``K``-transformer model).
+
+Examples::
+
+    gequiv-timm stn-viz --model gequiv_stn_cnn_mnist --checkpoint stn.safetensors --out stn.png
+    gequiv-timm stn-viz --fit-epochs 3 --out stn.png      # a quick fit on RTS distorted MNIST first (CPU, minutes)
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ['add_arguments', 'run', 'plot_stn']
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--model', default='gequiv_stn_cnn_mnist', help='a registered STN model (gequiv_stn_*)')
+    parser.add_argument('--checkpoint', default=None, help='safetensors weights to load (e.g. from gequiv-timm train)')
+    parser.add_argument('--protocol', default='RTS', choices=['R', 'RTS', 'P', 'E'],
+                        help='distorted-MNIST protocol of the test images (default RTS)')
+    parser.add_argument('--num', type=int, default=8, help='number of test images (rows)')
+    parser.add_argument('--grid', type=int, default=7, help='grid lines per side drawn on each input')
+    parser.add_argument('--fit-epochs', type=int, default=0,
+                        help='first train the model this many epochs on the protocol (AdamW, cosine; 0 = no)')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--out', default='stn.png', help='PNG file to write')
+
+
+def _images(model, protocol: str, seed: int, split: str):
+    """Distorted MNIST images shaped for ``model`` (resized / channel-repeated when needed), normalised with the
+    model's mean/std, plus labels."""
+    from .data.distorted import distorted_mnist
+    cfg = model.pretrained_cfg
+    c, h, w = cfg['input_size']
+    ds = distorted_mnist(protocol, seed=seed)
+    part = ds.train if split == 'train' else ds.test
+    x = part.images
+    if tuple(x.shape[-2:]) != (h, w):
+        x = F.interpolate(x, size=(h, w), mode='bilinear', align_corners=False, antialias=True)
+    x = x.expand(-1, c, -1, -1)
+    mean = torch.tensor(cfg.get('mean', (0.0,) * c)).view(1, -1, 1, 1)[:, :c]
+    std = torch.tensor(cfg.get('std', (1.0,) * c)).view(1, -1, 1, 1)[:, :c]
+    return (x - mean) / std, part.labels, mean, std
+
+
+def _fit(model, x, y, epochs: int, seed: int) -> None:
+    import math
+    gen = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64, shuffle=True,
+                                         generator=gen)
+    groups = model.param_groups(lr=3e-3, weight_decay=1e-4) if hasattr(model, 'param_groups') else \
+        model.parameters()
+    opt = torch.optim.AdamW(groups, lr=3e-3, weight_decay=1e-4)
+    base = [g['lr'] for g in opt.param_groups]
+    total, step = epochs * len(loader), 0
+    model.train()
+    for ep in range(epochs):
+        tot, n = 0.0, 0
+        for xb, yb in loader:
+            for g, b in zip(opt.param_groups, base):
+                g['lr'] = b * 0.5 * (1 + math.cos(math.pi * step / total))
+            loss = F.cross_entropy(model(xb), yb)
+            if hasattr(model, 'transform_loss'):
+                loss = loss + model.transform_loss()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            tot, n = tot + loss.item() * len(yb), n + len(yb)
+        print(f"fit epoch {ep + 1}/{epochs}: loss {tot / n:.4f}", flush=True)
+
+
+def _to_pixels(g: torch.Tensor, h: int, w: int, align_corners: bool):
+    """Normalised ``(x, y)`` -> pixel coordinates (column, row) as ``grid_sample`` reads them."""
+    if align_corners:
+        return (g[..., 0] + 1) / 2 * (w - 1), (g[..., 1] + 1) / 2 * (h - 1)
+    return ((g[..., 0] + 1) * w - 1) / 2, ((g[..., 1] + 1) * h - 1) / 2
+
+
+def plot_stn(model, x: torch.Tensor, out: str, mean=None, std=None, grid: int = 7, titles=None) -> Path:
+    """Write the PNG for inputs ``x [N, C, H, W]`` (normalised as the model expects); returns its path."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    stn = model.stn
+    model.eval()
+    with torch.no_grad():
+        views = model.rectify(x)
+        theta = stn._theta.detach()  # [N*K, ...]
+        lattice = stn.family.grid(theta, (grid, grid), stn.align_corners)  # [N*K, g, g, 2]
+        edge = stn.family.grid(theta, (64, 64), stn.align_corners)
+    k = stn.num_transforms
+    if k == 1:
+        views = views[:, None]
+    n, c, h, w = x.shape
+
+    def show(img):
+        img = img.float()
+        if mean is not None:
+            img = img * std + mean
+        img = img.permute(1, 2, 0).clamp(0, 1).numpy()
+        return img[..., 0] if img.shape[-1] == 1 else img
+
+    fig, axes = plt.subplots(n, 1 + k, figsize=(1.8 * (1 + k), 1.8 * n), squeeze=False)
+    colors = ['tab:red', 'tab:cyan', 'tab:orange', 'tab:green']
+    for i in range(n):
+        ax = axes[i, 0]
+        ax.imshow(show(x[i]), cmap='gray', vmin=0, vmax=1)
+        for j in range(k):
+            gx, gy = _to_pixels(lattice[i * k + j], h, w, stn.align_corners)
+            for r in range(grid):
+                ax.plot(gx[r].numpy(), gy[r].numpy(), color=colors[j % 4], lw=0.5, alpha=0.7)
+                ax.plot(gx[:, r].numpy(), gy[:, r].numpy(), color=colors[j % 4], lw=0.5, alpha=0.7)
+            ex, ey = _to_pixels(edge[i * k + j], h, w, stn.align_corners)
+            bx = torch.cat((ex[0], ex[:, -1], ex[-1].flip(0), ex[:, 0].flip(0)))
+            by = torch.cat((ey[0], ey[:, -1], ey[-1].flip(0), ey[:, 0].flip(0)))
+            ax.plot(bx.numpy(), by.numpy(), color=colors[j % 4], lw=1.2)
+        ax.set_xlim(-0.5, w - 0.5)
+        ax.set_ylim(h - 0.5, -0.5)
+        ax.axis('off')
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=7)
+        for j in range(k):
+            axes[i, 1 + j].imshow(show(views[i, j]), cmap='gray', vmin=0, vmax=1)
+            axes[i, 1 + j].axis('off')
+    axes[0, 0].set_title(('input + grid' if titles is None else titles[0]), fontsize=7)
+    for j in range(k):
+        axes[0, 1 + j].set_title(f'rectified{"" if k == 1 else f" {j + 1}"}', fontsize=7)
+    fig.suptitle(f"{stn.family.name} spatial transformer", fontsize=8)
+    fig.tight_layout()
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run(args) -> int:
+    import timm
+
+    import gequiv_timm  # noqa: F401  (registers the models)
+    torch.manual_seed(args.seed)
+    try:
+        model = timm.create_model(args.model, pretrained=False)
+    except RuntimeError as e:
+        print(f"stn-viz: cannot create {args.model!r}: {e}")
+        return 2
+    if not hasattr(model, 'stn') or not hasattr(model, 'rectify'):
+        print(f"stn-viz: {args.model!r} has no spatial transformer; use one of "
+              f"{timm.list_models('gequiv_stn*')}")
+        return 2
+    if args.checkpoint:
+        from .hub import load_weights
+        load_weights(model, args.checkpoint, architecture=args.model)
+    if args.fit_epochs > 0:
+        xt, yt, _, _ = _images(model, args.protocol, args.seed, 'train')
+        _fit(model, xt, yt, args.fit_epochs, args.seed)
+    x, y, mean, std = _images(model, args.protocol, args.seed, 'test')
+    g = torch.Generator().manual_seed(args.seed)
+    idx = torch.randperm(len(x), generator=g)[:args.num]
+    x, y = x[idx], y[idx]
+    with torch.no_grad():
+        model.eval()
+        pred = model(x).argmax(1)
+    titles = [f"label {int(a)} / pred {int(b)}" for a, b in zip(y, pred)]
+    path = plot_stn(model, x, args.out, mean[0], std[0], grid=args.grid, titles=titles)
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv: Optional[list] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
