@@ -450,65 +450,124 @@ class ConvectionM2(M2EquivariantMixin, nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # morphological convolution (no unfold)
 # ----------------------------------------------------------------------------------------------------------------
-def _segments(d: int, orientations: int):
-    """Output orientation blocks ``(o0, o1, src0)``: output ``o`` reads input ``(o + d) mod Or``."""
-    dm = d % orientations
-    if dm == 0:
-        return [(0, orientations, 0)]
-    return [(0, orientations - dm, dm), (orientations - dm, orientations, 0)]
+_CANDIDATE_BUDGET = 1 << 21  # candidate values per block (8 MiB in float32), or the output's size if larger
 
 
-def _offsets(x_shape, k_shape):
-    """Yield ``(flat, a, i, j, out_slices, in_slices)`` for every kernel offset that touches the domain."""
-    _, _, orientations, h, w = x_shape
-    ko, kh, kw = k_shape
-    ro, rh, rw = ko // 2, kh // 2, kw // 2
-    for a in range(ko):
-        for (o0, o1, s0) in _segments(a - ro, orientations):
-            for i in range(kh):
-                dy = i - rh
-                r0, r1 = max(0, -dy), min(h, h - dy)
-                if r1 <= r0:
-                    continue
-                for j in range(kw):
-                    dx = j - rw
-                    c0, c1 = max(0, -dx), min(w, w - dx)
-                    if c1 <= c0:
-                        continue
-                    out_sl = (slice(None), slice(None), slice(o0, o1), slice(r0, r1), slice(c0, c1))
-                    in_sl = (slice(None), slice(None), slice(s0, s0 + o1 - o0), slice(r0 + dy, r1 + dy),
-                             slice(c0 + dx, c1 + dx))
-                    yield (a * kh + i) * kw + j, a, i, j, (o0, o1), out_sl, in_sl
+def _morph_blocks(b: int, c: int, per_channel: int, n_off: int, budget: int):
+    """``(b0, b1, c0, c1)`` blocks whose candidates (``n_off`` per padded output element) fit in ``budget``."""
+    per_block = max(1, budget // n_off)
+    if c * per_channel <= per_block:
+        nb = max(1, per_block // (c * per_channel))
+        return [(b0, min(b, b0 + nb), 0, c) for b0 in range(0, b, nb)]
+    nc = max(1, per_block // per_channel)
+    return [(b0, b0 + 1, c0, min(c, c0 + nc)) for b0 in range(b) for c0 in range(0, c, nc)]
 
 
 def _morph_forward(x: torch.Tensor, kernel: torch.Tensor, erosion: bool, need_index: bool):
+    """Max-plus (min-plus) convolution block by block, with every kernel offset as a *constant flat shift*.
+
+    Each block of the input is copied once into a padded buffer ``[b, c, (Or + 2 rOr) * Hp * Wp + tail]``
+    (orientations padded periodically, the plane with -inf / +inf), so that the candidate of offset ``(a, i, j)``
+    is the slice starting at ``a*Hp*Wp + i*Wp + j``. All offsets together are then one strided *view*
+    ``[kOr, kH, kW, b, c, Or, Hp*Wp]`` of that buffer; one subtraction of the kernel writes the block's candidates
+    and one ``amax`` over the offsets reduces them (both vectorised). The arg-max, when autograd needs it, is
+    found without index reductions (slow on CPUs): the candidates equal to the max are weighted by
+    ``K - offset`` and reduced with ``amax`` again, which picks the lowest winning offset. The valid ``H x W``
+    part of the padded grid is copied out. Memory: the output, its ``uint8`` index, and one block's candidates
+    (at most ``max(output size, _CANDIDATE_BUDGET)`` values) -- never the whole unfold.
+    """
     b, c, orientations, h, w = x.shape
     ko, kh, kw = kernel.shape[-3:]
+    ro, rh, rw = ko // 2, kh // 2, kw // 2
+    hp, wp = h + 2 * rh, w + 2 * rw
+    plane = hp * wp
     n_off = ko * kh * kw
-    center = ((ko // 2) * kh + kh // 2) * kw + kw // 2
-    kc = kernel[:, :, ko // 2, kh // 2, kw // 2].view(1, c, orientations, 1, 1)
-    out = x + kc if erosion else x - kc  # the centre offset always lies in the domain
-    idx = mask = None
-    if need_index:
-        idx = torch.full(x.shape, center, dtype=torch.uint8 if n_off <= 256 else torch.int16, device=x.device)
-        mask = torch.empty(x.shape, dtype=torch.bool, device=x.device)
-    scratch = torch.empty_like(out)
-    combine = torch.add if erosion else torch.sub
-    better = torch.lt if erosion else torch.gt
-    reduce = torch.minimum if erosion else torch.maximum
-    for flat, a, i, j, (o0, o1), out_sl, in_sl in _offsets(x.shape, (ko, kh, kw)):
-        if flat == center:
-            continue
-        kv = kernel[:, o0:o1, a, i, j].view(1, c, o1 - o0, 1, 1)
-        cand = scratch[out_sl]
-        combine(x[in_sl], kv, out=cand)
-        dst = out[out_sl]
+    length = (orientations + 2 * ro) * plane + 2 * rh * wp + 2 * rw  # + tail so that every shift fits
+    fill = float('inf') if erosion else float('-inf')
+    kb_all = kernel.permute(2, 3, 4, 0, 1).reshape(ko, kh, kw, 1, c, orientations, 1)
+    out = torch.empty_like(x)
+    idx = torch.empty(x.shape, dtype=torch.uint8 if n_off <= 256 else torch.int16,
+                      device=x.device) if need_index else None
+    weights = torch.arange(n_off, 0, -1, dtype=x.dtype, device=x.device).view(n_off, 1) if need_index else None
+    budget = max(_CANDIDATE_BUDGET, x.numel())
+    buf = None
+    for b0, b1, c0, c1 in _morph_blocks(b, c, orientations * plane, n_off, budget):
+        nb, nc = b1 - b0, c1 - c0
+        xp = torch.full((nb, nc, length), fill, dtype=x.dtype, device=x.device)
+        body = xp[:, :, :(orientations + 2 * ro) * plane].view(nb, nc, orientations + 2 * ro, hp, wp)
+        xb = x[b0:b1, c0:c1]
+        body[:, :, ro:ro + orientations, rh:rh + h, rw:rw + w] = xb
+        if ro:
+            body[:, :, :ro, rh:rh + h, rw:rw + w] = xb[:, :, orientations - ro:]
+            body[:, :, ro + orientations:, rh:rh + h, rw:rw + w] = xb[:, :, :ro]
+        windows = xp.as_strided((ko, kh, kw, nb, nc, orientations, plane),
+                                (plane, wp, 1, nc * length, length, plane, 1), xp.storage_offset())
+        if buf is None or buf.numel() < windows.numel():  # one buffer for all blocks (fresh pages are slow)
+            buf = torch.empty(windows.numel(), dtype=x.dtype, device=x.device)
+        cand = buf[:windows.numel()].view(windows.shape)  # contiguous: offsets outermost
+        (torch.add if erosion else torch.sub)(windows, kb_all[:, :, :, :, c0:c1], out=cand)
+        del xp, body, windows
+        cand = cand.view(n_off, -1)
+        best = cand.amin(dim=0) if erosion else cand.amax(dim=0)
+        m = nb * nc * orientations
+        out[b0:b1, c0:c1] = best.view(nb, nc, orientations, hp, wp)[..., :h, :w]
         if need_index:
-            m = mask[out_sl]
-            better(cand, dst, out=m)
-            idx[out_sl].masked_fill_(m, flat)
-        reduce(dst, cand, out=dst)
+            torch.eq(cand, best, out=cand)  # 1.0 where an offset attains the max
+            cand.mul_(weights)              # K - offset there, 0 elsewhere
+            first = cand.amax(dim=0)        # K - (lowest winning offset)
+            first = first.view(nb, nc, orientations, hp, wp)[..., :h, :w]
+            idx[b0:b1, c0:c1] = (n_off - first).clamp_(0, n_off - 1)  # (the clamp only matters for NaN input)
+        del cand, best, m
     return out, idx
+
+
+def _morph_backward(grad_out, idx, x_shape, k_shape, erosion, need_x, need_k):
+    """Route ``grad_out`` to the winning offsets with ``index_add_`` (one for the input, one for the kernel).
+
+    As in the forward pass, the input gradient is accumulated in the padded flat layout, where offset ``f`` is a
+    constant shift ``shift[f]`` (looked up with ``index_select``); the periodic orientation padding is then folded
+    back onto the orientations it copies and the plane padding is dropped.
+    """
+    b, c, orientations, h, w = x_shape
+    ko, kh, kw = k_shape[-3:]
+    ro, rh, rw = ko // 2, kh // 2, kw // 2
+    hp, wp = h + 2 * rh, w + 2 * rw
+    plane = hp * wp
+    n_off = ko * kh * kw
+    length = (orientations + 2 * ro) * plane + 2 * rh * wp + 2 * rw
+    dev = grad_out.device
+    flat = torch.arange(n_off, device=dev)
+    shift = (flat // (kh * kw)) * plane + ((flat // kw) % kh) * wp + flat % kw
+    q = (torch.arange(orientations, device=dev).view(-1, 1, 1) * plane
+         + torch.arange(h, device=dev).view(1, -1, 1) * wp + torch.arange(w, device=dev).view(1, 1, -1))
+    grad_x = torch.empty(x_shape, dtype=grad_out.dtype, device=dev) if need_x else None
+    grad_k = torch.zeros(c * orientations * n_off, dtype=grad_out.dtype, device=dev) if need_k else None
+    ck = (torch.arange(c * orientations, device=dev) * n_off).view(1, c, orientations, 1, 1)
+    per_block = max(1, max(_CANDIDATE_BUDGET, b * c * orientations * h * w) // 8)
+    for b0, b1, c0, c1 in _morph_blocks(b, c, orientations * plane, 1, per_block):
+        nb, nc = b1 - b0, c1 - c0
+        ib = idx[b0:b1, c0:c1].reshape(-1).long()
+        gb = grad_out[b0:b1, c0:c1].reshape(-1)
+        if need_x:
+            rows = (torch.arange(nb * nc, device=dev) * length).view(nb, nc, 1, 1, 1)
+            src = shift.index_select(0, ib).view(nb, nc, orientations, h, w) + (q + rows)
+            gp = torch.zeros(nb * nc * length, dtype=grad_out.dtype, device=dev)
+            gp.index_add_(0, src.view(-1), gb)
+            body = gp.view(nb, nc, length)[:, :, :(orientations + 2 * ro) * plane].view(
+                nb, nc, orientations + 2 * ro, hp, wp)[..., rh:rh + h, rw:rw + w]
+            gx = grad_x[b0:b1, c0:c1]
+            gx.copy_(body[:, :, ro:ro + orientations])
+            if ro:
+                gx[:, :, orientations - ro:] += body[:, :, :ro]
+                gx[:, :, :ro] += body[:, :, ro + orientations:]
+        if need_k:
+            key = (ck[:, c0:c1] + ib.view(nb, nc, orientations, h, w)).view(-1)
+            grad_k.index_add_(0, key, gb)
+    if need_k:
+        grad_k = grad_k.view(c, orientations, ko, kh, kw)
+        if not erosion:
+            grad_k = grad_k.neg_()
+    return grad_x, grad_k
 
 
 class _MorphConvM2(torch.autograd.Function):
@@ -526,21 +585,8 @@ class _MorphConvM2(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         (idx,) = ctx.saved_tensors
-        need_x, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x = torch.zeros(ctx.x_shape, dtype=grad_out.dtype, device=grad_out.device) if need_x else None
-        grad_k = torch.zeros(ctx.k_shape, dtype=grad_out.dtype, device=grad_out.device) if need_k else None
-        sign = 1.0 if ctx.erosion else -1.0
-        mask = torch.empty(idx.shape, dtype=torch.bool, device=idx.device)
-        g = torch.empty_like(grad_out)
-        for flat, a, i, j, (o0, o1), out_sl, in_sl in _offsets(ctx.x_shape, ctx.k_shape[-3:]):
-            m = mask[out_sl]
-            torch.eq(idx[out_sl], flat, out=m)
-            gm = g[out_sl]
-            torch.mul(grad_out[out_sl], m, out=gm)
-            if need_x:
-                grad_x[in_sl] += gm
-            if need_k:
-                grad_k[:, o0:o1, a, i, j] += sign * gm.sum(dim=(0, 3, 4))
+        grad_x, grad_k = _morph_backward(grad_out.contiguous(), idx, ctx.x_shape, ctx.k_shape, ctx.erosion,
+                                         ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return grad_x, grad_k, None
 
 
@@ -844,6 +890,8 @@ class PDEStem(M2EquivariantMixin, nn.Module):
 
     in_planar = True
     out_planar = True
+    first_conv = 'lift'  # the stem's own first layer (timm's ``first_conv`` metadata points at it once injected)
+    layout = 'planar'
 
     def __init__(self, in_chans: int = 3, out_chans: int = 64, stride: int = 4, width: int = 16,
                  orientations: int = 8, depth: int = 1, kernel_size: int = 5, pde_kernel_size: _KernelSize = (3, 5, 5),

@@ -1,0 +1,255 @@
+"""PDE-G-CNNs as timm models (Smets, Portegies, Bekkers & Duits, "PDE-based Group Equivariant Convolutional
+Neural Networks", JMIV 2022, arXiv:2001.09046), and the PDE stem for timm backbones.
+
+:class:`PDEGCNN` is ``lift -> [CDE layer]* -> max projection over orientations -> timm classifier head``: the
+image is lifted to M2 = R^2 x S^1 (``Or`` orientations) by a learned lifting convolution (LieTorch's
+``LiftM2Cartesian``), then each stage is a ``CDEPdeLayerM2`` (convection -> dilation -> erosion -> linear ->
+batch norm; no ReLU, no max pooling: the morphological PDEs are the non-linearity), optionally followed by a 2x2
+spatial max pool to save compute. ``forward_features`` is the max projection over orientations, a planar map
+that rotates with the input, so the globally pooled logits are invariant to 90-degree rotations (exactly, for
+``Or`` a multiple of 4 and maps that are even-sized where they are pooled, e.g. 28x28 digits).
+
+``gequiv_pde_<backbone>`` entries put a :class:`~gequiv_timm.layers.pde.PDEStem` in place of a timm backbone's
+stem through :func:`gequiv_timm.models.stems.inject_stem`; ``pretrained=True`` loads the *plain* backbone's
+checkpoint into every non-stem layer (the PDE stem starts from its initialisation).
+
+Catalog entries: ``registry/pde.toml``.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import ClassifierHead
+from timm.models import checkpoint_seq
+from timm.models._features import feature_take_indices
+
+from ..layers.pde import CDEPdeLayerM2, LiftM2Cartesian, MaxProjectM2, PDEStem
+from ._helpers import create_gequiv_model
+
+__all__ = ['PDEGCNN', 'PDEStage', 'PDELiftStage', 'PDEStem', 'create_pde_stem_model']
+
+
+def _pool_m2(x: torch.Tensor) -> torch.Tensor:
+    """2x2 spatial max pool of ``[B, C, Or, H, W]`` (every orientation separately)."""
+    return F.max_pool2d(x.flatten(1, 2), 2).unflatten(1, x.shape[1:3])
+
+
+class PDELiftStage(nn.Module):
+    """``LiftM2Cartesian -> BatchNorm3d [-> 2x2 max pool]``: planar image to M2."""
+
+    def __init__(self, in_chs: int, out_chs: int, orientations: int, kernel_size: int, padding: int, pool: bool):
+        super().__init__()
+        self.lift = LiftM2Cartesian(in_chs, out_chs, orientations, kernel_size, padding=padding)
+        self.bn = nn.BatchNorm3d(out_chs)
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(self.lift(x))
+        return _pool_m2(x) if self.pool else x
+
+
+class PDEStage(nn.Module):
+    """``CDEPdeLayerM2 [-> 2x2 max pool]`` on ``[B, C, Or, H, W]``."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size, alpha: float, iterations: int, pool: bool):
+        super().__init__()
+        self.cde = CDEPdeLayerM2(in_chs, out_chs, kernel_size, alpha, iterations)
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.cde(x)
+        return _pool_m2(x) if self.pool else x
+
+
+class PDEGCNN(nn.Module):
+    """PDE-G-CNN classifier: lift to M2, CDE layers, max projection over orientations, timm head.
+
+    Args:
+        widths: channels of the lifting layer followed by one entry per CDE layer.
+        orientations: ``Or`` (a multiple of 4 for exact 90-degree invariance).
+        lift_kernel_size: odd kernel of the lifting convolution. lift_padding: its padding (0 = valid).
+        kernel_size: odd ``k`` or ``(kOr, kH, kW)`` of the morphological (dilation / erosion) kernels.
+        alpha: the dilation/erosion exponent in ``(1/2, 1]``. iterations: C-D-E repetitions per layer.
+        pool_after: stage indices (0 = the lifting stage) followed by a 2x2 spatial max pool.
+        num_classes, in_chans, drop_rate, global_pool: as every timm model.
+
+    Shapes: input ``[B, in_chans, H, W]``; ``forward_features`` ``[B, widths[-1], H', W']`` (max over
+    orientations: rotates with the input); intermediates ``[B, C * Or, h, w]`` (folded, equivariant);
+    logits ``[B, num_classes]``.
+    """
+
+    def __init__(self, widths: Sequence[int] = (16, 16, 16, 16, 16, 16), orientations: int = 8,
+                 lift_kernel_size: int = 5, lift_padding: int = 0, kernel_size=(3, 3, 3), alpha: float = 0.65,
+                 iterations: int = 1, pool_after: Sequence[int] = (0, 3), num_classes: int = 10, in_chans: int = 1,
+                 drop_rate: float = 0., global_pool: str = 'avg'):
+        super().__init__()
+        if len(widths) < 1:
+            raise ValueError("PDEGCNN: widths must list the lifting width and then one width per CDE layer")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.orientations = orientations
+        self.lift_kernel_size = lift_kernel_size
+        self.lift_padding = lift_padding
+        self.pool_after = tuple(pool_after)
+        self.grad_checkpointing = False
+        stages: List[nn.Module] = [PDELiftStage(in_chans, widths[0], orientations, lift_kernel_size, lift_padding,
+                                                0 in self.pool_after)]
+        reduction = 2 if 0 in self.pool_after else 1
+        self.feature_info = [dict(num_chs=widths[0] * orientations, reduction=reduction, module='stages.0',
+                                  group=f'm2_{orientations}', layout='folded')]
+        for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:]), start=1):
+            pool = i in self.pool_after
+            stages.append(PDEStage(cin, cout, kernel_size, alpha, iterations, pool))
+            reduction *= 2 if pool else 1
+            self.feature_info.append(dict(num_chs=cout * orientations, reduction=reduction, module=f'stages.{i}',
+                                          group=f'm2_{orientations}', layout='folded'))
+        self.stages = nn.Sequential(*stages)
+        self.project = MaxProjectM2()
+        self.num_features = self.head_hidden_size = widths[-1]
+        self.head = ClassifierHead(widths[-1], num_classes, pool_type=global_pool, drop_rate=drop_rate)
+
+    # ----- sizes ------------------------------------------------------------------------------------------
+    def _trace_size(self, size: int) -> Tuple[int, bool]:
+        size = size + 2 * self.lift_padding - self.lift_kernel_size + 1
+        exact = size >= 1
+        for i in range(len(self.stages)):
+            if size < 1:
+                return size, False
+            if i in self.pool_after:
+                exact &= size % 2 == 0
+                size //= 2
+        return size, exact and size >= 1
+
+    def min_input_size(self) -> int:
+        s = 1
+        while self._trace_size(s)[0] < 1:
+            s += 1
+        return s
+
+    def exact_input_sizes(self, h: int, w: int) -> bool:
+        """Whether 90-degree rotations of an ``h x w`` input give exactly invariant logits."""
+        return self._trace_size(h)[1] and self._trace_size(w)[1]
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"{type(self).__name__}: expected an image batch [B, {self.in_chans}, H, W], "
+                             f"got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"{type(self).__name__}: expected {self.in_chans} input channels, got {x.shape[1]}; "
+                             f"create the model with in_chans={x.shape[1]}")
+        m = self.min_input_size()
+        if min(x.shape[-2:]) < m:
+            raise ValueError(f"{type(self).__name__}: input {tuple(x.shape[-2:])} is too small; the stages need "
+                             f"at least {m}x{m}")
+
+    # ----- timm API -------------------------------------------------------------------------------------
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        return dict(stem=r'^stages\.0\.', blocks=r'^stages\.(\d+)')
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        """The PDE coefficients (convection ``g0``, metric ``metric_params``) are geometric quantities: decaying
+        them towards zero would pull every convection to the identity and every metric to a flat kernel."""
+        return {n for n, _ in self.named_parameters() if n.endswith('.g0') or n.endswith('.metric_params')}
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        self.num_classes = num_classes
+        self.head.reset(num_classes, pool_type=global_pool)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
+                              intermediates_only: bool = False):
+        """Stage outputs folded to ``[B, C*Or, H, W]`` (equivariant), as timm's ``forward_intermediates``."""
+        if output_fmt != 'NCHW':
+            raise ValueError(f"{type(self).__name__}: output_fmt must be 'NCHW', got {output_fmt!r}")
+        self._check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        intermediates = []
+        stages = self.stages if not stop_early else self.stages[:max_index + 1]
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                intermediates.append(x.flatten(1, 2))
+        if intermediates_only:
+            return intermediates
+        if len(stages) == len(self.stages):
+            x = self.project(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True):
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.stages, x)
+        else:
+            x = self.stages(x)
+        return self.project(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PDE stem on a timm backbone
+# ----------------------------------------------------------------------------------------------------------------
+def _stem_geometry(model: nn.Module, info) -> Tuple[int, int, int]:
+    """``(in_chs, out_chs, stride)`` of the deepest point of the original stem (e.g. after ResNet's maxpool)."""
+    end_shape = info.segment_ends()[-1][1]
+    return info.in_chs, int(end_shape[1]), info.probe_shape[-1] // int(end_shape[-1])
+
+
+def create_pde_stem_model(backbone: str, stem_width: int = 16, stem_orientations: int = 8, stem_depth: int = 1,
+                          stem_kernel_size: int = 5, stem_pde_kernel_size=(3, 3, 3), stem_alpha: float = 0.65,
+                          **kwargs) -> nn.Module:
+    """``timm.create_model(backbone, **kwargs)`` with its stem (first conv and the norm / act / pool after it)
+    replaced by a :class:`PDEStem` of the same output channels and stride, via ``inject_stem``."""
+    import timm
+    from .stems import find_stem, inject_stem
+    model = timm.create_model(backbone, pretrained=False, **kwargs)
+    info = find_stem(model)
+    in_chs, out_chs, stride = _stem_geometry(model, info)
+    stem = PDEStem(in_chs, out_chs, stride=stride, width=stem_width, orientations=stem_orientations,
+                   depth=stem_depth, kernel_size=stem_kernel_size, pde_kernel_size=stem_pde_kernel_size,
+                   alpha=stem_alpha)
+    return inject_stem(model, stem, info=info)
+
+
+def _create(variant: str, pretrained: bool = False, *, backbone: Optional[str] = None, **kwargs) -> nn.Module:
+    """Build a catalog entry (``registry/pde.toml``): a :class:`PDEGCNN`, or with ``backbone`` a timm backbone
+    with a :class:`PDEStem` (``pretrained=True`` then loads the plain backbone's checkpoint into the non-stem
+    layers)."""
+    if backbone is None:
+        return create_gequiv_model(PDEGCNN, variant, pretrained, first_conv='stages.0.lift', **kwargs)
+    from .stems import _pretrained_filter
+    stem_keys = ('stem_width', 'stem_orientations', 'stem_depth', 'stem_kernel_size', 'stem_pde_kernel_size',
+                 'stem_alpha')
+    stem_args: Dict[str, Any] = {k: kwargs.pop(k) for k in stem_keys if k in kwargs}
+    if 'stem_pde_kernel_size' in stem_args and isinstance(stem_args['stem_pde_kernel_size'], list):
+        stem_args['stem_pde_kernel_size'] = tuple(stem_args['stem_pde_kernel_size'])
+    builder = partial(create_pde_stem_model, backbone, **stem_args)
+    return create_gequiv_model(builder, variant, pretrained,
+                               pretrained_filter_fn=partial(_pretrained_filter, warm_start=False), **kwargs)
