@@ -158,3 +158,40 @@ def test_landmarks_keypoint_task_with_a_classifier_head():
     with pytest.raises(ValueError, match='num_classes=10'):
         T.train(timm.create_model('gequiv_p4cnn', widths=[4, 4, 4], num_classes=3), data,
                 T.TrainConfig(epochs=1, batch_size=16, progress=False))
+
+
+FAKE_TIMM_TRAIN = '''
+import argparse, json, sys
+import timm, torch
+from timm.data import resolve_data_config
+p = argparse.ArgumentParser()
+p.add_argument('data_dir')
+p.add_argument('--model', default='resnet50')
+p.add_argument('--in-chans', type=int, default=None)
+p.add_argument('--num-classes', type=int, default=None)
+args = p.parse_args()
+model = timm.create_model(args.model, in_chans=args.in_chans, num_classes=args.num_classes)
+cfg = resolve_data_config(model=model)
+out = model(torch.randn(2, *cfg['input_size']))
+print(json.dumps({'name': __name__, 'argv0': sys.argv[0], 'data_dir': args.data_dir, 'out': list(out.shape),
+                  'registered': 'gequiv_timm' in sys.modules}))
+sys.exit(3 if args.data_dir == 'fail' else 0)
+'''
+
+
+def test_timm_train_wrapper_registers_models_and_forwards_arguments(tmp_path):
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / 'train.py'
+    script.write_text(FAKE_TIMM_TRAIN)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS='1')
+    run = [sys.executable, '-m', 'gequiv_timm.timm_train']
+    p = subprocess.run(run + [str(script), 'digits', '--model', 'gequiv_p4cnn', '--in-chans', '1', '--num-classes',
+                              '3'], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rep = json.loads(p.stdout.strip().splitlines()[-1])
+    assert rep == {'name': '__main__', 'argv0': str(script), 'data_dir': 'digits', 'out': [2, 3], 'registered': True}
+    from gequiv_timm.timm_train import main as wrapper
+    assert wrapper([str(script), 'fail', '--model', 'gequiv_z2cnn']) == 3  # the script's own exit status
+    assert wrapper([]) == 2 and wrapper([str(tmp_path / 'missing.py')]) == 2
