@@ -106,6 +106,11 @@ def test_model_card_has_metrics_recipe_usage_citation_licence(exported):
     assert f"timm.create_model('{NAME}.{TAG}', pretrained=True)" in card
     assert '@inproceedings{cohen2016group' in card and 'Group Equivariant Convolutional Networks' in card
     assert '## Licence' in card and res.sha256 in card
+    # the front matter parses as the Hub's model-card metadata
+    from huggingface_hub import ModelCard
+    meta = ModelCard(card).data.to_dict()
+    assert meta['library_name'] == 'timm' and meta['license'] == 'apache-2.0'
+    assert meta['pipeline_tag'] == 'image-classification' and 'timm' in meta['tags']
 
 
 def test_card_usage_code_runs(exported):
