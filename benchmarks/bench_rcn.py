@@ -34,7 +34,7 @@ from gequiv_timm.layers.rcn import (
     DenoisingKeypointModel, argmax_keypoints, corrupt_keypoints, decode_heatmaps, heatmap_cross_entropy,
     joint_log_probs, keypoints_to_onehot,
 )
-from gequiv_timm.metrics import keypoint_metrics
+from gequiv_timm.metrics import keypoint_metrics, per_sample_nme
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 
@@ -164,6 +164,13 @@ def main(argv=None):
         f"{data.config}")
     rows = []
     rcn_logits = None
+    per_sample = {}
+    # reference: every keypoint at its mean training position (what a model that ignores the image can do)
+    tr = data.train
+    vis = tr.visible[..., None].float()
+    mean_kp = (tr.keypoints * vis).sum(0) / vis.sum(0).clamp_min(1)
+    trivial = score(mean_kp.expand_as(test.keypoints), test)
+    log(f"== trivial (mean training keypoint): {json.dumps(trivial)}")
     models = [m for m in MODELS if args.models is None or m[1] in args.models]
     for label, name in models:
         log(f"== {label}: {name}")
@@ -179,16 +186,36 @@ def main(argv=None):
         if model.head_type == 'regression':
             pred = out  # pixel coordinates
             row['metrics'] = {'direct': score(pred, test)}
+            per_sample[name] = per_sample_nme(pred, test.keypoints, test.norm, test.visible)
         else:
             row['metrics'] = {}
             for method, window in (('argmax', None), ('soft_argmax', 5)):
                 pred, _ = decode_heatmaps(out, method, 1, window)
                 row['metrics'][method] = score(pred, test)
+                if method == 'soft_argmax':
+                    per_sample[name] = per_sample_nme(pred, test.keypoints, test.norm, test.visible)
             if model.head_type == 'rcn':
                 rcn_logits = out
         log(f"  -> {json.dumps(row['metrics'])}  params {n_params:,} (head {n_head:,}), "
             f"{row['step_s_median']:.2f}s/step")
         rows.append(row)
+
+    # paired bootstrap of the NME difference between heads (same test digits), 95% interval
+    paired = []
+    names = [n for _, n in models if n in per_sample]
+    gen = torch.Generator().manual_seed(args.seed)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            d = per_sample[a] - per_sample[b]
+            d = d[~torch.isnan(d)]
+            idx = torch.randint(0, len(d), (2000, len(d)), generator=gen)
+            boots = d[idx].mean(1)
+            lo, hi = torch.quantile(boots, torch.tensor([0.025, 0.975], dtype=boots.dtype)).tolist()
+            paired.append(dict(a=a, b=b, nme_diff=float(d.mean()), ci95=[lo, hi],
+                               a_better_frac=float((d < 0).double().mean())))
+    for pr in paired:
+        log(f"  NME({pr['a']}) - NME({pr['b']}) = {100 * pr['nme_diff']:+.2f} pts, 95% CI "
+            f"[{100 * pr['ci95'][0]:+.2f}, {100 * pr['ci95'][1]:+.2f}]")
 
     # step time, measured side by side: rounds of one training step per model on the same batch, interleaved so
     # that the load of a shared machine falls on every model alike
@@ -248,7 +275,7 @@ def main(argv=None):
         weight_decay=args.weight_decay,
         warmup=args.warmup, threads=args.threads, data=dict(data.config, n_train=len(data.train), n_test=len(test)),
         torch=torch.__version__, timm=timm.__version__, python=platform.python_version(),
-        machine=platform.machine(), rows=rows, denoiser=joint, wall_s=time.perf_counter() - t0)
+        machine=platform.machine(), rows=rows, trivial=trivial, paired=paired, denoiser=joint, wall_s=time.perf_counter() - t0)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f'{args.out}.json').write_text(json.dumps(result, indent=2))
     (RESULTS / f'{args.out}.md').write_text(render_md(result))
@@ -282,9 +309,20 @@ def render_md(r):
                          f"{100 * m['failure_rate']:.1f} | {m['auc']:.3f} | {row['params'] / 1e6:.2f}M "
                          f"({row['head_params'] / 1e6:.2f}M) | {row['step_s_interleaved']:.2f} | "
                          f"{'%.2fx' % ratio if ratio else '-'} |")
+    t = r.get('trivial')
+    if t:
+        lines.append(f"| reference: every keypoint at its mean training position | - | {100 * t['nme']:.2f} | "
+                     f"{100 * t['failure_rate']:.1f} | {t['auc']:.3f} | 0 | - | - |")
     lines += ['', "Step time: median of one training step (forward + backward + AdamW, batch "
               f"{r['batch_size']}) over {r['timing_rounds']} interleaved rounds, one thread, on a machine shared "
               "with other jobs; the ratio to the single-scale head is the number to trust."]
+    if r.get('paired'):
+        lines += ['', 'Paired differences on the same test digits (soft-argmax decoding; bootstrap over digits, 2,000 '
+                  'resamples):', '', '| A | B | NME(A) - NME(B) (pts) | 95% CI | digits where A is closer |',
+                  '|---|---|---:|---:|---:|']
+        for pr in r['paired']:
+            lines.append(f"| `{pr['a']}` | `{pr['b']}` | {100 * pr['nme_diff']:+.2f} | "
+                         f"[{100 * pr['ci95'][0]:+.2f}, {100 * pr['ci95'][1]:+.2f}] | {100 * pr['a_better_frac']:.0f}% |")
     d = r.get('denoiser')
     if d:
         lines += [
