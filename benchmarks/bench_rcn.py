@@ -23,16 +23,20 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 import timm
+import torch
 
 import gequiv_timm  # noqa: F401  (registers the models)
 from gequiv_timm.data.landmarks import mnist_landmarks
 from gequiv_timm.data.mnist import MNIST_MEAN, MNIST_STD
 from gequiv_timm.layers.rcn import (
-    DenoisingKeypointModel, argmax_keypoints, corrupt_keypoints, decode_heatmaps, heatmap_cross_entropy,
-    joint_log_probs, keypoints_to_onehot,
+    DenoisingKeypointModel,
+    argmax_keypoints,
+    corrupt_keypoints,
+    decode_heatmaps,
+    heatmap_cross_entropy,
+    joint_log_probs,
+    keypoints_to_onehot,
 )
 from gequiv_timm.metrics import keypoint_metrics, per_sample_nme
 

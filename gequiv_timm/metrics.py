@@ -22,7 +22,7 @@ Simpson's or the trapezoid rule and agree to the sampling step). Everything is a
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 

@@ -6,7 +6,12 @@ import torch
 
 from gequiv_timm.data import load_mnist
 from gequiv_timm.data.landmarks import (
-    INK_THRESHOLD, KEYPOINT_NAMES, digit_keypoints, ink_box_size, mnist_landmarks, place_digits,
+    INK_THRESHOLD,
+    KEYPOINT_NAMES,
+    digit_keypoints,
+    ink_box_size,
+    mnist_landmarks,
+    place_digits,
 )
 
 

@@ -6,10 +6,24 @@ import torch
 import torch.nn.functional as F
 
 from gequiv_timm.layers.rcn import (
-    CoordRegressionHead, DenoisingKeypointModel, JointKeypointModel, RCNPaperTrunk, RecombinatorHead,
-    SingleScaleHead, SumNetHead, Upsample2d, argmax_keypoints, corrupt_keypoints, decode_heatmaps,
-    heatmap_cross_entropy, joint_log_probs, keypoints_to_cells, keypoints_to_onehot, soft_argmax_keypoints,
-    spatial_log_softmax, spatial_softmax,
+    CoordRegressionHead,
+    DenoisingKeypointModel,
+    JointKeypointModel,
+    RCNPaperTrunk,
+    RecombinatorHead,
+    SingleScaleHead,
+    SumNetHead,
+    Upsample2d,
+    argmax_keypoints,
+    corrupt_keypoints,
+    decode_heatmaps,
+    heatmap_cross_entropy,
+    joint_log_probs,
+    keypoints_to_cells,
+    keypoints_to_onehot,
+    soft_argmax_keypoints,
+    spatial_log_softmax,
+    spatial_softmax,
 )
 
 

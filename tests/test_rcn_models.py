@@ -2,9 +2,8 @@
 import importlib.util
 
 import pytest
-import torch
-
 import timm
+import torch
 
 import gequiv_timm  # noqa: F401
 from gequiv_timm.layers.rcn import decode_heatmaps, heatmap_cross_entropy

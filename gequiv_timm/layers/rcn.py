@@ -164,7 +164,7 @@ def argmax_keypoints(logits: torch.Tensor, stride: int = 1) -> Tuple[torch.Tenso
     """
     _check_heatmaps(logits, 'argmax_keypoints')
     _check_stride(stride, 'argmax_keypoints')
-    h, w = logits.shape[-2:]
+    w = logits.shape[-1]
     p = logits.flatten(2).softmax(-1)
     conf, idx = p.max(-1)
     row, col = idx // w, idx % w

@@ -33,7 +33,12 @@ import torch.nn as nn
 from timm.models._features import feature_take_indices
 
 from ..layers.rcn import (
-    CoordRegressionHead, RCNPaperTrunk, RecombinatorHead, SingleScaleHead, SumNetHead, decode_heatmaps,
+    CoordRegressionHead,
+    RCNPaperTrunk,
+    RecombinatorHead,
+    SingleScaleHead,
+    SumNetHead,
+    decode_heatmaps,
     heatmap_cross_entropy,
 )
 from ._helpers import create_gequiv_model
