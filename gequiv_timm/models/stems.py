@@ -49,7 +49,7 @@ from ..layers.gconv import (
     GroupAvgPool2d, GroupBatchNorm, GroupConv2d, GroupMaxPool2d, GroupPool, fold_group, unfold_group,
 )
 from ..layers.groups import get_group
-from ._helpers import create_gequiv_model
+from ._helpers import adapt_input_conv_nd, create_gequiv_model
 
 __all__ = ['StemError', 'StemInfo', 'EquivariantStem', 'find_stem', 'inject_stem', 'inject_equivariant_stem',
            'adapt_backbone_state_dict', 'load_backbone_checkpoint', 'get_stem', 'stem_output']
@@ -134,6 +134,9 @@ def find_stem(model: nn.Module, first_conv: Optional[str] = None) -> StemInfo:
     the model has no single first conv, when it is not a plain ``nn.Conv2d``, or when it is not on the forward path.
     """
     name = _model_name(model)
+    if getattr(model, '_gequiv_stem', None):
+        raise StemError(f"{name}: its stem was already replaced ({model._gequiv_stem['path']}); create a fresh model "
+                        f"to inject another stem")
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     if first_conv is None:
         first_conv = cfg.get('first_conv')
@@ -258,9 +261,6 @@ def inject_stem(model: nn.Module, stem_module: nn.Module, *, first_conv: Optiona
     Raises :class:`StemError` when the stem cannot be found or ``stem_module``'s output matches no point of the
     stem (message lists the shapes it could have produced).
     """
-    if getattr(model, '_gequiv_stem', None):
-        raise StemError(f"{_model_name(model)}: its stem was already replaced ({model._gequiv_stem['path']}); "
-                        f"create a fresh model to inject another stem")
     info = info or find_stem(model, first_conv)
     conv = model.get_submodule(info.first_conv)
     probe = torch.zeros(*info.probe_shape, device=conv.weight.device, dtype=conv.weight.dtype)
@@ -554,8 +554,7 @@ def adapt_backbone_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Mod
     if warm_start and conv_key in state_dict and hasattr(stem, 'init_from_conv'):
         w = state_dict[conv_key]
         if w.dim() == 4 and w.shape[1] != rec['in_chs']:
-            from timm.layers import adapt_input_conv
-            w = adapt_input_conv(rec['in_chs'], w)
+            w = adapt_input_conv_nd(rec['in_chs'], w)
         if stem.lift.weight.device.type != 'meta':
             stem.init_from_conv(w)
             own = model.state_dict()
