@@ -645,24 +645,25 @@ class TPSTransform(TransformFamily):
         super().__init__()
         _check_bound('max_offset', max_offset, type(self).__name__)
         self.grid_size = _size2(grid_size, 'grid_size')
-        self.register_buffer('ctrl', tps_control_points(self.grid_size), persistent=False)
-        self.num_points = self.ctrl.shape[0]
+        self.num_points = self.grid_size[0] * self.grid_size[1]
         self.num_params = 2 * self.num_points
         self.max_offset = max_offset
         self._cache: Dict[tuple, torch.Tensor] = {}
 
-    def _apply(self, fn, *args, **kwargs):
-        self._cache = {}
-        return super()._apply(fn, *args, **kwargs)
+    @property
+    def ctrl(self) -> torch.Tensor:
+        """The control points at rest ``[N, 2]`` (recomputed, never stored: nothing to go stale on a device move
+        or a meta-device build)."""
+        return tps_control_points(self.grid_size)
 
     def to_theta(self, params: torch.Tensor) -> torch.Tensor:
         self._check_params(params)
         off = _bounded(params, self.max_offset).view(-1, self.num_points, 2)
-        return self.ctrl.to(params.dtype) + off
+        return tps_control_points(self.grid_size, params.dtype, params.device) + off
 
     def solve_matrix(self, size: SizeLike, align_corners: bool, device=None) -> torch.Tensor:
         h, w = _size2(size)
-        device = self.ctrl.device if device is None else torch.device(device)
+        device = torch.device('cpu') if device is None else torch.device(device)
         key = (h, w, bool(align_corners), str(device))
         m = self._cache.get(key)
         if m is None:  # solved on the CPU in float64 from the rest positions (also for meta / accelerators)
@@ -680,7 +681,7 @@ class TPSTransform(TransformFamily):
         return torch.matmul(m.to(theta.dtype), theta).view(-1, h, w, 2)
 
     def probe_points(self, dtype=torch.float32, device=None) -> torch.Tensor:
-        return self.ctrl.to(dtype=dtype, device=device)
+        return tps_control_points(self.grid_size, dtype, device)
 
     def map_probes(self, theta: torch.Tensor) -> torch.Tensor:
         return theta  # the spline interpolates: control points map exactly to the source points
