@@ -799,6 +799,8 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig, dist: Optiona
         from pathlib import Path
         where = ckpt.latest() if cfg.resume == 'auto' and ckpt is not None else (
             Path(cfg.resume) if cfg.resume != 'auto' else None)
+        if where is not None and cfg.resume != 'auto' and (Path(where) / 'latest').exists():
+            where = CheckpointManager(where).latest() or where  # a checkpoint folder's root: its newest one
         if cfg.resume == 'auto' and ckpt is None:
             raise ValueError("resume='auto' needs a checkpoint_dir to look in")
         if where is not None and cfg.resume != 'auto' and not (Path(where) / 'state.safetensors').exists():
@@ -1088,6 +1090,9 @@ def _run(args, model_kwargs, dist, json, shlex, sys, timm) -> int:
     data = load_data(args.data, seed=args.seed, data_config=data_config, augment=not args.no_aug,
                      hflip=args.hflip, limit_train=args.limit_train, limit_eval=args.limit_eval)
     num_classes = args.num_classes or data.num_classes
+    if data.task == 'keypoints' and not args.num_classes and pcfg is not None and \
+            getattr(pcfg, 'num_classes', None) == data.num_keypoints:
+        num_classes = data.num_keypoints  # a keypoint model: one heatmap (or point) per keypoint
     in_chans = data.in_chans
     kw = dict(model_kwargs)
     kw.setdefault('in_chans', in_chans)

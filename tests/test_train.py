@@ -146,7 +146,7 @@ def test_distorted_mnist_rts(capsys):
 
 
 @pytest.mark.skipif(importlib.util.find_spec('gequiv_timm.data.landmarks') is None, reason='no MNIST landmarks')
-def test_landmarks_keypoint_task_with_a_classifier_head():
+def test_landmarks_keypoint_task_with_a_classifier_head_and_a_heatmap_model():
     data = T.load_data('landmarks', limit_train=32, limit_eval=16)
     assert data.task == 'keypoints' and data.num_keypoints == 5
     torch.manual_seed(0)
@@ -155,6 +155,9 @@ def test_landmarks_keypoint_task_with_a_classifier_head():
     res = T.train(model, data, T.TrainConfig(epochs=4, batch_size=16, lr=1e-2, progress=False))
     assert set(res.eval) == {'nme', 'loss', 'n'} and res.eval['n'] == 16
     assert res.eval['loss'] < before['loss']
+    # a heatmap keypoint model through the CLI: one map per keypoint, spatial-softmax loss, NME reported
+    assert main(['train', 'gequiv_rcn_paper', '--data', 'landmarks', '--max-steps', '1', '--limit-train', '8',
+                 '--limit-eval', '8', '--batch-size', '8', '--threads', '1', '--no-progress']) == 0
     with pytest.raises(ValueError, match='num_classes=10'):
         T.train(timm.create_model('gequiv_p4cnn', widths=[4, 4, 4], num_classes=3), data,
                 T.TrainConfig(epochs=1, batch_size=16, progress=False))
