@@ -114,6 +114,7 @@ def plot_stn(model, x: torch.Tensor, out: str, mean=None, std=None, grid: int = 
     for i in range(n):
         ax = axes[i, 0]
         ax.imshow(show(x[i]), cmap='gray', vmin=0, vmax=1)
+        lo_x, hi_x, lo_y, hi_y = -0.5, w - 0.5, -0.5, h - 0.5
         for j in range(k):
             gx, gy = _to_pixels(lattice[i * k + j], h, w, stn.align_corners)
             for r in range(grid):
@@ -123,8 +124,11 @@ def plot_stn(model, x: torch.Tensor, out: str, mean=None, std=None, grid: int = 
             bx = torch.cat((ex[0], ex[:, -1], ex[-1].flip(0), ex[:, 0].flip(0)))
             by = torch.cat((ey[0], ey[:, -1], ey[-1].flip(0), ey[:, 0].flip(0)))
             ax.plot(bx.numpy(), by.numpy(), color=colors[j % 4], lw=1.2)
-        ax.set_xlim(-0.5, w - 0.5)
-        ax.set_ylim(h - 0.5, -0.5)
+            # show the whole sampled region, also where it leaves the input (padding is read there)
+            lo_x, hi_x = min(lo_x, bx.min().item() - 0.5), max(hi_x, bx.max().item() + 0.5)
+            lo_y, hi_y = min(lo_y, by.min().item() - 0.5), max(hi_y, by.max().item() + 0.5)
+        ax.set_xlim(max(lo_x, -w), min(hi_x, 2 * w))
+        ax.set_ylim(min(hi_y, 2 * h), max(lo_y, -h))
         ax.axis('off')
         if titles is not None:
             ax.set_title(titles[i], fontsize=7)
