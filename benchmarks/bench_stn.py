@@ -16,7 +16,7 @@ decay 1e-4), same number of epochs; the ST-CNN's transformer learns at ``--loc-l
 run), and the STN's share of the ST-CNN step time ``1 - t_CNN / t_ST-CNN`` — from the training loop itself and from an
 interleaved micro-benchmark of single steps (``_timing.interleaved``). One thread (``torch.set_num_threads(1)``).
 
-Run: nice -n 10 .venv/bin/python benchmarks/bench_stn.py [--epochs 6] [--seed 0] [--loc-lr-mult 0.1]
+Run: nice -n 10 .venv/bin/python benchmarks/bench_stn.py [--epochs 6] [--seed 0] [--loc-lr-mult 1.0]
      [--out benchmarks/results/stn_rts]   (writes stn_rts.md and stn_rts.json)
 """
 from __future__ import annotations
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     p.add_argument('--epochs', type=int, default=6)
     p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--lr', type=float, default=3e-3)
-    p.add_argument('--loc-lr-mult', type=float, default=0.1)
+    p.add_argument('--loc-lr-mult', type=float, default=1.0)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', default='benchmarks/results/stn_rts')
     p.add_argument('--report-only', action='store_true', help='rewrite OUT.md from OUT.json and exit')
