@@ -489,3 +489,55 @@ def test_channels_last_gives_the_same_results(name, train_mode):
 def test_module_to_channels_last():
     model = timm.create_model('gequiv_p4cnn', widths=[4, 4, 4])
     model.to(memory_format=torch.channels_last)
+
+
+# ----- every public layer that builds with its defaults: bad input is a ValueError / TypeError -----------------
+def _default_layers():
+    import importlib
+    import inspect
+    out = []
+    for modname in ('gequiv_timm.layers.gconv', 'gequiv_timm.layers.stn', 'gequiv_timm.layers.rcn',
+                    'gequiv_timm.layers.pde'):
+        try:
+            mod = importlib.import_module(modname)
+        except ImportError:
+            continue
+        for name in getattr(mod, '__all__', []):
+            cls = getattr(mod, name)
+            if not (inspect.isclass(cls) and issubclass(cls, torch.nn.Module)) or inspect.isabstract(cls):
+                continue
+            try:
+                sig = inspect.signature(cls)
+            except (TypeError, ValueError):
+                continue
+            if any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                   for p in sig.parameters.values()):
+                continue
+            if 'forward' not in cls.__dict__ and all('forward' not in b.__dict__ for b in cls.__mro__[1:-2]):
+                continue  # abstract families (no forward of their own)
+            out.append((modname.rsplit('.', 1)[1], name, cls))
+    return out
+
+
+# gaps in layers this test's author does not own (reported): no input check before torch computes
+LAYER_GAPS = {('stn', 'LocalisationCNN', 'rank'), ('stn', 'LocalisationCNN', 'dtype'),
+              ('rcn', 'RCNPaperTrunk', 'not_tensor'), ('pde', 'PDEStem', 'not_tensor')}
+
+
+def _layer_cases():
+    cases = []
+    for mod, name, cls in _default_layers():
+        for kind in ('rank', 'dtype', 'not_tensor'):
+            marks = [pytest.mark.xfail(strict=True, reason='no input check (reported to the owner)')] \
+                if (mod, name, kind) in LAYER_GAPS else []
+            cases.append(pytest.param(cls, kind, marks=marks, id=f'{mod}.{name}-{kind}'))
+    return cases
+
+
+@pytest.mark.parametrize('cls, kind', _layer_cases())
+def test_public_layers_reject_bad_input(cls, kind):
+    layer = cls()
+    x = {'rank': torch.randn(4, 4), 'dtype': torch.zeros(2, 1, 4, 8, 8, dtype=torch.long)
+         if 'Group' in cls.__name__ else torch.zeros(2, 1, 8, 8, dtype=torch.long), 'not_tensor': [[1.0]]}[kind]
+    with pytest.raises((ValueError, TypeError)):
+        layer(x)

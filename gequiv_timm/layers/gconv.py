@@ -407,6 +407,8 @@ class GroupBatchNorm(nn.BatchNorm3d):
         self.group = get_group(group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"GroupBatchNorm: expected a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 5 or x.shape[1] != self.num_features or x.shape[2] != self.group.order:
             raise ValueError(f"GroupBatchNorm: expected [B, C={self.num_features}, |G|={self.group.order}, H, W], "
                              f"got {tuple(x.shape)}")
@@ -431,6 +433,8 @@ class _GroupSpatialPool(EquivariantMixin, nn.Module):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{type(self).__name__}: expected a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 5 or x.shape[2] != self.in_group.order:
             raise ValueError(f"{type(self).__name__}: expected [B, C, |G|={self.in_group.order}, H, W], got "
                              f"{tuple(x.shape)}")
