@@ -61,7 +61,17 @@ def save_weights(model: torch.nn.Module, path, architecture: str, tag: str = '',
         meta[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata=meta)
+    _readable(path)
     return {'file': path.name, 'sha256': sha256_file(path), 'size': path.stat().st_size, 'metadata': meta}
+
+
+def _readable(path) -> None:
+    """safetensors writes files owner-only (0600); weights are meant to be shared (they ship in the wheel), so
+    give them the usual mode for a new file under the process umask (0644 under umask 022)."""
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def read_metadata(path) -> Dict[str, str]:

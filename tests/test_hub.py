@@ -67,6 +67,10 @@ def test_export_writes_timm_hub_layout(exported):
     # the weights are the given file, byte for byte (the manifest sha256 then names the Hub's bytes too)
     assert (out / 'model.safetensors').read_bytes() == path.read_bytes()
     assert res.sha256 == sha256_file(path)
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask, 'weights files must be readable by others (they ship)'
     with safe_open(str(out / 'model.safetensors'), 'pt') as f:
         meta = f.metadata()
     assert meta['architecture'] == NAME and meta['tag'] == TAG and meta['gequiv_timm_version']
