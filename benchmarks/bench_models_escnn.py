@@ -102,12 +102,12 @@ def main(argv=None):
                                                                               'activation_mib', 1),
             ('parameters', 'params', 1), ('MACs, batch 1', 'macs', 1)]
     lines = [f"# Models: `{args.ours}` vs `{args.theirs}` (torch {torch.__version__}, {args.threads} thread(s), "
-             f"medians of {args.repeats}+ interleaved rounds)", '',
+             f"medians of {args.repeats}+ rotated round-robin rounds)", '',
              '| measure | ours | escnn | ours / escnn |', '|---|---|---|---|']
     for label, key, scale in rows:
         a, b = res['ours'][key] * scale, res['escnn'][key] * scale
         fmt = (lambda v: f'{v:,.0f}') if key in ('params', 'macs') else (lambda v: f'{v:.3f}')
-        lines.append(f"| {label} | {fmt(a)} | {fmt(b)} | {a / b:.2f} |")
+        lines.append(f"| {label} | {fmt(a)} | {fmt(b)} | {a / b:.3g} |")
     lines.append('')
     lines.append(f"Latency is measured on the exported models (ours exported: {res['ours']['exported']}, escnn "
                  f"exported: {res['escnn']['exported']}).")

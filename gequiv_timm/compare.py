@@ -431,7 +431,7 @@ def _markdown(report: dict[str, Any]) -> str:
         f"Command: `{report['command']}`  ",
         f"Seeds {seeds}; budget {report['budget_epochs']} epochs of {report['train_digits']:,} train digits per model "
         f"and protocol (AdamW, lr "
-        f"{report['lr']}, cosine, batch {report['batch_size']}); {report['threads']} torch threads; "
+        f"{report['lr']}, cosine, batch {report['batch_size']}); {report['threads']} torch thread(s); "
         f"{report['wall_minutes']:.1f} min wall clock; {report['date']}.  ",
         f"torch {report['versions']['torch']}, timm {report['versions']['timm']}, escnn "
         f"{report['versions'].get('escnn', '-')}; {report['machine']}.",
