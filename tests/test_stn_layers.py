@@ -372,4 +372,11 @@ def test_localisation_input_resize_and_custom_loc_net():
     stn3 = SpatialTransformer(1, 'affine', loc_net=net, loc_features=7, loc_input_size=8)
     with pytest.raises(ValueError, match=r'returned \(2, 5\)'):
         stn3(x)
-    assert LocalisationCNN(3, (8, 8), hidden=12)(torch.rand(1, 3, 9, 11)).shape == (1, 12)
+    loc = LocalisationCNN(3, (8, 8), hidden=12)
+    assert loc(torch.rand(1, 3, 9, 11)).shape == (1, 12)
+    with pytest.raises(ValueError, match=r'\[B, C, H, W\]'):
+        loc(torch.rand(3, 9, 11))
+    with pytest.raises(ValueError, match='floating'):
+        loc(torch.zeros(1, 3, 9, 11, dtype=torch.long))
+    with pytest.raises(ValueError, match='3 input channels'):
+        loc(torch.rand(1, 1, 9, 11))

@@ -784,6 +784,10 @@ class LocalisationCNN(nn.Sequential):
         self.in_chans = in_chans
         self.num_features = hidden
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_image(x, type(self).__name__, self.in_chans)
+        return super().forward(x)
+
 
 class SpatialTransformer(nn.Module):
     """Spatial transformer: localisation net -> ``num_transforms`` transforms of one family -> warped outputs.
