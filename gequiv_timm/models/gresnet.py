@@ -1,0 +1,368 @@
+"""Full G-CNN families as timm models: p4m ResNets and p4 / p4m All-CNN-C (Cohen & Welling, ICML 2016).
+
+* :class:`GroupResNet` with the CIFAR layout (``gequiv_p4m_resnet44``: 3 stages of 7 basic blocks, 11/23/45
+  fields, so that its parameters match the planar 32/64/128 ResNet44 of the paper) and the ImageNet layout
+  (``gequiv_p4m_resnet18``: 4 stages of 2 basic blocks, 23/45/91/181 fields ~ 64/128/256/512 / sqrt(8)).
+* :class:`GroupAllCNN`: Springenberg et al.'s All-CNN-C on p4 (48/96 fields ~ 96/192 / 2) or p4m (34/68).
+
+Every network is a stack of group convolutions on ``[B, C, |G|, H, W]``; before the head the group axis is
+pooled, so ``forward_features`` is *invariant* (it rotates/flips with the input, spatially only) and the logits
+are invariant to the group. Feature maps handed out by ``forward_intermediates`` / ``features_only`` are 4-D,
+folded ``[B, C*|G|, H, W]`` (channel-major: channel ``c*|G| + g`` is field ``c`` at group element ``g``);
+``feature_info`` entries say so (``layout='folded'``, ``group=...``).
+
+Exactness, and one deliberate change from the papers: a stride-2 convolution on an even-sized map samples a grid
+that a 90-degree rotation about the centre does not map onto itself, so a network with stride-2 convs is only
+approximately invariant. Here every spatial reduction is a 2x2 average pool (max pool after the ImageNet stem)
+*before* a stride-1 convolution ("pool then conv": the same cost as the strided conv), which tiles the map
+symmetrically; invariance is then exact (float rounding) for inputs whose side is a multiple of the total
+reduction (4 for ResNet44 and All-CNN-C, 32 for ResNet18). Parameter counts are those of the strided versions.
+
+References: Cohen & Welling, "Group Equivariant Convolutional Networks", ICML 2016 (arXiv:1602.07576); He et al.,
+"Deep Residual Learning for Image Recognition", CVPR 2016; Springenberg et al., "Striving for Simplicity: The All
+Convolutional Net", ICLR 2015 workshop.
+
+Catalog entries: ``registry/gresnet.toml``.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import ClassifierHead, get_device_dtype, register_notrace_module
+from timm.models import checkpoint_seq
+from timm.models._features import feature_take_indices
+
+from ..layers.gconv import (
+    GroupAvgPool2d, GroupBatchNorm, GroupConv2d, GroupMaxPool2d, GroupPool, fold_group,
+)
+from ..layers.groups import get_group
+from ._helpers import create_gequiv_model
+
+__all__ = ['GroupResNet', 'GroupAllCNN', 'GroupBasicBlock', 'GroupConvBnAct']
+
+# The group layers check their input shapes in Python (clear errors), which torch.fx cannot trace through: tell
+# timm's FX feature extraction to treat them as leaves (the same mechanism timm uses for its own such layers).
+for _m in (GroupConv2d, GroupBatchNorm, GroupPool, GroupAvgPool2d, GroupMaxPool2d):
+    register_notrace_module(_m)
+
+
+class GroupConvBnAct(nn.Module):
+    """``[GroupAvgPool2d(2)] -> GroupConv2d -> GroupBatchNorm -> ReLU`` on ``[B, C, |G|, H, W]``."""
+
+    def __init__(self, in_chs: int, out_chs: int, group: str, kernel_size: int = 3, padding: Optional[int] = None,
+                 pool: bool = False, act: bool = True):
+        super().__init__()
+        g = get_group(group)
+        self.pool = GroupAvgPool2d(2, group=g) if pool else nn.Identity()
+        self.conv = GroupConv2d(in_chs, out_chs, kernel_size, g.name, g.name,
+                                padding=kernel_size // 2 if padding is None else padding, bias=False,
+                                planar_input=False)
+        self.bn = GroupBatchNorm(out_chs, g)
+        self.act = nn.ReLU(inplace=True) if act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(self.pool(x))))
+
+
+class GroupBasicBlock(nn.Module):
+    """Residual basic block on the group: ``x -> [pool] -> (conv3x3-GBN-ReLU-conv3x3-GBN) + shortcut -> ReLU``.
+
+    With ``downsample`` the 2x2 average pool is applied once to the block input (both branches read it); the
+    shortcut is a 1x1 group conv + GBN when the width changes, else the identity.
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, group: str, downsample: bool = False):
+        super().__init__()
+        g = get_group(group)
+        self.pool = GroupAvgPool2d(2, group=g) if downsample else nn.Identity()
+        self.conv1 = GroupConvBnAct(in_chs, out_chs, g.name)
+        self.conv2 = GroupConvBnAct(out_chs, out_chs, g.name, act=False)
+        if in_chs != out_chs:
+            self.shortcut = nn.Sequential(GroupConv2d(in_chs, out_chs, 1, g.name, g.name, bias=False,
+                                                      planar_input=False),
+                                          GroupBatchNorm(out_chs, g))
+        else:
+            self.shortcut = nn.Identity()
+        self.act = nn.ReLU(inplace=True)
+
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.conv2.bn.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(x)
+        return self.act(self.conv2(self.conv1(x)) + self.shortcut(x))
+
+
+class _Fold(nn.Module):
+    """``[B, C, |G|, H, W] -> [B, C*|G|, H, W]`` (stands in for the group pooling after pruning with prune_norm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fold_group(x)
+
+
+class _GroupNet(nn.Module):
+    """The timm API shared by the full G-CNNs: ``stem`` (may be empty) -> ``stages`` -> group pool -> head.
+
+    Subclasses set ``self.stem`` (planar -> group map), ``self.stages`` (``nn.Sequential`` of stages),
+    ``self.feature_info`` (one entry per tap; tap 0 is the stem when ``self.stem_tap``), ``self.num_features``.
+    """
+
+    stem_tap: bool = True
+
+    def _init_head(self, group_pool: str, num_classes: int, global_pool: str, drop_rate: float) -> None:
+        self.group_pool = GroupPool(self.group, group_pool)
+        self.head_hidden_size = self.num_features
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        return dict(stem=r'^stem', blocks=r'^stages\.(\d+)' if coarse else [
+            (r'^stages\.(\d+)\.(\d+)', None), (r'^stages\.(\d+)', (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return set()
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        self.num_classes = num_classes
+        self.head.reset(num_classes, pool_type=global_pool, **get_device_dtype(self))
+
+    def _taps(self) -> int:
+        return len(self.stages) + int(self.stem_tap)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
+                              intermediates_only: bool = False):
+        """Stem / stage outputs, folded to ``[B, C*|G|, H, W]`` (equivariant), as timm's ``forward_intermediates``.
+
+        The final output (when the last stage runs) is group-pooled like :meth:`forward_features`.
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f"{type(self).__name__}: output_fmt must be 'NCHW', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(self._taps(), indices)
+        intermediates = []
+        x = self.stem(x)
+        off = int(self.stem_tap)
+        if self.stem_tap and 0 in take_indices:
+            intermediates.append(fold_group(x))
+        last = len(self.stages) if not stop_early else max(0, max_index + 1 - off)
+        for i, stage in enumerate(self.stages[:last]):
+            x = stage(x)
+            if i + off in take_indices:
+                intermediates.append(fold_group(x))
+        if intermediates_only:
+            return intermediates
+        if last == len(self.stages):
+            x = self.group_pool(x)
+        else:
+            x = fold_group(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True):
+        """Drop the stages after the last tap in ``indices``.
+
+        The group pooling before the head plays the role of timm's final norm: with ``prune_norm=True`` it is
+        replaced by the fold, so ``forward_features`` returns the last tap itself (``[B, C*|G|, h, w]``);
+        otherwise it stays (``[B, C, h, w]``, invariant). ``num_features`` / ``head_hidden_size`` follow.
+        """
+        take_indices, max_index = feature_take_indices(self._taps(), indices)
+        keep = max(0, max_index + 1 - int(self.stem_tap))
+        self.stages = self.stages[:keep]
+        tap_chs = self.feature_info[max_index]['num_chs']
+        old_features = self.num_features
+        if prune_norm:
+            self.group_pool = _Fold()
+            self.num_features = tap_chs
+        else:
+            self.num_features = tap_chs // self.group.order
+        self.head_hidden_size = self.num_features
+        if prune_head:
+            self.num_classes = 0
+        if prune_head or self.num_features != old_features:
+            self.head.reset(self.num_classes, pool_type='' if prune_head else None, in_features=self.num_features,
+                            **get_device_dtype(self))
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.stages, x)
+        else:
+            x = self.stages(x)
+        return self.group_pool(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class _ImageNetStem(nn.Module):
+    """``2x2 avg pool -> lift k x k -> GBN -> ReLU`` (reduction 2): a stride-2 stem that stays exactly equivariant."""
+
+    def __init__(self, in_chs: int, out_chs: int, group: str, kernel_size: int = 7):
+        super().__init__()
+        g = get_group(group)
+        self.pool = nn.AvgPool2d(2)
+        self.conv = GroupConv2d(in_chs, out_chs, kernel_size, 'z2', g.name, padding=kernel_size // 2, bias=False)
+        self.bn = GroupBatchNorm(out_chs, g)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(self.pool(x))))
+
+
+class _CifarStem(nn.Module):
+    """``lift 3x3 -> GBN -> ReLU`` at full resolution."""
+
+    def __init__(self, in_chs: int, out_chs: int, group: str, kernel_size: int = 3):
+        super().__init__()
+        g = get_group(group)
+        self.conv = GroupConv2d(in_chs, out_chs, kernel_size, 'z2', g.name, padding=kernel_size // 2, bias=False)
+        self.bn = GroupBatchNorm(out_chs, g)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class GroupResNet(_GroupNet):
+    """ResNet of group basic blocks, invariant end to end (group pooling before the head).
+
+    Args:
+        group: ``'p4'`` or ``'p4m'``.
+        layers: blocks per stage (``(7, 7, 7)`` = ResNet44, ``(2, 2, 2, 2)`` = ResNet18).
+        widths: fields per stage.
+        stem_type: ``'cifar'`` (3x3 lift, full resolution) or ``'imagenet'`` (2x2 avg pool, 7x7 lift, 2x2 max pool:
+            reduction 4 before the first stage, as a ResNet's stride-2 conv + max pool).
+        stem_width: fields of the stem (default ``widths[0]``).
+        group_pool: ``'max'`` or ``'mean'`` over the group before the head.
+        zero_init_last: zero the last GBN scale of every block (the residual branch starts as zero).
+        num_classes, in_chans, drop_rate, global_pool, device, dtype: as every timm model.
+
+    Shapes: input ``[B, in_chans, H, W]``; ``forward_features`` ``[B, widths[-1], H/r, W/r]`` (invariant);
+    intermediates ``[B, C*|G|, h, w]``; logits ``[B, num_classes]``.
+    """
+
+    def __init__(self, group: str = 'p4m', layers: Sequence[int] = (7, 7, 7), widths: Sequence[int] = (11, 23, 45),
+                 stem_type: str = 'cifar', stem_width: Optional[int] = None, group_pool: str = 'max',
+                 zero_init_last: bool = True, num_classes: int = 10, in_chans: int = 3, drop_rate: float = 0.,
+                 global_pool: str = 'avg', device=None, dtype=None):
+        super().__init__()
+        if len(layers) != len(widths) or not layers:
+            raise ValueError(f"GroupResNet: layers {tuple(layers)} and widths {tuple(widths)} must be non-empty and "
+                             f"of the same length (one entry per stage)")
+        if stem_type not in ('cifar', 'imagenet'):
+            raise ValueError(f"GroupResNet: stem_type must be 'cifar' or 'imagenet', got {stem_type!r}")
+        self.group = get_group(group)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        g = self.group
+        stem_width = stem_width or widths[0]
+        self.feature_info = []
+        if stem_type == 'cifar':
+            self.stem = _CifarStem(in_chans, stem_width, g.name)
+            reduction = 1
+            self.feature_info.append(dict(num_chs=stem_width * g.order, reduction=1, module='stem', group=g.name,
+                                          layout='folded'))
+        else:
+            self.stem = nn.Sequential()
+            self.stem.add_module('conv', _ImageNetStem(in_chans, stem_width, g.name))
+            self.feature_info.append(dict(num_chs=stem_width * g.order, reduction=2, module='stem.conv',
+                                          group=g.name, layout='folded'))
+            self.stem.add_module('pool', GroupMaxPool2d(2, group=g))
+            reduction = 4
+        stages = []
+        prev = stem_width
+        for i, (n, w) in enumerate(zip(layers, widths)):
+            down = i > 0
+            reduction *= 2 if down else 1
+            blocks = [GroupBasicBlock(prev if j == 0 else w, w, g.name, downsample=down and j == 0) for j in range(n)]
+            stages.append(nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=w * g.order, reduction=reduction, module=f'stages.{i}',
+                                          group=g.name, layout='folded'))
+            prev = w
+        self.stages = nn.Sequential(*stages)
+        self.num_features = prev
+        self._init_head(group_pool, num_classes, global_pool, drop_rate)
+        if zero_init_last:
+            for m in self.modules():
+                if isinstance(m, GroupBasicBlock):
+                    m.zero_init_last()
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
+
+
+class GroupAllCNN(_GroupNet):
+    """All-CNN-C (Springenberg et al. 2015) on a group, invariant end to end.
+
+    Layers (``w1, w2`` = ``widths``): ``lift3x3(w1) conv3x3(w1) | pool conv3x3(w1) conv3x3(w2) conv3x3(w2) |
+    pool conv3x3(w2) conv3x3(w2, valid) conv1x1(w2)``, each followed by GBN + ReLU; then pooling over the group,
+    global average pooling and the linear classifier (the paper's final 1x1 conv to the classes + global average
+    pool, in the other order: both are linear). 32x32 input -> 6x6 features.
+
+    Args: group, widths, group_pool, num_classes, in_chans, drop_rate, global_pool, device, dtype.
+    """
+
+    stem_tap = False
+
+    def __init__(self, group: str = 'p4', widths: Sequence[int] = (48, 96), group_pool: str = 'max',
+                 num_classes: int = 10, in_chans: int = 3, drop_rate: float = 0., global_pool: str = 'avg',
+                 device=None, dtype=None):
+        super().__init__()
+        if len(widths) != 2:
+            raise ValueError(f"GroupAllCNN: widths must be (w1, w2), got {tuple(widths)}")
+        self.group = get_group(group)
+        g = self.group
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        w1, w2 = widths
+        self.stem = nn.Identity()
+        lift = GroupConv2d(in_chans, w1, 3, 'z2', g.name, padding=1, bias=False)
+        s0 = nn.Sequential(lift, GroupBatchNorm(w1, g), nn.ReLU(inplace=True), GroupConvBnAct(w1, w1, g.name))
+        s1 = nn.Sequential(GroupConvBnAct(w1, w1, g.name, pool=True), GroupConvBnAct(w1, w2, g.name),
+                           GroupConvBnAct(w2, w2, g.name))
+        s2 = nn.Sequential(GroupConvBnAct(w2, w2, g.name, pool=True), GroupConvBnAct(w2, w2, g.name, padding=0),
+                           GroupConvBnAct(w2, w2, g.name, kernel_size=1))
+        self.stages = nn.Sequential(s0, s1, s2)
+        self.feature_info = [dict(num_chs=w * g.order, reduction=r, module=f'stages.{i}', group=g.name,
+                                  layout='folded') for i, (w, r) in enumerate(((w1, 1), (w2, 2), (w2, 4)))]
+        self.num_features = w2
+        self._init_head(group_pool, num_classes, global_pool, drop_rate)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        return dict(stem=r'^stages\.0\.[0-2]\.', blocks=r'^stages\.(\d+)' if coarse else [
+            (r'^stages\.(\d+)\.(\d+)', None)])
+
+
+_CLASSES = {'GroupResNet': GroupResNet, 'GroupAllCNN': GroupAllCNN}
+
+
+def _create(variant: str, pretrained: bool = False, *, arch: str = 'GroupResNet', **kwargs):
+    if arch not in _CLASSES:
+        raise ValueError(f"{variant}: unknown arch {arch!r}; expected one of {sorted(_CLASSES)}")
+    cls = _CLASSES[arch]
+    n_taps = (len(kwargs.get('layers', (7, 7, 7))) + 1) if cls is GroupResNet else 3
+    first_conv = 'stem.conv' if cls is GroupResNet and kwargs.get('stem_type', 'cifar') == 'cifar' else (
+        'stem.conv.conv' if cls is GroupResNet else 'stages.0.0')
+    return create_gequiv_model(cls, variant, pretrained, first_conv=first_conv,
+                               feature_cfg=dict(out_indices=tuple(range(n_taps))), **kwargs)
