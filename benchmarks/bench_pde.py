@@ -59,8 +59,10 @@ def _rss_peak() -> int:
 
 
 def peak_extra_bytes(fn) -> int:
-    """Peak resident bytes above the level before ``fn`` (``/proc/self/clear_refs`` resets the high-water mark;
-    large tensors are mmap'ed by glibc, so what ``fn`` frees goes back to the OS and the peak is its own)."""
+    """Peak resident bytes above the level before ``fn`` (``/proc/self/clear_refs`` resets the high-water mark).
+
+    Meaningful only in a process started with ``MALLOC_MMAP_THRESHOLD_`` set (see :func:`measure_memory`): then
+    every large tensor is its own mmap, freed memory goes back to the OS at once, and the peak is ``fn``'s own."""
     import gc
     gc.collect()
     with open('/proc/self/clear_refs', 'w') as f:
@@ -110,17 +112,41 @@ def bench_morphology(shape, kernel_size, repeats):
     res['train_ms'] = {k: 1e3 * v for k, v in t.items()}
     res['train_ratio'] = t['morph'] / t['depthwise']
 
-    # peak memory above the input, in units of the output tensor (the output itself counts 1.0)
-    with torch.no_grad():
-        mem = {'morph': peak_extra_bytes(lambda: morphological_convolution_m2(x, kernel)),
-               'depthwise': peak_extra_bytes(lambda: depthwise_m2(x, weight))}
-        if b * c * o * h * w * res['offsets'] * 4 <= 2 ** 30:
-            mem['unfold_reference'] = peak_extra_bytes(lambda: _morph_reference(x, kernel))
-    # with autograd: the forward's output plus what it keeps for backward (morph: a uint8 index; conv: the input)
-    mem['morph_grad_forward'] = peak_extra_bytes(lambda: morphological_convolution_m2(xg, kg))
+    mem = measure_memory(shape, kernel_size)
     res['peak_mb'] = {k: v / 2 ** 20 for k, v in mem.items()}
     res['peak_over_output'] = {k: v / out_bytes for k, v in mem.items()}
     return res
+
+
+def _memory_child(shape, kernel_size):
+    """Runs in a fresh process with a fixed mmap threshold: peak bytes above the inputs, per candidate."""
+    b, c, o, h, w = shape
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    kernel = m2_morphological_kernel(torch.rand(c, 3) + 0.5, o, tuple(kernel_size))
+    weight = torch.randn(c, 1, *kernel_size)
+    with torch.no_grad():
+        morphological_convolution_m2(x, kernel), depthwise_m2(x, weight)  # warm up (lazy init, caches)
+        mem = {'morph': peak_extra_bytes(lambda: morphological_convolution_m2(x, kernel)),
+               'depthwise': peak_extra_bytes(lambda: depthwise_m2(x, weight))}
+        if x.numel() * int(torch.tensor(kernel_size).prod()) * 4 <= 2 ** 30:
+            mem['unfold_reference'] = peak_extra_bytes(lambda: _morph_reference(x, kernel))
+    # with autograd: the forward's output plus what it keeps for backward (a uint8 arg-max index)
+    xg, kg = x.clone().requires_grad_(), kernel.clone().requires_grad_()
+    mem['morph_grad_forward'] = peak_extra_bytes(lambda: morphological_convolution_m2(xg, kg))
+    return mem
+
+
+def measure_memory(shape, kernel_size):
+    import os
+    import subprocess
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', OMP_NUM_THREADS='1')
+    code = ('import json, sys; sys.path.insert(0, %r); import bench_pde as b; import torch; '
+            'torch.set_num_threads(1); print(json.dumps(b._memory_child(%r, %r)))'
+            % (str(Path(__file__).resolve().parent), list(shape), list(kernel_size)))
+    out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True,
+                         cwd=str(Path(__file__).resolve().parent.parent))
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def train_models(names, epochs, seed, batch_size, lr):
@@ -193,10 +219,10 @@ def render(report) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    ap.add_argument('--epochs', type=int, default=4)
+    ap.add_argument('--epochs', type=int, default=3)
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--batch-size', type=int, default=64)
-    ap.add_argument('--lr', type=float, default=3e-3)
+    ap.add_argument('--lr', type=float, default=1e-2)
     ap.add_argument('--pde-model', default='gequiv_pde_cnn_rotmnist')
     ap.add_argument('--baseline', default='gequiv_p4cnn')
     ap.add_argument('--repeats', type=int, default=10)

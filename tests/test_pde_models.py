@@ -73,7 +73,7 @@ def test_timm_api():
 def test_features_only_and_in_chans():
     m = timm.create_model('gequiv_pde_cnn_rotmnist', features_only=True, out_indices=(0, 5))
     outs = m(torch.randn(1, 1, 28, 28))
-    assert [tuple(o.shape) for o in outs] == [(1, 16 * 8, 12, 12), (1, 16 * 8, 6, 6)]
+    assert [tuple(o.shape) for o in outs] == [(1, 24 * 8, 12, 12), (1, 24 * 8, 6, 6)]
     m3 = _small(in_chans=3)
     assert m3(torch.randn(1, 3, 28, 28)).shape == (1, 10)
     with pytest.raises(ValueError, match='expected 3 input channels'):
@@ -109,3 +109,18 @@ def test_registered_pde_resnet18_builds():
     model = timm.create_model('gequiv_pde_resnet18', num_classes=3, stem_width=4)
     assert isinstance(model.conv1, PDEStem) and model.conv1.out_chans == 64 and model.conv1.stride == 4
     assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_pretrained_plain_backbone_loads_into_non_stem_layers(tmp_path):
+    from safetensors.torch import save_file
+    torch.manual_seed(3)
+    plain = timm.create_model('resnet18', num_classes=1000)
+    path = tmp_path / 'resnet18.safetensors'
+    save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(path))
+    model = timm.create_model('gequiv_pde_resnet18', pretrained=True, stem_width=4,
+                              pretrained_cfg_overlay=dict(file=str(path)))
+    torch.testing.assert_close(model.layer1[0].conv1.weight, plain.layer1[0].conv1.weight)
+    torch.testing.assert_close(model.fc.weight, plain.fc.weight)
+    report = model.pretrained_load_report
+    assert any(k.startswith('conv1.weight') for k in report['not_loaded'])
+    assert any(k.startswith('conv1.lift') for k in report['initialised'])

@@ -50,11 +50,13 @@ The PDE layers (one per channel, coefficients per channel)
   max / min filter along it). Neither ever yields NaN, in values or gradients. Non-finite coefficients
   (``nan``/``inf`` in the metric or in ``g0``) raise a ValueError naming the layer.
 
-The morphological convolution (:func:`morphological_convolution_m2`) never unfolds the input: it loops over the
-``kOr * kH * kW`` kernel offsets and keeps a running max (min) of shifted views, recording the winning offset in a
-``uint8`` index; the backward pass routes the gradient through that index. Memory is O(output), not
-O(output x kernel). The spatial support is restricted to the image (points outside do not compete), the
-orientation axis is periodic.
+The morphological convolution (:func:`morphological_convolution_m2`) never unfolds the whole input: it works block
+by block (a few samples or channels at a time), where every kernel offset is a constant shift of a padded flat
+copy of the block, so all offsets are one strided *view*; one subtraction and one ``amax`` per block give the
+result, and the winning offset is kept in a ``uint8`` index through which the backward pass routes the gradient
+(``index_add_``). Memory is O(output) -- the output, its index and one block's candidates, capped at the output's
+size -- not O(output x kernel). The spatial support is restricted to the image (points outside do not compete),
+the orientation axis is periodic.
 """
 from __future__ import annotations
 
@@ -450,7 +452,7 @@ class ConvectionM2(M2EquivariantMixin, nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # morphological convolution (no unfold)
 # ----------------------------------------------------------------------------------------------------------------
-_CANDIDATE_BUDGET = 1 << 21  # candidate values per block (8 MiB in float32), or the output's size if larger
+_CANDIDATE_BUDGET = 1 << 18  # candidate values per block (1 MiB in float32), or the output's size if larger
 
 
 def _morph_blocks(b: int, c: int, per_channel: int, n_off: int, budget: int):
@@ -602,9 +604,10 @@ def morphological_convolution_m2(x: torch.Tensor, kernel: torch.Tensor, erosion:
         kernel: ``[C, Or, kOr, kH, kW]`` (odd sizes, ``kOr <= Or``): the kernel seen from each output orientation's
             own frame (see :func:`m2_morphological_kernel`).
 
-    Memory: the output, a ``uint8`` arg-max index and two output-sized scratch buffers (one ``bool``) in the
-    forward pass; no unfold. Gradients (w.r.t. ``x`` and ``kernel``) go to the winning offset (the first one in
-    loop order on exact ties). Not twice differentiable.
+    Memory: the output, a ``uint8`` arg-max index (only when autograd needs it) and one block of candidates
+    (at most ``max(output size, 2^18)`` values); no unfold of the whole input. Gradients (w.r.t. ``x`` and
+    ``kernel``) go to the winning offset (the lowest flat offset ``(a * kH + i) * kW + j`` on exact ties).
+    Not twice differentiable.
     """
     _check_m2(x, 'morphological_convolution_m2')
     b, c, orientations, h, w = x.shape

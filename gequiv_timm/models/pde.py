@@ -82,7 +82,7 @@ class PDEGCNN(nn.Module):
     logits ``[B, num_classes]``.
     """
 
-    def __init__(self, widths: Sequence[int] = (16, 16, 16, 16, 16, 16), orientations: int = 8,
+    def __init__(self, widths: Sequence[int] = (24, 24, 24, 24, 24, 24), orientations: int = 8,
                  lift_kernel_size: int = 5, lift_padding: int = 0, kernel_size=(3, 3, 3), alpha: float = 0.65,
                  iterations: int = 1, pool_after: Sequence[int] = (0, 3), num_classes: int = 10, in_chans: int = 1,
                  drop_rate: float = 0., global_pool: str = 'avg'):
