@@ -4,3 +4,4 @@ from .gconv import (
     EquivariantMixin, GroupAvgPool2d, GroupBatchNorm, GroupConv2d, GroupMaxPool2d, GroupPool, P4ConvP4, P4ConvZ2,
     P4MConvP4M, P4MConvZ2, check_group_input, fold_group, stride_is_exact, unfold_group,
 )
+from .stn import LocalisationCNN, ParallelSpatialTransformer, SpatialTransformer, TRANSFORMS, create_transform
