@@ -520,8 +520,7 @@ def _default_layers():
 
 
 # gaps in layers this test's author does not own (reported): no input check before torch computes
-LAYER_GAPS = {('stn', 'LocalisationCNN', 'rank'), ('stn', 'LocalisationCNN', 'dtype'),
-              ('rcn', 'RCNPaperTrunk', 'not_tensor'), ('pde', 'PDEStem', 'not_tensor')}
+LAYER_GAPS = {('rcn', 'RCNPaperTrunk', 'not_tensor'), ('pde', 'PDEStem', 'not_tensor')}
 
 
 def _layer_cases():
