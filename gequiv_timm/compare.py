@@ -21,8 +21,8 @@ draw, init and data order) and reports mean +- std. With one seed the spread of 
 standard error ``sqrt(p(1-p)/n)`` (about 1 point at 10% on 1,000 digits). A gap smaller than the combined spread
 ``sqrt(s_a^2 + s_b^2)`` is reported as a tie.
 
-Outputs in ``--out``: ``compare.md`` (table + verdicts + how it was run), ``compare.json`` (everything, per seed),
-``compare_accuracy_vs_angle.png`` and ``compare_error_vs_params.png``.
+Outputs in ``--out`` (stem ``--name``, default ``compare``): ``compare.md`` (table + verdicts + how it was run),
+``compare.json`` (everything, per seed), ``compare_accuracy_vs_angle.png`` and ``compare_error_vs_params.png``.
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def train_memory_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> di
                 total=4 * params + saved)
 
 
-def time_round_robin(fns: Dict[str, Any], reps: int = 10, warmup: int = 2, inner: int = 1) -> Dict[str, float]:
+def time_round_robin(fns: dict[str, Any], reps: int = 10, warmup: int = 2, inner: int = 1) -> dict[str, float]:
     """Median seconds per call of each zero-argument callable, timed round-robin (one turn of each per round, the
     order rotated every round) so that a machine shared with other jobs, and whatever one candidate leaves behind
     for the next (freed memory, cold caches), hits every entry alike. ``inner`` calls are timed together."""
@@ -125,7 +125,7 @@ def time_round_robin(fns: Dict[str, Any], reps: int = 10, warmup: int = 2, inner
         for f in fns.values():
             f()
     keys = list(fns)
-    times: Dict[str, List[float]] = {k: [] for k in fns}
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(reps):
         for k in keys[r % len(keys):] + keys[:r % len(keys)]:
             f = fns[k]
@@ -197,6 +197,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--seed', type=int, default=0, help='first seed: data split, rotations, init, data order')
     p.add_argument('--seeds', type=int, default=1, help='repeat the whole comparison with N seeds (mean +- std)')
     p.add_argument('--out', default='gequiv-compare', help='output directory (created if missing)')
+    p.add_argument('--name', default='compare',
+                   help="file name stem of the outputs: NAME.md, NAME.json, NAME_*.png (default 'compare')")
     p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--lr', type=float, default=3e-3)
     p.add_argument('--protocols', default='rotated,upright',
@@ -465,7 +467,7 @@ def _markdown(report: dict[str, Any]) -> str:
     return '\n'.join(lines) + '\n'
 
 
-def _plots(report: dict[str, Any], out: Path) -> dict[str, str]:
+def _plots(report: dict[str, Any], out: Path, name: str = 'compare') -> dict[str, str]:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -490,7 +492,7 @@ def _plots(report: dict[str, Any], out: Path) -> dict[str, str]:
     axes[0][-1].legend(fontsize=8, loc='lower right')
     fig.suptitle(f"rotated MNIST, seeds {report['seeds']}, {report['budget_epochs']} epochs")
     fig.tight_layout()
-    f = out / 'compare_accuracy_vs_angle.png'
+    f = out / f'{name}_accuracy_vs_angle.png'
     fig.savefig(f, dpi=110)
     plt.close(fig)
     files['accuracy vs input rotation'] = f.name
@@ -508,7 +510,7 @@ def _plots(report: dict[str, Any], out: Path) -> dict[str, str]:
     ax.legend(fontsize=8)
     ax.set_title('error against parameters (squares: escnn)')
     fig.tight_layout()
-    f = out / 'compare_error_vs_params.png'
+    f = out / f'{name}_error_vs_params.png'
     fig.savefig(f, dpi=110)
     plt.close(fig)
     files['error vs parameters'] = f.name
@@ -543,6 +545,8 @@ def _run(args, log) -> int:
     t_start = time.perf_counter()
     if args.budget < 1:
         raise CompareError(f"--budget must be at least 1 epoch, got {args.budget}")
+    if not args.name or any(c in args.name for c in '/\\') or args.name.startswith('.'):
+        raise CompareError(f"--name must be a plain file name stem (no '/', not starting with '.'), got {args.name!r}")
     if args.train_digits < 0:
         raise CompareError(f"--train-digits must be >= 0 (0: all), got {args.train_digits}")
     if args.seeds < 1:
@@ -582,12 +586,13 @@ def _run(args, log) -> int:
     report['verdicts'] = _verdicts(agg)
     report['wall_minutes'] = (time.perf_counter() - t_start) / 60
     if not args.no_plots:
-        report['plots'] = _plots(report, out)
-    (out / 'compare.json').write_text(json.dumps(report, indent=1))
+        report['plots'] = _plots(report, out, args.name)
+    (out / f'{args.name}.json').write_text(json.dumps(report, indent=1))
     md = _markdown(report)
-    (out / 'compare.md').write_text(md)
+    (out / f'{args.name}.md').write_text(md)
     print(md)
-    log(f"wrote {out / 'compare.md'}, {out / 'compare.json'}" + ('' if args.no_plots else ' and the plots'))
+    log(f"wrote {out / (args.name + '.md')}, {out / (args.name + '.json')}" +
+        ('' if args.no_plots else ' and the plots'))
     return 0
 
 
@@ -598,7 +603,7 @@ def _command_from_args(args) -> str:
     parts += [f'--budget {args.budget}', f'--seed {args.seed}', f'--seeds {args.seeds}',
               f'--out {shlex.quote(str(args.out))}', f'--threads {args.threads}']
     for flag, default in (('protocols', 'rotated,upright'), ('batch_size', 64), ('lr', 3e-3), ('sweep_digits', 250),
-                          ('train_digits', 0), ('timing_reps', 10)):
+                          ('train_digits', 0), ('timing_reps', 10), ('name', 'compare')):
         v = getattr(args, flag)
         if v != default:
             parts.append(f"--{flag.replace('_', '-')} {v}")

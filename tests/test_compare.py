@@ -67,11 +67,13 @@ def test_tiny_run_writes_table_json_and_plots(tiny_run):
 def test_same_seed_reproduces(tiny_run, tmp_path):
     _, out = tiny_run
     first = json.loads((out / 'compare.json').read_text())
-    args = make_args(tmp_path, no_plots=True)
+    args = make_args(tmp_path, no_plots=True, protocols='rotated', name='again')
     assert compare.run(args) == 0
-    second = json.loads((tmp_path / 'out' / 'compare.json').read_text())
+    assert not (tmp_path / 'out' / 'compare.json').exists()
+    second = json.loads((tmp_path / 'out' / 'again.json').read_text())
+    assert 'upright_error_mean' not in second['models']['gequiv_p4cnn']
     for m in first['models']:
-        for key in ('test_error_mean', 'upright_error_mean', 'params', 'macs'):
+        for key in ('test_error_mean', 'params', 'macs', 'rotated_angle_accuracy'):
             assert first['models'][m][key] == second['models'][m][key], (m, key)
 
 
@@ -97,8 +99,9 @@ def test_missing_extra_exits_2(tmp_path, capsys, monkeypatch):
 def test_bad_numbers_exit_2(tmp_path, capsys):
     assert compare.run(make_args(tmp_path, budget=0)) == 2
     assert compare.run(make_args(tmp_path, protocols='sideways')) == 2
+    assert compare.run(make_args(tmp_path, name='../x')) == 2
     err = capsys.readouterr().err
-    assert '--budget must be at least 1' in err and '--protocols' in err
+    assert '--budget must be at least 1' in err and '--protocols' in err and '--name' in err
 
 
 def test_cli_wiring(tmp_path, capsys):
