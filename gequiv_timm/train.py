@@ -1126,7 +1126,8 @@ def _run(args, model_kwargs, dist, json, shlex, sys, timm) -> int:
         metrics['test_error'] = round(res.eval['error'], 4)
     elif res.eval:
         metrics['test_nme'] = round(res.eval['nme'], 4)
-    metrics.update({'test_split': split, 'seed': args.seed, 'epochs': round(res.epochs_done, 3),
+    epochs_done = int(res.epochs_done) if float(res.epochs_done).is_integer() else round(res.epochs_done, 3)
+    metrics.update({'test_split': split, 'seed': args.seed, 'epochs': epochs_done,
                     'steps': res.steps, 'train_seconds': round(res.seconds, 1)})
     if dist.world_size > 1:
         metrics['processes'] = dist.world_size
