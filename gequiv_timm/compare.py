@@ -193,7 +193,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f'{REFERENCE} is always added: the time ratios are relative to it')
     p.add_argument('--budget', type=int, default=DEFAULT_BUDGET,
                    help=f'training epochs per model and protocol, the same for every model (default '
-                        f'{DEFAULT_BUDGET}: about 10 minutes for the default models on 2 cores)')
+                        f'{DEFAULT_BUDGET}: about 8 minutes for the six P4CNN-shaped models on an idle machine; the '
+                        f'WRN and PDE models roughly double that). The run logs its own estimate after timing')
     p.add_argument('--seed', type=int, default=0, help='first seed: data split, rotations, init, data order')
     p.add_argument('--seeds', type=int, default=1, help='repeat the whole comparison with N seeds (mean +- std)')
     p.add_argument('--out', default='gequiv-compare', help='output directory (created if missing)')
