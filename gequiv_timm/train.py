@@ -251,6 +251,7 @@ def save_state(path, state: Dict[str, Any]) -> None:
     safetensors file: tensors as tensors, the structure as JSON in the header. Read back with :func:`load_state`.
     """
     import json
+
     from safetensors.torch import save_file
     tensors: Dict[str, torch.Tensor] = {}
     tree = _encode(state, 's', tensors)
@@ -261,6 +262,7 @@ def save_state(path, state: Dict[str, Any]) -> None:
 def load_state(path) -> Dict[str, Any]:
     """Read a file written by :func:`save_state` (safetensors + JSON; nothing is unpickled)."""
     import json
+
     from safetensors import safe_open
     from safetensors.torch import load_file
     with safe_open(str(path), framework='pt') as f:
@@ -963,8 +965,10 @@ def add_arguments(p) -> None:
     g.add_argument('--num-classes', type=int, help='classifier size (default: from the data)')
     g.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
                    help='extra model arguments, e.g. widths=[8,8,8] drop_rate=0.1')
-    g.add_argument('--limit-train', type=int, metavar='N', help='use a fixed (seeded) random subset of N training samples')
-    g.add_argument('--limit-eval', type=int, metavar='N', help='evaluate on a fixed (seeded) random subset of N held-out samples')
+    g.add_argument('--limit-train', type=int, metavar='N',
+                   help='use a fixed (seeded) random subset of N training samples')
+    g.add_argument('--limit-eval', type=int, metavar='N',
+                   help='evaluate on a fixed (seeded) random subset of N held-out samples')
     g.add_argument('--no-aug', action='store_true', help='image folders: no training augmentation')
     g.add_argument('--hflip', type=float, default=0.5, help='image folders: horizontal flip probability')
     g.add_argument('--workers', type=int, default=0, help='data loader worker processes (default 0)')

@@ -7,7 +7,6 @@ lands, the test turns red so the mark gets removed.
 """
 import math
 import string
-import sys
 
 import pytest
 import timm
@@ -16,9 +15,18 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import gequiv_timm  # noqa: F401
-from gequiv_timm.layers.gconv import (GroupAvgPool2d, GroupBatchNorm, GroupConv2d, GroupMaxPool2d, GroupPool,
-                                      finite_check, fold_group, set_finite_check, stride_is_exact, unfold_group)
-from gequiv_timm.layers.groups import get_group
+from gequiv_timm.layers.gconv import (
+    GroupAvgPool2d,
+    GroupBatchNorm,
+    GroupConv2d,
+    GroupMaxPool2d,
+    GroupPool,
+    finite_check,
+    fold_group,
+    set_finite_check,
+    stride_is_exact,
+    unfold_group,
+)
 
 torch.set_num_threads(1)
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -161,7 +169,8 @@ def _models():
 
 # dtype gaps: these models hand an integer tensor to torch and fail there with "expected scalar type Long";
 # fix: check `x.is_floating_point()` in the model's input check (as GroupCNN/SpatialTransformer do).
-INT_GAPS = {'gequiv_p4m_resnet18', 'gequiv_escnn_c4cnn', 'gequiv_escnn_c8cnn', 'gequiv_escnn_d4cnn', 'gequiv_escnn_c8_wrn',
+INT_GAPS = {'gequiv_p4m_resnet18',
+            'gequiv_escnn_c4cnn', 'gequiv_escnn_c8cnn', 'gequiv_escnn_d4cnn', 'gequiv_escnn_c8_wrn',
             'gequiv_kpreg_resnet18', 'gequiv_kpsingle_resnet18', 'gequiv_rcn_paper', 'gequiv_rcn_resnet18',
             'gequiv_sumnet_resnet18', 'gequiv_pde_cnn_rotmnist', 'gequiv_pde_resnet18'}
 
