@@ -952,7 +952,8 @@ def add_arguments(p) -> None:
     sets = _builtin_sets()
     avail = [f"{k} ({d})" for k, (d, miss) in sets.items() if not miss]
     unavailable = [f"{k} ({miss})" for k, (_, miss) in sets.items() if miss]
-    p.description = ((p.description or '') + '\n\nBuilt-in data sets: ' + '; '.join(avail) +
+    p.description = ((p.description or 'Train or fine-tune a model').rstrip('.') + '. Built-in data sets: ' +
+                     '; '.join(avail) +
                      ('. Not available here: ' + '; '.join(unavailable) if unavailable else '') +
                      '. Or give a folder of images: class sub-folders, optionally inside train/ and val/.')
     g = p.add_argument_group('model and data')
