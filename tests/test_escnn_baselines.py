@@ -88,7 +88,9 @@ def test_export_is_plain_torch_and_matches(name, models):
 
 
 def test_timm_api(models):
-    m = timm.create_model('gequiv_escnn_c4cnn', num_classes=5, in_chans=3, drop_rate=0.1, global_pool='max')
+    # small widths keep it fast; the registered layout is exercised by the fixture models
+    m = timm.create_model('gequiv_escnn_c4cnn', num_classes=5, in_chans=3, drop_rate=0.1, global_pool='max',
+                          widths=[3, 3, 3, 3, 3, 3, 3])
     x = torch.randn(2, 3, 28, 28)
     assert m(x).shape == (2, 5)
     assert m.get_classifier().out_features == 5
@@ -105,7 +107,7 @@ def test_timm_api(models):
 
 
 def test_features_only():
-    f = timm.create_model('gequiv_escnn_c8_wrn', features_only=True)
+    f = timm.create_model('gequiv_escnn_c8_wrn', features_only=True, stem_width=2, widths=[2, 3, 4])
     outs = f(torch.randn(2, 1, 28, 28))
     assert [o.shape[1] for o in outs] == f.feature_info.channels()
     assert [28 // o.shape[-1] for o in outs] == f.feature_info.reduction()
@@ -113,7 +115,7 @@ def test_features_only():
 
 def test_grad_checkpointing_gives_same_gradients():
     torch.manual_seed(0)
-    m = timm.create_model('gequiv_escnn_c4cnn')
+    m = timm.create_model('gequiv_escnn_c4cnn', widths=[3, 3, 3, 3, 3, 3, 3])
     x = torch.randn(4, 1, 28, 28)
     grads = []
     for ckpt in (False, True):
