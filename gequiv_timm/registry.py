@@ -75,6 +75,35 @@ def _cfg_fields() -> set:
     return {f.name for f in dataclasses.fields(PretrainedCfg)}
 
 
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_cfg_values(cfg: Dict[str, Any], where: str) -> None:
+    """Type-check the PretrainedCfg values timm relies on, so a bad catalog fails at load, not at create time."""
+    size = cfg.get('input_size')
+    if size is not None:
+        if not (isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                  and v > 0 for v in size)):
+            raise CatalogError(f"{where}: input_size must be [channels, height, width] positive ints, got {size!r}")
+    for key in ('mean', 'std'):
+        v = cfg.get(key)
+        if v is None:
+            continue
+        if not (isinstance(v, list) and v and all(_is_num(x) for x in v)):
+            raise CatalogError(f"{where}: {key} must be a list of numbers, got {v!r}")
+        if size is not None and len(v) != size[0]:
+            raise CatalogError(f"{where}: {key} has {len(v)} values but input_size has {size[0]} channels")
+        if key == 'std' and any(x <= 0 for x in v):
+            raise CatalogError(f"{where}: std must be positive, got {v!r}")
+    nc = cfg.get('num_classes')
+    if nc is not None and not (isinstance(nc, int) and not isinstance(nc, bool) and nc >= 0):
+        raise CatalogError(f"{where}: num_classes must be an int >= 0, got {nc!r}")
+    cp = cfg.get('crop_pct')
+    if cp is not None and not (_is_num(cp) and 0 < cp <= 1):
+        raise CatalogError(f"{where}: crop_pct must be a number in (0, 1], got {cp!r}")
+
+
 def _parse_entry(name: str, raw: Any, source: str, cfg_fields: set) -> CatalogEntry:
     where = f"{source}: entry [{name}]"
     if not isinstance(raw, dict):
@@ -96,6 +125,10 @@ def _parse_entry(name: str, raw: Any, source: str, cfg_fields: set) -> CatalogEn
     requires = raw.get('requires', [])
     if not isinstance(requires, list) or not all(isinstance(r, str) for r in requires):
         raise CatalogError(f"{where}: field 'requires' must be a list of extra names")
+    unknown_extras = [r for r in requires if r not in EXTRAS]
+    if unknown_extras:
+        raise CatalogError(f"{where}: field 'requires' names unknown extra(s) {unknown_extras}; "
+                           f"known extras: {sorted(EXTRAS)}")
     for key in ('args', 'cfg', 'tags'):
         if not isinstance(raw.get(key, {}), dict):
             raise CatalogError(f"{where}: field {key!r} must be a table")
@@ -104,15 +137,17 @@ def _parse_entry(name: str, raw: Any, source: str, cfg_fields: set) -> CatalogEn
     if bad:
         raise CatalogError(f"{where}: field 'cfg' has key(s) {sorted(bad)} that timm's PretrainedCfg does not "
                            f"know; put model settings in 'args'")
+    _check_cfg_values(cfg, f"{where}: field 'cfg'")
     tags = {}
     for tag, tcfg in raw.get('tags', {}).items():
         if not isinstance(tcfg, dict):
             raise CatalogError(f"{where}: field 'tags.{tag}' must be a table")
-        if not tag or not all(c.isalnum() or c in '_-' for c in tag):
-            raise CatalogError(f"{where}: tag {tag!r} must be letters, digits, '_' or '-'")
+        if not tag or not all(c.isascii() and (c.isalnum() or c in '_-') for c in tag):
+            raise CatalogError(f"{where}: tag {tag!r} must be ASCII letters, digits, '_' or '-'")
         bad = set(tcfg) - cfg_fields
         if bad:
             raise CatalogError(f"{where}: field 'tags.{tag}' has key(s) {sorted(bad)} unknown to PretrainedCfg")
+        _check_cfg_values({**cfg, **tcfg}, f"{where}: field 'tags.{tag}'")
         tags[tag] = dict(tcfg)
     return CatalogEntry(name=name, family=raw['family'], summary=raw['summary'], source=source,
                         paper=raw.get('paper', ''), requires=list(requires), args=dict(raw.get('args', {})),

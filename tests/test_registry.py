@@ -62,3 +62,17 @@ def test_import_registers_in_fresh_process():
     code = "import timm, gequiv_timm; print(len(timm.list_models('gequiv_*')))"
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
     assert int(out.strip()) == len(registry.catalog())
+
+
+@pytest.mark.parametrize('body, msg', [
+    ('[gequiv_a]\nfamily = "gcnn"\nsummary = "x"\n[gequiv_a.tags."é"]\n', 'must be ASCII'),
+    ('[gequiv_a]\nfamily = "gcnn"\nsummary = "x"\n[gequiv_a.cfg]\ninput_size = [1, 28]\n', 'input_size must be'),
+    ('[gequiv_a]\nfamily = "gcnn"\nsummary = "x"\n[gequiv_a.cfg]\ninput_size = [1, 28, 28]\nmean = [0.1, 0.2]\n',
+     'mean has 2 values but input_size has 1'),
+    ('[gequiv_a]\nfamily = "gcnn"\nsummary = "x"\n[gequiv_a.tags.t]\ncrop_pct = 1.5\n', 'crop_pct'),
+    ('[gequiv_a]\nfamily = "gcnn"\nsummary = "x"\nrequires = ["nope"]\n', "unknown extra"),
+])
+def test_catalog_value_checks(tmp_path, body, msg):
+    (tmp_path / 'v.toml').write_text(body, encoding='utf-8')
+    with pytest.raises(registry.CatalogError, match=msg):
+        registry.load_catalog(tmp_path)

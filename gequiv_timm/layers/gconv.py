@@ -277,7 +277,8 @@ class GroupConv2d(EquivariantMixin, nn.Module):
         version counter or storage moves) or :meth:`train` is called.
         """
         w = self.weight
-        if self.training or torch.jit.is_scripting() or (torch.is_grad_enabled() and w.requires_grad):
+        if self.training or torch.jit.is_scripting() or torch.compiler.is_compiling() or \
+                (torch.is_grad_enabled() and w.requires_grad):
             return self._expand(w)
         self._refresh_cache()
         return self._cache[0]
@@ -296,7 +297,8 @@ class GroupConv2d(EquivariantMixin, nn.Module):
     def expanded_bias(self) -> Optional[torch.Tensor]:
         """The bias ``[C_out*|G_out|]`` (each channel's bias repeated over the group); cached like the filter."""
         b = self.bias
-        if b is None or self.training or torch.jit.is_scripting() or (torch.is_grad_enabled() and b.requires_grad):
+        if b is None or self.training or torch.jit.is_scripting() or torch.compiler.is_compiling() or \
+                (torch.is_grad_enabled() and b.requires_grad):
             return self._expand_bias(b)
         self._refresh_cache()
         return self._cache[1]
@@ -309,7 +311,15 @@ class GroupConv2d(EquivariantMixin, nn.Module):
     def _apply(self, fn, *args, **kwargs):
         self._cache = None
         self._cache_key = None
-        return super()._apply(fn, *args, **kwargs)
+        try:
+            return super()._apply(fn, *args, **kwargs)
+        except RuntimeError as e:
+            if 'channels_last' not in str(e):
+                raise
+
+        def fn4(t):  # Module.to(memory_format=channels_last) refuses 5-D weights: convert their 4-D view
+            return fn(t.flatten(1, 2)).unflatten(1, t.shape[1:3]) if t.dim() == 5 else fn(t)
+        return super()._apply(fn4, *args, **kwargs)
 
     def _min_size(self) -> int:
         return max(1, self.dilation * (self.kernel_size - 1) + 1 - 2 * self.padding)

@@ -98,6 +98,8 @@ def _check_m2(x: torch.Tensor, name: str, channels: Optional[int] = None, min_si
 
 
 def _check_finite(t: torch.Tensor, name: str, what: str) -> None:
+    if t.device.type == 'meta':  # shape-only tensors (timm's meta-device construction) have no values to check
+        return
     if not bool(torch.isfinite(t).all()):
         bad = (~torch.isfinite(t)).nonzero()[:4].tolist()
         raise ValueError(f"{name}: {what} has non-finite entries (nan/inf) at {bad}; it must be finite. If this "
@@ -176,16 +178,18 @@ class M2EquivariantMixin:
 def _rotation_matrices(kernel_size: int, orientations: int, disk: bool) -> torch.Tensor:
     k = kernel_size
     r = (k - 1) / 2
-    idx = torch.arange(k * k).view(k, k)
+    # explicit device='cpu' throughout: these tables are cached, and must not pick up a default device (e.g. timm
+    # building a model under `with torch.device('meta')`)
+    idx = torch.arange(k * k, device='cpu').view(k, k)
     mask = None
     if disk:
-        rows, cols = torch.meshgrid(torch.arange(k, dtype=torch.float64) - r, torch.arange(k, dtype=torch.float64) - r,
-                                    indexing='ij')
+        ar = torch.arange(k, dtype=torch.float64, device='cpu') - r
+        rows, cols = torch.meshgrid(ar, ar, indexing='ij')
         mask = ((rows ** 2 + cols ** 2) <= (r + 0.5) ** 2).flatten().to(torch.float64)
 
     def bilinear(theta: float) -> torch.Tensor:
         # rotated kernel psi_theta(p) = psi(R_{-theta} p), p = (x, y) = (col - r, r - row)
-        m = torch.zeros(k * k, k * k, dtype=torch.float64)
+        m = torch.zeros(k * k, k * k, dtype=torch.float64, device='cpu')
         c, s = math.cos(theta), math.sin(theta)
         for row in range(k):
             for col in range(k):
@@ -648,10 +652,10 @@ def _morph_reference(x: torch.Tensor, kernel: torch.Tensor, erosion: bool = Fals
 def _log_coordinates(orientations: int, kernel_size: Tuple[int, int, int]) -> torch.Tensor:
     ko, kh, kw = kernel_size
     step = 2 * math.pi / orientations
-    th = (torch.arange(ko, dtype=torch.float64) - ko // 2) * step
+    th = (torch.arange(ko, dtype=torch.float64, device='cpu') - ko // 2) * step
     th = torch.remainder(th + math.pi, 2 * math.pi) - math.pi  # wrap to [-pi, pi)
-    dy = -(torch.arange(kh, dtype=torch.float64) - kh // 2)  # y up
-    dx = torch.arange(kw, dtype=torch.float64) - kw // 2
+    dy = -(torch.arange(kh, dtype=torch.float64, device='cpu') - kh // 2)  # y up
+    dx = torch.arange(kw, dtype=torch.float64, device='cpu') - kw // 2
 
     def frame(theta_o: float) -> torch.Tensor:
         c, s = math.cos(theta_o), math.sin(theta_o)
