@@ -74,7 +74,9 @@ def fit(model: nn.Module, train: Dataset, epochs: int = 10, batch_size: int = 64
     device = device or next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=gen, drop_last=False)
-    optimizer = create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=weight_decay)
+    # models with their own param groups (an STN's slower transformer) get them, at explicit rates
+    params = model.param_groups(lr=lr, weight_decay=weight_decay) if hasattr(model, 'param_groups') else model
+    optimizer = create_optimizer_v2(params, opt=opt, lr=lr, weight_decay=weight_decay)
     total_steps = epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
@@ -91,6 +93,8 @@ def fit(model: nn.Module, train: Dataset, epochs: int = 10, batch_size: int = 64
                 x = augment(x, aug_gen)
             out = model(x)
             loss = loss_fn(out, y)
+            if hasattr(model, 'transform_loss'):  # an STN's regulariser toward the identity (0 when disabled)
+                loss = loss + model.transform_loss()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -782,7 +786,11 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig, dist: Optiona
                              "--freeze-bn for batch-size independent results, or accept per-process statistics")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     raw_model = model
-    optimizer = create_optimizer_v2(raw_model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
+    # a model with its own param groups (an STN's transformer at a learning-rate multiplier, as `lr_scale` that
+    # timm's schedulers apply) gets them, unless layer decay asks for timm's own grouping
+    params = raw_model.param_groups(weight_decay=cfg.weight_decay) \
+        if hasattr(raw_model, 'param_groups') and not cfg.layer_decay else raw_model
+    optimizer = create_optimizer_v2(params, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     momentum=cfg.momentum, layer_decay=cfg.layer_decay)
     sampler = DistributedSampler(data.train, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
                                  seed=cfg.seed, drop_last=False)
@@ -877,6 +885,8 @@ def train(model: nn.Module, data: DataBundle, config: TrainConfig, dist: Optiona
             with torch.autocast(dist.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 out = ddp_model(x)
             loss, st = _batch_loss(data.task, out, batch, data.num_keypoints, cfg.smoothing)
+            if hasattr(raw_model, 'transform_loss'):  # an STN's regulariser toward the identity
+                loss = loss + raw_model.transform_loss()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"the loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}); "
                                          f"lower --lr, check the data, or resume from the last checkpoint")

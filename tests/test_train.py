@@ -200,3 +200,18 @@ def test_timm_train_wrapper_registers_models_and_forwards_arguments(tmp_path):
     from gequiv_timm.timm_train import main as wrapper
     assert wrapper([str(script), 'fail', '--model', 'gequiv_z2cnn']) == 3  # the script's own exit status
     assert wrapper([]) == 2 and wrapper([str(tmp_path / 'missing.py')]) == 2
+
+
+def test_fit_honours_model_param_groups_and_transform_loss():
+    """An STN's transformer trains at its own rate (here 0: frozen) and its regulariser joins the loss."""
+    import timm
+    from gequiv_timm.train import fit
+    torch.manual_seed(0)
+    model = timm.create_model('gequiv_stn_cnn_mnist', loc_lr_mult=0.0)
+    stn_before = [p.detach().clone() for p in model.stn_parameters()]
+    rest_before = [p.detach().clone() for n, p in model.named_parameters() if not n.startswith('stn.')]
+    x, y = torch.randn(32, 1, 42, 42), torch.randint(0, 10, (32,))
+    fit(model, torch.utils.data.TensorDataset(x, y), epochs=1, batch_size=16, lr=1e-2, weight_decay=0.0)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(stn_before, model.stn_parameters()))
+    rest_after = [p.detach() for n, p in model.named_parameters() if not n.startswith('stn.')]
+    assert any(not torch.equal(a, b) for a, b in zip(rest_before, rest_after))
