@@ -278,7 +278,7 @@ def _fresh(name: str, seed: int) -> nn.Module:
 
     from .train import seed_everything
     seed_everything(seed)
-    return timm.create_model(name)
+    return timm.create_model(name, in_chans=1, num_classes=10)
 
 
 def _exported(model: nn.Module) -> nn.Module:
@@ -302,8 +302,16 @@ def _measure_costs(models: Sequence[str], seed: int, batch_size: int, reps: int,
     steps, lat = {}, {}
     for name in models:
         t0 = time.perf_counter()
-        m = _fresh(name, seed)
-        build_s = time.perf_counter() - t0
+        try:
+            m = _fresh(name, seed)
+            build_s = time.perf_counter() - t0
+            with torch.no_grad():
+                out = m.eval()(x[:2])
+            if tuple(out.shape) != (2, 10):
+                raise ValueError(f"expected logits of shape (2, 10), got {tuple(out.shape)}")
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise CompareError(f"{name} cannot be compared here: it must classify 28x28 grayscale digits into 10 "
+                               f"classes (built with in_chans=1, num_classes=10); it failed with: {e}") from None
         mem = train_memory_bytes(m, x, y)
         m.train()
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4)

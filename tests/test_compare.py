@@ -83,6 +83,21 @@ def test_unknown_model_exits_2(tmp_path, capsys):
     assert "unknown model(s) ['gequiv_nope']" in err and 'gequiv_p4cnn' in err
 
 
+def test_model_that_cannot_classify_digits_exits_2(tmp_path, capsys, monkeypatch):
+    # a registered model whose output is not 10 logits for a 28x28 digit is refused up front, before training
+    real = compare._fresh
+
+    def fake(name, seed):
+        if name == 'gequiv_p4cnn':
+            return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 3))
+        return real(name, seed)
+
+    monkeypatch.setattr(compare, '_fresh', fake)
+    assert compare.run(make_args(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert 'gequiv_p4cnn cannot be compared here' in err and '(2, 3)' in err
+
+
 def test_unwritable_out_exits_2(tmp_path, capsys):
     blocker = tmp_path / 'a_file'
     blocker.write_text('x')
