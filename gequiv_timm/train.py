@@ -1093,6 +1093,28 @@ def run(args) -> int:
             torch.distributed.destroy_process_group()
 
 
+def evaluate_pretrained(model: nn.Module, entry: Dict[str, Any]) -> Dict[str, float]:
+    """Manifest evaluator of checkpoints written by ``gequiv-timm train`` on a built-in set.
+
+    Rebuilds the held-out split the entry was measured on (the set named by the recipe id's first part, with the
+    recorded seed, standardised from the model's ``pretrained_cfg`` as the training run did) and returns the
+    manifest's metric: ``{'test_error', 'n'}`` for classifiers, ``{'test_nme', 'n'}`` for keypoint models.
+    """
+    from timm.data import resolve_data_config
+    name = str(entry.get('recipe', '')).split('/', 1)[0]
+    if name not in _builtin_sets():
+        raise ValueError(f"evaluate_pretrained: recipe {entry.get('recipe')!r} does not start with a built-in set "
+                         f"({', '.join(_builtin_sets())})")
+    seed = int(entry.get('metrics', {}).get('seed', 0))
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    data_config = resolve_data_config(args={}, pretrained_cfg=dict(cfg))
+    data = load_data(name, seed=seed, data_config=data_config, augment=False)
+    ev = evaluate_task(model, data.eval, data.task, num_keypoints=data.num_keypoints)
+    if data.task == 'classify':
+        return {'test_error': ev['error'], 'n': ev['n']}
+    return {'test_nme': ev['nme'], 'n': ev['n']}
+
+
 def _run(args, model_kwargs, dist, json, shlex, sys, timm) -> int:
     from timm.data import resolve_data_config
     seed_everything(args.seed)
@@ -1160,5 +1182,6 @@ def _run(args, model_kwargs, dist, json, shlex, sys, timm) -> int:
             update_manifest(args.manifest, f'{args.model}.{args.tag}', {
                 'file': info['file'], 'sha256': info['sha256'], 'size': info['size'], 'metrics': metrics,
                 'recipe': recipe, 'command': command, 'budget': f'{res.epochs_done:g} epochs, {res.seconds:.0f} s',
-                'hf_hub_id': f'gequiv-timm/{args.model}.{args.tag}'})
+                'hf_hub_id': f'gequiv-timm/{args.model}.{args.tag}',
+                **({'evaluator': 'gequiv_timm.train:evaluate_pretrained'} if args.data in _builtin_sets() else {})})
     return 0

@@ -193,17 +193,3 @@ class GroupCNN(nn.Module):
 def _create(variant: str, pretrained: bool = False, **kwargs) -> GroupCNN:
     return create_gequiv_model(GroupCNN, variant, pretrained, first_conv='stages.0.conv', **kwargs)
 
-
-def evaluate_pretrained(model: nn.Module, entry: dict) -> dict:
-    """Re-measure a shipped rotated-MNIST checkpoint on its held-out split (the manifest's evaluator).
-
-    The split is the 1,000 test digits of ``rotated_mnist(seed)`` with the seed recorded in ``entry['metrics']``;
-    returns ``{'test_error': ..., 'n': 1000}``.
-    """
-    from ..data import rotated_mnist
-    from ..train import evaluate
-    metrics = entry.get('metrics', {})
-    protocol = 'upright' if 'upright' in str(metrics.get('test_split', '')) else 'rotated'
-    data = rotated_mnist(int(metrics.get('seed', 0)), protocol=protocol)
-    ev = evaluate(model, data.test.dataset())
-    return {'test_error': ev['error'], 'n': ev['n']}
