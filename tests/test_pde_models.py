@@ -124,3 +124,11 @@ def test_pretrained_plain_backbone_loads_into_non_stem_layers(tmp_path):
     report = model.pretrained_load_report
     assert any(k.startswith('conv1.weight') for k in report['not_loaded'])
     assert any(k.startswith('conv1.lift') for k in report['initialised'])
+
+
+def test_pde_coefficients_have_no_weight_decay():
+    model = create_pde_stem_model('resnet18', num_classes=3, stem_width=4)
+    nwd = model.no_weight_decay()
+    assert 'conv1.layers.0.convection.g0' in nwd and 'conv1.layers.0.dilation.metric_params' in nwd
+    import copy
+    assert copy.deepcopy(model).no_weight_decay() == nwd

@@ -287,15 +287,16 @@ class LiftM2Cartesian(M2EquivariantMixin, nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.orientations, self.kernel_size = orientations, kernel_size
         self.stride, self.padding, self.padding_mode = stride, int(padding), padding_mode
+        self.disk = disk
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        self.register_buffer('rotation_matrix', rotated_kernel_bank_matrix(kernel_size, orientations, disk).float(),
-                             persistent=False)
+        self.register_buffer('rotation_matrix', rotated_kernel_bank_matrix(kernel_size, orientations, disk).to(
+            device=self.weight.device, dtype=self.weight.dtype), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """He init; fan-in is ``Cin * (number of pixels in the disk)``."""
-        support = int((self.rotation_matrix[0].sum(1) > 0).sum())
+        support = int((_rotation_matrices(self.kernel_size, self.orientations, self.disk)[0].sum(1) > 0).sum())
         nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / (self.in_channels * support)))
         if self.bias is not None:
             nn.init.zeros_(self.bias)

@@ -17,6 +17,7 @@ Catalog entries: ``registry/pde.toml``.
 """
 from __future__ import annotations
 
+import types
 from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -27,10 +28,21 @@ from timm.layers import ClassifierHead
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 
-from ..layers.pde import CDEPdeLayerM2, LiftM2Cartesian, MaxProjectM2, PDEStem
+from ..layers.pde import (
+    CDEPdeLayerM2, ConvectionM2, DilationM2, ErosionM2, LiftM2Cartesian, LinearM2, MaxProjectM2, PDEStem,
+    SumProjectM2,
+)
 from ._helpers import create_gequiv_model
 
 __all__ = ['PDEGCNN', 'PDEStage', 'PDELiftStage', 'PDEStem', 'create_pde_stem_model']
+
+
+def _is_fx_tracing() -> bool:
+    try:
+        from torch.fx._symbolic_trace import is_fx_tracing
+    except ImportError:  # pragma: no cover
+        return False
+    return is_fx_tracing()
 
 
 def _pool_m2(x: torch.Tensor) -> torch.Tensor:
@@ -65,6 +77,13 @@ class PDEStage(nn.Module):
         return _pool_m2(x) if self.pool else x
 
 
+class _Fold(nn.Module):
+    """``[B, C, Or, H, W] -> [B, C*Or, H, W]`` (what a pruned :class:`PDEGCNN` returns as features)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1, 2)
+
+
 class PDEGCNN(nn.Module):
     """PDE-G-CNN classifier: lift to M2, CDE layers, max projection over orientations, timm head.
 
@@ -75,7 +94,7 @@ class PDEGCNN(nn.Module):
         kernel_size: odd ``k`` or ``(kOr, kH, kW)`` of the morphological (dilation / erosion) kernels.
         alpha: the dilation/erosion exponent in ``(1/2, 1]``. iterations: C-D-E repetitions per layer.
         pool_after: stage indices (0 = the lifting stage) followed by a 2x2 spatial max pool.
-        num_classes, in_chans, drop_rate, global_pool: as every timm model.
+        num_classes, in_chans, drop_rate, global_pool: as every timm model. device, dtype: timm's factory kwargs.
 
     Shapes: input ``[B, in_chans, H, W]``; ``forward_features`` ``[B, widths[-1], H', W']`` (max over
     orientations: rotates with the input); intermediates ``[B, C * Or, h, w]`` (folded, equivariant);
@@ -85,7 +104,7 @@ class PDEGCNN(nn.Module):
     def __init__(self, widths: Sequence[int] = (24, 24, 24, 24, 24, 24), orientations: int = 8,
                  lift_kernel_size: int = 5, lift_padding: int = 0, kernel_size=(3, 3, 3), alpha: float = 0.65,
                  iterations: int = 1, pool_after: Sequence[int] = (0, 3), num_classes: int = 10, in_chans: int = 1,
-                 drop_rate: float = 0., global_pool: str = 'avg'):
+                 drop_rate: float = 0., global_pool: str = 'avg', device=None, dtype=None):
         super().__init__()
         if len(widths) < 1:
             raise ValueError("PDEGCNN: widths must list the lifting width and then one width per CDE layer")
@@ -112,6 +131,8 @@ class PDEGCNN(nn.Module):
         self.project = MaxProjectM2()
         self.num_features = self.head_hidden_size = widths[-1]
         self.head = ClassifierHead(widths[-1], num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        if device is not None or dtype is not None:  # timm's factory kwargs
+            self.to(device=device, dtype=dtype)
 
     # ----- sizes ------------------------------------------------------------------------------------------
     def _trace_size(self, size: int) -> Tuple[int, bool]:
@@ -136,6 +157,8 @@ class PDEGCNN(nn.Module):
         return self._trace_size(h)[1] and self._trace_size(w)[1]
 
     def _check_input(self, x: torch.Tensor) -> None:
+        if _is_fx_tracing():  # shapes are symbolic while torch.fx traces; the layers are leaves that check
+            return
         if x.dim() != 4:
             raise ValueError(f"{type(self).__name__}: expected an image batch [B, {self.in_chans}, H, W], "
                              f"got shape {tuple(x.shape)}")
@@ -168,7 +191,9 @@ class PDEGCNN(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         self.num_classes = num_classes
+        ref = next(self.stages.parameters())
         self.head.reset(num_classes, pool_type=global_pool)
+        self.head.to(device=ref.device, dtype=ref.dtype)  # the new classifier lives where the model lives
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
@@ -193,7 +218,11 @@ class PDEGCNN(nn.Module):
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True):
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
+        if max_index + 1 < len(self.stages):
+            # truncated: forward_features returns the last kept stage as its (folded, equivariant) tap
+            self.stages = self.stages[:max_index + 1]
+            self.project = _Fold()
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
         if prune_head:
             self.reset_classifier(0, '')
         return take_indices
@@ -216,6 +245,18 @@ class PDEGCNN(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # PDE stem on a timm backbone
 # ----------------------------------------------------------------------------------------------------------------
+# The M2 layers check shapes and coefficients in Python (clear errors), which torch.fx cannot trace through: timm's
+# FX feature extraction treats them as leaves (the mechanism timm uses for its own such layers).
+def _register_notrace():
+    from timm.layers import register_notrace_module
+    for m in (LiftM2Cartesian, ConvectionM2, DilationM2, ErosionM2, LinearM2, CDEPdeLayerM2, MaxProjectM2,
+              SumProjectM2, PDEStem, PDELiftStage, PDEStage, _Fold):
+        register_notrace_module(m)
+
+
+_register_notrace()
+
+
 def _stem_geometry(model: nn.Module, info) -> Tuple[int, int, int]:
     """``(in_chs, out_chs, stride)`` of the deepest point of the original stem (e.g. after ResNet's maxpool)."""
     end_shape = info.segment_ends()[-1][1]
@@ -235,7 +276,19 @@ def create_pde_stem_model(backbone: str, stem_width: int = 16, stem_orientations
     stem = PDEStem(in_chs, out_chs, stride=stride, width=stem_width, orientations=stem_orientations,
                    depth=stem_depth, kernel_size=stem_kernel_size, pde_kernel_size=stem_pde_kernel_size,
                    alpha=stem_alpha)
-    return inject_stem(model, stem, info=info)
+    ref = model.get_submodule(info.first_conv).weight  # build where the backbone was built (timm's device=/dtype=)
+    stem.to(device=ref.device, dtype=ref.dtype)
+    model = inject_stem(model, stem, info=info)
+    # the stem's PDE coefficients are geometric (a shift, a metric): no weight decay on them (timm's optimizer
+    # factory reads model.no_weight_decay()); whatever the backbone already excludes stays excluded
+    model.no_weight_decay = types.MethodType(_stem_no_weight_decay, model)
+    return model
+
+
+def _stem_no_weight_decay(model: nn.Module):
+    names = {n for n, _ in model.named_parameters() if n.endswith(('.g0', '.metric_params'))}
+    own = getattr(type(model), 'no_weight_decay', None)
+    return names | (set(own(model)) if callable(own) else set())
 
 
 def _create(variant: str, pretrained: bool = False, *, backbone: Optional[str] = None, **kwargs) -> nn.Module:
