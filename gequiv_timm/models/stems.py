@@ -350,21 +350,68 @@ def stem_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # the equivariant stem
 # ----------------------------------------------------------------------------------------------------------------
+class PooledLift(GroupConv2d):
+    """Lifting conv (``k x k``, 'same' padding, stride 1) followed by an ``s x s`` average pool, computed as one
+    strided convolution.
+
+    ``avgpool_s(conv_k(x, w))`` equals ``conv(x, w_s, stride=s, padding=k//2)`` with ``w_s = w * box_s`` (the filter
+    smeared over ``s x s`` positions, size ``k + s - 1``): the same numbers as the pooled stride-1 conv, at the cost
+    of a strided conv and without the full-resolution feature map. Equivariance is exact when ``H, W`` are
+    multiples of ``s`` (the pooling windows tile the image symmetrically). Weight and output layout are those of
+    :class:`GroupConv2d` (``[C_out, C_in, 1, k, k]``; ``[B, C_out, |G|, H/s, W/s]``).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, group: str, pool: int):
+        super().__init__(in_channels, out_channels, kernel_size, 'z2', group, padding=kernel_size // 2, bias=False)
+        self.pool = pool
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f', then avg pool {self.pool}x{self.pool} (fused)'
+
+    def pooled_weight(self) -> torch.Tensor:
+        w = self.expanded_weight()
+        s = self.pool
+        if s == 1:
+            return w
+        k = w.shape[-1]
+        out = w.new_zeros(w.shape[0], w.shape[1], k + s - 1, k + s - 1)
+        for a in range(s):
+            for b in range(s):
+                out[..., a:a + k, b:b + k] += w
+        return out / (s * s)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"PooledLift: expected a planar input [B, {self.in_channels}, H, W], got "
+                             f"{tuple(x.shape)}")
+        y = F.conv2d(x, self.pooled_weight(), None, self.pool, self.padding)
+        return y.unflatten(1, (self.out_channels, self.out_group.order))
+
+
+def _register_notrace():
+    from timm.layers import register_notrace_module
+    register_notrace_module(PooledLift)
+
+
+_register_notrace()
+
+
 class EquivariantStem(nn.Module):
     """Lifting group conv + group conv(s), then pooling over the group (invariant) or an equivariant fold.
 
-    ``[B, C_in, H, W] -> lift (k x k, stride 1, 'same') -> GBN -> ReLU -> avg pool (stride) -> [G-conv 3x3 -> GBN ->
-    ReLU] x depth -> head``, with head
+    ``[B, C_in, H, W] -> lift (k x k, 'same') + avg pool (stride), fused (:class:`PooledLift`) -> GBN -> ReLU ->
+    [G-conv 3x3 -> GBN -> ReLU] x depth -> head``, with head
 
     * ``'invariant'``: max (or mean) over the group -> 1x1 conv -> BN -> ReLU: ``[B, out_chs, H/s, W/s]`` with
       ``f(g x) = g f(x)`` (spatial transform only);
     * ``'equivariant'``: 1x1 group conv to ``out_chs / |G|`` fields -> GBN -> ReLU -> fold:
       ``[B, out_chs, H/s, W/s]`` with ``f(g x) = fold(g . unfold(f(x)))``.
 
-    The spatial reduction is a ``stride x stride`` average pool after the lifting conv rather than a strided conv:
+    The spatial reduction is a ``stride x stride`` average pool of the lifting conv rather than a plain strided conv:
     a stride-2 conv on an even-sized image samples a grid that a rotation about the centre does not map onto itself,
     whereas the pooling windows tile the image symmetrically, so equivariance is exact whenever ``H`` and ``W`` are
-    multiples of ``stride``.
+    multiples of ``stride``. Pool and conv are fused into one strided conv with a ``(k + s - 1)`` filter, so the
+    lift costs about what the original strided stem conv did.
 
     Args:
         in_chs, out_chs, stride: planar channels in/out and the spatial reduction (1, 2 or 4).
@@ -405,10 +452,9 @@ class EquivariantStem(nn.Module):
         self.layout = 'invariant' if mode == 'invariant' else 'folded'
         self.in_chs, self.out_chs, self.stride = in_chs, out_chs, stride
         self.width = width = int(width or max(1, out_chs // g.order))
-        self.lift = GroupConv2d(in_chs, width, kernel_size, 'z2', g.name, padding=kernel_size // 2, bias=False)
+        self.lift = PooledLift(in_chs, width, kernel_size, g.name, stride)
         self.bn1 = GroupBatchNorm(width, g)
         self.act1 = nn.ReLU(inplace=True)
-        self.pool = GroupAvgPool2d(stride, group=g) if stride > 1 else nn.Identity()
         convs = []
         for _ in range(depth):
             convs += [GroupConv2d(width, width, 3, g.name, g.name, padding=1, bias=False), GroupBatchNorm(width, g),
@@ -428,7 +474,7 @@ class EquivariantStem(nn.Module):
 
     def forward_group(self, x: torch.Tensor) -> torch.Tensor:
         """The group feature map ``[B, width, |G|, H/s, W/s]`` before the group pooling / fold."""
-        return self.convs(self.pool(self.act1(self.bn1(self.lift(x)))))
+        return self.convs(self.act1(self.bn1(self.lift(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.act2(self.bn2(self.proj(self.gpool(self.forward_group(x)))))
@@ -485,6 +531,7 @@ class EquivariantStem(nn.Module):
         out[:w.shape[0], :, 0] = w
         lw.copy_(out)
         self.lift._cache = None
+        self.lift._cache_key = None
 
 
 def inject_equivariant_stem(model: Union[nn.Module, str], group: str = 'p4', mode: str = 'invariant', *,
