@@ -326,3 +326,14 @@ def test_cde_layer_shapes_and_errors():
 def test_pde_stem_planar_shapes():
     stem = PDEStem(3, 16, stride=4, width=4)
     assert stem(torch.randn(2, 3, 32, 32)).shape == (2, 16, 8, 8)
+
+
+def test_meta_device_construction_does_not_poison_cached_tables():
+    with torch.device('meta'):
+        meta = CDEPdeLayerM2(2, 2, (3, 3, 3))
+        lift = LiftM2Cartesian(1, 2, 8, 5)
+        assert lift.rotation_matrix.device.type == 'meta'
+        meta(torch.empty(1, 2, 8, 6, 6))  # shape-only forward: no value checks, no error
+    x = torch.randn(1, 1, 9, 9)
+    assert torch.isfinite(LiftM2Cartesian(1, 2, 8, 5)(x)).all()
+    assert torch.isfinite(DilationM2(2, (3, 3, 3))(torch.randn(1, 2, 8, 6, 6))).all()
