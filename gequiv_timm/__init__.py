@@ -22,6 +22,7 @@ def __getattr__(name):
         'inject_equivariant_stem': 'gequiv_timm.models.stems',
         'inject_stem': 'gequiv_timm.models.stems',
         'STNFrontEnd': 'gequiv_timm.models.stn',
+        'PDEStem': 'gequiv_timm.layers.pde',
     }
     if name in lazy:
         import importlib

@@ -6,3 +6,7 @@ from .gconv import (
     stride_is_exact, unfold_group,
 )
 from .stn import LocalisationCNN, ParallelSpatialTransformer, SpatialTransformer, TRANSFORMS, create_transform
+from .pde import (
+    CDEPdeLayerM2, ConvectionM2, DilationM2, ErosionM2, LiftM2Cartesian, LinearM2, MaxProjectM2, PDEStem,
+    ReflectionPadM2, SumProjectM2, morphological_convolution_m2, rotate_m2,
+)
