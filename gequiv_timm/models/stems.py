@@ -668,5 +668,11 @@ def _create(variant: str, pretrained: bool = False, *, backbone: str, group: str
     stem_args = dict(width=stem_width, kernel_size=stem_kernel_size, depth=stem_depth, stride=stem_stride,
                      group_pool=stem_group_pool)
     builder = partial(_build, backbone, group, mode, stem_args)
-    return create_gequiv_model(builder, variant, pretrained,
+    feature_cfg = None
+    if kwargs.get('features_only') and 'out_indices' not in kwargs:
+        import timm
+        with torch.device('meta'):  # only the backbone's number of feature levels is needed
+            n = len(timm.create_model(backbone, pretrained=False, device='meta').feature_info)
+        feature_cfg = dict(out_indices=tuple(range(n)))
+    return create_gequiv_model(builder, variant, pretrained, feature_cfg=feature_cfg,
                                pretrained_filter_fn=partial(_pretrained_filter, warm_start=warm_start), **kwargs)
