@@ -58,9 +58,52 @@ _TS_GCONV = ("TorchScript: gequiv_timm/layers/gconv.py is not scriptable (Equiva
              "class annotation, check_group_input's isinstance/f-strings, w._version in expanded_weight)")
 _DEVICE_KW = ("the model class does not accept timm's device=/dtype= factory kwargs (TypeError); add "
               "`device=None, dtype=None` to __init__ and move the module with .to(device, dtype)")
+_FX_CHECKS = ("FX: Python shape checks in forward (`if x.dim() != ...` / `_check_input`) cannot be traced; move them "
+              "into a function registered with timm.layers.register_notrace_function, or register the module with "
+              "register_notrace_module")
+_KEYPOINT = "keypoint model: the output is not [B, num_classes] / feature maps are not a list of 4-D tensors"
 KNOWN_FAILURES = {
+    # shared layers (gconv.py) and the G-CNN reference family (gcnn.py)
     ('test_torchscript', 'gequiv_p4*'): _TS_GCONV,
     ('test_torchscript', 'gequiv_z2cnn'): _TS_GCONV,
+    ('test_default_cfg', 'gequiv_[pz]*cnn'): "GroupCNN: " + _DEVICE_KW,
+    ('test_prune_intermediate_layers', 'gequiv_p4*cnn'): (
+        "GroupCNN.prune_intermediate_layers(prune_norm=True) keeps the group pooling, so forward_features is not "
+        "the folded tap (see GroupResNet: replace group_pool by a fold, update num_features / head)"),
+    ('test_fx_forward', 'gequiv_[pz]*cnn'): "GroupCNN: " + _FX_CHECKS,
+    ('test_fx_backward', 'gequiv_[pz]*cnn'): "GroupCNN: " + _FX_CHECKS,
+    # escnn baselines (escnn_baselines.py)
+    ('test_default_cfg', 'gequiv_escnn_*'): "Escnn*: " + _DEVICE_KW,
+    ('test_prune_intermediate_layers', 'gequiv_escnn_*'): (
+        "escnn modules cannot be deepcopied (non-leaf tensors in R2Conv's basis expansion), which timm's pruning "
+        "test and FeatureGetterNet users rely on"),
+    ('test_torchscript', 'gequiv_escnn_*'): "escnn modules are not scriptable (nn.ModuleList annotations)",
+    ('test_fx_forward', 'gequiv_escnn_*'): "Escnn*: " + _FX_CHECKS,
+    ('test_fx_backward', 'gequiv_escnn_*'): "Escnn*: " + _FX_CHECKS,
+    # keypoint heads (rcn.py)
+    ('test_backward', 'gequiv_kp*'): _KEYPOINT, ('test_backward', 'gequiv_rcn_*'): _KEYPOINT,
+    ('test_backward', 'gequiv_sumnet_*'): _KEYPOINT,
+    ('test_default_cfg', 'gequiv_kp*'): "KeypointNet: " + _DEVICE_KW,
+    ('test_default_cfg', 'gequiv_rcn_*'): "KeypointNet: " + _DEVICE_KW,
+    ('test_default_cfg', 'gequiv_sumnet_*'): "KeypointNet: " + _DEVICE_KW,
+    ('test_forward_intermediates', 'gequiv_kp*'): _KEYPOINT,
+    ('test_forward_intermediates', 'gequiv_rcn_*'): _KEYPOINT,
+    ('test_forward_intermediates', 'gequiv_sumnet_*'): _KEYPOINT,
+    ('test_torchscript', 'gequiv_kp*'): "KeypointNet is not scriptable",
+    ('test_torchscript', 'gequiv_rcn_*'): "KeypointNet is not scriptable",
+    ('test_torchscript', 'gequiv_sumnet_*'): "KeypointNet is not scriptable (**kwargs expansion)",
+    ('test_fx_forward', 'gequiv_kp*'): "KeypointNet: " + _FX_CHECKS,
+    ('test_fx_backward', 'gequiv_kp*'): "KeypointNet: " + _FX_CHECKS,
+    ('test_fx_forward', 'gequiv_rcn_*'): "KeypointNet: " + _FX_CHECKS,
+    ('test_fx_backward', 'gequiv_rcn_*'): "KeypointNet: " + _FX_CHECKS,
+    ('test_fx_forward', 'gequiv_sumnet_*'): "KeypointNet: " + _FX_CHECKS,
+    ('test_fx_backward', 'gequiv_sumnet_*'): "KeypointNet: " + _FX_CHECKS,
+    # spatial transformers (stn.py)
+    ('test_torchscript', 'gequiv_stn*'): "STN front ends are not scriptable (Optional[Tuple] / int annotations)",
+    ('test_fx_forward', 'gequiv_stn_cnn_mnist'): "STN CNN: " + _FX_CHECKS,
+    ('test_fx_backward', 'gequiv_stn_cnn_mnist'): "STN CNN: " + _FX_CHECKS,
+    # PDE-G-CNNs (pde.py)
+    ('test_torchscript', 'gequiv_pde_*'): "PDE layers are not scriptable (f-strings / python control flow)",
 }
 
 
@@ -115,7 +158,7 @@ def _create(name, **kw):
 
 # ----------------------------------------------------------------------------------------------------------------
 def test_forward(name, base):
-    model = copy.deepcopy(base)
+    model = base
     x = torch.randn(1, *_input_size(model))
     out = model(x)
     assert out.shape[0] == 1
@@ -124,7 +167,10 @@ def test_forward(name, base):
         model.set_grad_checkpointing()
     except Exception:
         return
-    torch.testing.assert_close(model(x), out, rtol=1e-4, atol=1e-5)
+    try:
+        torch.testing.assert_close(model(x), out, rtol=1e-4, atol=1e-5)
+    finally:
+        model.set_grad_checkpointing(False)
 
 
 def test_backward(name):
@@ -237,7 +283,7 @@ def test_features_only(name):
 
 
 def test_forward_intermediates(name, base):
-    model = copy.deepcopy(base)
+    model = base
     info = timm.models.FeatureInfo(model.feature_info, len(model.feature_info))
     size = _input_size(model)
     x = torch.randn(1, *size)
@@ -248,8 +294,11 @@ def test_forward_intermediates(name, base):
         model.set_grad_checkpointing()
     except Exception:
         return
-    final2, _ = model.forward_intermediates(x, output_fmt='NCHW')
-    torch.testing.assert_close(final2, final, rtol=1e-4, atol=1e-5)
+    try:
+        final2, _ = model.forward_intermediates(x, output_fmt='NCHW')
+        torch.testing.assert_close(final2, final, rtol=1e-4, atol=1e-5)
+    finally:
+        model.set_grad_checkpointing(False)
 
 
 def test_prune_intermediate_layers(name, base):
@@ -322,11 +371,9 @@ def test_fx_forward(name, base):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_fx_backward(name, base):
+def test_fx_backward(name):
     pytest.importorskip('torchvision')
-    model = copy.deepcopy(base)
-    model.reset_classifier(42)
-    model.train()
+    model = _create(name, num_classes=42).train()
     n_params = sum(p.numel() for p in model.parameters())
     fx = _fx_model(model, train=True)
     out = torch.cat(tuple(fx(torch.randn(2, *_input_size(name))).values()))
