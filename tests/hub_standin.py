@@ -210,6 +210,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header('Content-Type', 'application/json')
         for k, v in headers.items():
             self.send_header(k, v)
+        if self.close_connection:
+            self.send_header('Connection', 'close')  # so the client does not reuse a connection closed here
         self.send_header('Content-Length', str(len(data)))
         self.end_headers()
         if not head:
