@@ -76,3 +76,10 @@ def test_catalog_value_checks(tmp_path, body, msg):
     (tmp_path / 'v.toml').write_text(body, encoding='utf-8')
     with pytest.raises(registry.CatalogError, match=msg):
         registry.load_catalog(tmp_path)
+
+
+def test_pretrained_without_weights_is_refused_not_random():
+    """timm only warns and keeps the random init; we refuse, naming the model and what to do."""
+    from gequiv_timm.hub import WeightsError
+    with pytest.raises(WeightsError, match='gequiv_rcn_paper: pretrained=True but no weights'):
+        timm.create_model('gequiv_rcn_paper', pretrained=True)

@@ -10,3 +10,7 @@ from .pde import (
     CDEPdeLayerM2, ConvectionM2, DilationM2, ErosionM2, LiftM2Cartesian, LinearM2, MaxProjectM2, PDEStem,
     ReflectionPadM2, SumProjectM2, morphological_convolution_m2, rotate_m2,
 )
+from .rcn import (
+    CoordRegressionHead, DenoisingKeypointModel, JointKeypointModel, RCNPaperTrunk, RecombinatorHead, SingleScaleHead,
+    SumNetHead, argmax_keypoints, decode_heatmaps, heatmap_cross_entropy, soft_argmax_keypoints, spatial_softmax,
+)

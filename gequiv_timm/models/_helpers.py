@@ -147,8 +147,16 @@ def _check_pretrained_file(variant: str, kwargs: Dict[str, Any]) -> Optional[str
         if not path.is_file():
             raise _weights_error()(f"{path}: weights file not found for {variant}{'.' + tag if tag else ''}; "
                                    f"reinstall the package or pass pretrained_cfg_overlay=dict(file=...)")
-    else:
+    elif cfg.get('url') or cfg.get('state_dict') is not None:
         return None  # url / state_dict: timm's business
+    else:
+        # timm would only warn and keep the random init: a silent change of results, so refuse instead
+        import timm
+        tagged = [n for n in timm.list_pretrained(f'{variant}.*')]
+        hint = f"pretrained tags: {', '.join(tagged)}" if tagged else 'this model has no pretrained weights yet'
+        raise _weights_error()(f"{variant}{'.' + tag if tag else ''}: pretrained=True but no weights are known for it "
+                               f"({hint}). Pass pretrained_cfg_overlay=dict(file='weights.safetensors') or "
+                               f"pretrained=False.")
     if path.suffix != '.safetensors':
         raise _weights_error()(f"{path}: not a .safetensors file; gequiv_timm loads safetensors only (it never "
                                f"unpickles). Convert the checkpoint with safetensors.torch.save_file.")
