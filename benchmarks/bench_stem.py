@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -75,6 +74,16 @@ def _rss_kb() -> int:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') // 1024
 
 
+def _hwm_kb() -> int:
+    """Peak resident set (VmHWM) of this process. Not ru_maxrss: Linux keeps that across fork + exec, so a child
+    would report its parent's peak."""
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith('VmHWM:'):
+                return int(line.split()[1])
+    raise RuntimeError('no VmHWM in /proc/self/status')
+
+
 def _memory_child(name: str, size: int, train_batch: int, threads: int) -> None:
     torch.set_num_threads(threads)
     model = _create(name)
@@ -88,8 +97,32 @@ def _memory_child(name: str, size: int, train_batch: int, threads: int) -> None:
     model.eval()
     with torch.no_grad():
         model(xe)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
+    peak = _hwm_kb()
     print(json.dumps(dict(peak_rss_growth_mb=round((peak - base) / 1024, 1), peak_rss_mb=round(peak / 1024, 1))))
+
+
+def _measure_memory(name, args):
+    out = subprocess.run([sys.executable, __file__, '--memory-child', name, '--size', str(args.size), '--train-batch',
+                          str(args.train_batch), '--threads', str(args.threads)], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _memory_only(args):
+    outp = Path(args.out)
+    result = json.loads(outp.with_suffix('.json').read_text())
+    for n in MODELS:
+        result['models'][n].update(_measure_memory(n, args))
+    a, b = result['models']['gequiv_p4_resnet18'], result['models']['resnet18']
+    result['ratios_ours_over_plain']['peak_rss_growth'] = round(a['peak_rss_growth_mb'] / b['peak_rss_growth_mb'], 2)
+    result['setup']['memory_command'] = ' '.join(sys.argv)
+    outp.with_suffix('.json').write_text(json.dumps(result, indent=2))
+    md = outp.with_suffix('.md').read_text().splitlines()
+    md = [l for l in md if not l.startswith('| peak RSS')]
+    md.append(f"| peak RSS growth (MB) | {b['peak_rss_growth_mb']} | {a['peak_rss_growth_mb']} | "
+              f"{result['ratios_ours_over_plain']['peak_rss_growth']} |")
+    outp.with_suffix('.md').write_text('\n'.join(md) + '\n')
+    print('\n'.join(md))
 
 
 def main(argv=None):
@@ -101,10 +134,13 @@ def main(argv=None):
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results' / 'stem'))
     p.add_argument('--memory-child', default=None, help=argparse.SUPPRESS)
+    p.add_argument('--memory-only', action='store_true', help='re-measure peak memory into an existing result')
     args = p.parse_args(argv)
     if args.memory_child:
         return _memory_child(args.memory_child, args.size, args.train_batch, args.threads)
 
+    if args.memory_only:
+        return _memory_only(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     s = args.size
@@ -128,10 +164,7 @@ def main(argv=None):
     res = {}
     for n, m in models.items():
         med = {k: statistics.median(v) for k, v in times[n].items()}
-        out = subprocess.run([sys.executable, __file__, '--memory-child', n, '--size', str(s), '--train-batch',
-                              str(args.train_batch), '--threads', str(args.threads)], capture_output=True, text=True,
-                             check=True)
-        mem = json.loads(out.stdout.strip().splitlines()[-1])
+        mem = _measure_memory(n, args)
         res[n] = dict(params=sum(p.numel() for p in m.parameters()),
                       stem_params=sum(p.numel() for p in _stem(m, n).parameters()),
                       **{f'{k}_s': round(v, 4) for k, v in med.items()},
