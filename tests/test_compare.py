@@ -131,6 +131,10 @@ def test_default_models_follow_the_registry():
     assert set(compare.ESCNN_MODELS) <= set(names)
     for opt in compare.OPTIONAL_MODELS:
         assert (opt in names) == (opt in timm.list_models('gequiv_*'))
+    assert not set(compare.EXTENDED_MODELS) & set(names)
+    everything = compare._parse_models('all')
+    assert set(names) <= set(everything)
+    assert {m for m in compare.EXTENDED_MODELS if m in timm.list_models('gequiv_*')} <= set(everything)
 
 
 # ----- helpers ------------------------------------------------------------------------------------------------
