@@ -172,7 +172,10 @@ def _models():
 INT_GAPS = {'gequiv_p4m_resnet18',
             'gequiv_escnn_c4cnn', 'gequiv_escnn_c8cnn', 'gequiv_escnn_d4cnn', 'gequiv_escnn_c8_wrn',
             'gequiv_kpreg_resnet18', 'gequiv_kpsingle_resnet18', 'gequiv_rcn_paper', 'gequiv_rcn_resnet18',
-            'gequiv_sumnet_resnet18', 'gequiv_pde_cnn_rotmnist', 'gequiv_pde_resnet18'}
+            'gequiv_sumnet_resnet18', 'gequiv_pde_cnn_rotmnist', 'gequiv_pde_resnet18',
+            # stem-injected timm backbones: torch rejects integer input before the lifting conv's check
+            'gequiv_p4_convnext_tiny', 'gequiv_p4_regnety_016', 'gequiv_p4_resnet18', 'gequiv_p4m_efficientnet_b0',
+            'gequiv_p4m_resnet50', 'gequiv_rcn_p4_resnet18'}
 
 
 def _model_cases():
