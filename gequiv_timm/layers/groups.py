@@ -161,7 +161,7 @@ def transform_group_map(x: torch.Tensor, g: int, group='p4') -> torch.Tensor:
 @lru_cache(maxsize=None)
 def _filter_indices(in_group: str, out_group: str, kernel_size: int) -> torch.Tensor:
     gi, go = get_group(in_group), get_group(out_group)
-    base = torch.arange(gi.order * kernel_size * kernel_size).view(gi.order, kernel_size, kernel_size)
+    base = torch.arange(gi.order * kernel_size * kernel_size, device='cpu').view(gi.order, kernel_size, kernel_size)
     rows = []
     for h in range(go.order):
         if gi.order == 1:
