@@ -11,6 +11,24 @@ from timm.models import build_model_with_cfg
 __all__ = ['create_gequiv_model', 'adapt_input_conv_nd', 'sha256_file', 'verify_checksum', 'ChecksumError']
 
 
+def _register_fx_leaves() -> None:
+    """Tell timm's FX feature extraction (and torchvision's tracer, through timm's lists) what not to trace into.
+
+    The group layers check their inputs in Python (clear errors), which ``torch.fx`` cannot trace through: they are
+    leaf modules (matched with ``isinstance``, so subclasses such as the stems' ``PooledLift`` are leaves too), and
+    the models' input check is a leaf function. This is the one place where gequiv_timm registers them.
+    """
+    from timm.layers import register_notrace_function, register_notrace_module
+    from ..layers.gconv import GroupAvgPool2d, GroupBatchNorm, GroupConv2d, GroupMaxPool2d, GroupPool
+    from ._timm_api import check_image_input
+    for m in (GroupConv2d, GroupBatchNorm, GroupPool, GroupAvgPool2d, GroupMaxPool2d):
+        register_notrace_module(m)
+    register_notrace_function(check_image_input)
+
+
+_register_fx_leaves()
+
+
 class ChecksumError(RuntimeError):
     """A weights file whose sha256 does not match the manifest."""
 

@@ -13,17 +13,15 @@ Catalog entries: ``registry/gcnn.toml``.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead
-from timm.models._features import feature_take_indices
-from timm.models import checkpoint_seq
 
-from ..layers.gconv import GroupBatchNorm, GroupConv2d, GroupMaxPool2d, GroupPool, fold_group, stride_is_exact
+from ..layers.gconv import GroupBatchNorm, GroupConv2d, GroupMaxPool2d, GroupPool, stride_is_exact
 from ..layers.groups import get_group
 from ._helpers import create_gequiv_model
+from ._timm_api import TimmApiMixin
 
 __all__ = ['GroupCNN', 'GroupConvStage']
 
@@ -45,7 +43,7 @@ class GroupConvStage(nn.Module):
         return self.pool(self.act(self.bn(self.conv(x))))
 
 
-class GroupCNN(nn.Module):
+class GroupCNN(TimmApiMixin, nn.Module):
     """A stack of group-convolution stages with group pooling and a timm classifier head.
 
     Args:
@@ -55,15 +53,18 @@ class GroupCNN(nn.Module):
         padding: padding of every convolution (0 = valid, as in the paper).
         pool_after: stage indices followed by a 2x2 spatial max pool.
         group_pool: ``'max'`` or ``'mean'`` pooling over the group axis before the head.
-        num_classes, in_chans, drop_rate, global_pool: as every timm model.
+        num_classes, in_chans, drop_rate, global_pool: as every timm model. device, dtype: timm's factory kwargs.
 
     Shapes: input ``[B, in_chans, H, W]``; ``forward_features`` ``[B, widths[-1], H', W']`` (invariant);
     intermediates ``[B, C * |G|, h, w]`` (folded, equivariant); logits ``[B, num_classes]``.
     """
 
+    stem_tap = False  # the first stage lifts: taps are the stage outputs
+
     def __init__(self, group: str = 'p4', widths: Sequence[int] = (10,) * 7, kernel_size: int = 3,
                  padding: int = 0, pool_after: Sequence[int] = (1,), group_pool: str = 'max',
-                 num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0., global_pool: str = 'avg'):
+                 num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0., global_pool: str = 'avg',
+                 device=None, dtype=None):
         super().__init__()
         if not widths:
             raise ValueError("GroupCNN: widths must list at least one stage width")
@@ -75,6 +76,7 @@ class GroupCNN(nn.Module):
         self.padding = padding
         self.pool_after = tuple(pool_after)
         self.grad_checkpointing = False
+        self.stem = nn.Identity()  # the first stage lifts the image to the group
         stages = []
         self.feature_info = []
         prev, reduction = in_chans, 1
@@ -87,8 +89,9 @@ class GroupCNN(nn.Module):
             prev = w
         self.stages = nn.Sequential(*stages)
         self.group_pool = GroupPool(self.group, group_pool)
-        self.num_features = self.head_hidden_size = prev
-        self.head = ClassifierHead(prev, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self._init_head(prev, num_classes, global_pool, drop_rate)
+        if device is not None or dtype is not None:  # timm's factory kwargs
+            self.to(device=device, dtype=dtype)
 
     # ----- sizes ------------------------------------------------------------------------------------------
     def _trace_size(self, size: int) -> Tuple[int, bool]:
@@ -114,80 +117,10 @@ class GroupCNN(nn.Module):
         return self._trace_size(h)[1] and self._trace_size(w)[1] and self._trace_size(h)[0] >= 1 and \
             self._trace_size(w)[0] >= 1
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4:
-            raise ValueError(f"{type(self).__name__}: expected an image batch [B, {self.in_chans}, H, W], "
-                             f"got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"{type(self).__name__}: expected {self.in_chans} input channels, got {x.shape[1]}; "
-                             f"create the model with in_chans={x.shape[1]}")
-        m = self.min_input_size()
-        if min(x.shape[-2:]) < m:
-            raise ValueError(f"{type(self).__name__}: input {tuple(x.shape[-2:])} is too small; the stages need "
-                             f"at least {m}x{m}")
-
     # ----- timm API -------------------------------------------------------------------------------------
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False):
         return dict(stem=r'^stages\.0\.', blocks=r'^stages\.(\d+)')
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True):
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def no_weight_decay(self):
-        return set()
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
-
-    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
-                              norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
-                              intermediates_only: bool = False):
-        """Stage outputs, folded to ``[B, C*|G|, H, W]`` (equivariant), as timm's ``forward_intermediates``."""
-        if output_fmt != 'NCHW':
-            raise ValueError(f"{type(self).__name__}: output_fmt must be 'NCHW', got {output_fmt!r}")
-        self._check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        intermediates = []
-        stages = self.stages if not stop_early else self.stages[:max_index + 1]
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(fold_group(x))
-        if intermediates_only:
-            return intermediates
-        if len(stages) == len(self.stages):
-            x = self.group_pool(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True):
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.stages, x)
-        else:
-            x = self.stages(x)
-        return self.group_pool(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> GroupCNN:

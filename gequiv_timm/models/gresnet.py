@@ -26,26 +26,17 @@ Catalog entries: ``registry/gresnet.toml``.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, get_device_dtype, register_notrace_module
-from timm.models import checkpoint_seq
-from timm.models._features import feature_take_indices
 
-from ..layers.gconv import (
-    GroupAvgPool2d, GroupBatchNorm, GroupConv2d, GroupMaxPool2d, GroupPool, fold_group,
-)
+from ..layers.gconv import GroupAvgPool2d, GroupBatchNorm, GroupConv2d, GroupMaxPool2d, GroupPool
 from ..layers.groups import get_group
 from ._helpers import create_gequiv_model
+from ._timm_api import TimmApiMixin
 
 __all__ = ['GroupResNet', 'GroupAllCNN', 'GroupBasicBlock', 'GroupConvBnAct']
-
-# The group layers check their input shapes in Python (clear errors), which torch.fx cannot trace through: tell
-# timm's FX feature extraction to treat them as leaves (the same mechanism timm uses for its own such layers).
-for _m in (GroupConv2d, GroupBatchNorm, GroupPool, GroupAvgPool2d, GroupMaxPool2d):
-    register_notrace_module(_m)
 
 
 class GroupConvBnAct(nn.Module):
@@ -95,120 +86,6 @@ class GroupBasicBlock(nn.Module):
         return self.act(self.conv2(self.conv1(x)) + self.shortcut(x))
 
 
-class _Fold(nn.Module):
-    """``[B, C, |G|, H, W] -> [B, C*|G|, H, W]`` (stands in for the group pooling after pruning with prune_norm)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fold_group(x)
-
-
-class _GroupNet(nn.Module):
-    """The timm API shared by the full G-CNNs: ``stem`` (may be empty) -> ``stages`` -> group pool -> head.
-
-    Subclasses set ``self.stem`` (planar -> group map), ``self.stages`` (``nn.Sequential`` of stages),
-    ``self.feature_info`` (one entry per tap; tap 0 is the stem when ``self.stem_tap``), ``self.num_features``.
-    """
-
-    stem_tap: bool = True
-
-    def _init_head(self, group_pool: str, num_classes: int, global_pool: str, drop_rate: float) -> None:
-        self.group_pool = GroupPool(self.group, group_pool)
-        self.head_hidden_size = self.num_features
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False):
-        return dict(stem=r'^stem', blocks=r'^stages\.(\d+)' if coarse else [
-            (r'^stages\.(\d+)\.(\d+)', None), (r'^stages\.(\d+)', (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True):
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def no_weight_decay(self):
-        return set()
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool, **get_device_dtype(self))
-
-    def _taps(self) -> int:
-        return len(self.stages) + int(self.stem_tap)
-
-    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
-                              norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
-                              intermediates_only: bool = False):
-        """Stem / stage outputs, folded to ``[B, C*|G|, H, W]`` (equivariant), as timm's ``forward_intermediates``.
-
-        The final output (when the last stage runs) is group-pooled like :meth:`forward_features`.
-        """
-        if output_fmt != 'NCHW':
-            raise ValueError(f"{type(self).__name__}: output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(self._taps(), indices)
-        intermediates = []
-        x = self.stem(x)
-        off = int(self.stem_tap)
-        if self.stem_tap and 0 in take_indices:
-            intermediates.append(fold_group(x))
-        last = len(self.stages) if not stop_early else max(0, max_index + 1 - off)
-        for i, stage in enumerate(self.stages[:last]):
-            x = stage(x)
-            if i + off in take_indices:
-                intermediates.append(fold_group(x))
-        if intermediates_only:
-            return intermediates
-        if last == len(self.stages):
-            x = self.group_pool(x)
-        else:
-            x = fold_group(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True):
-        """Drop the stages after the last tap in ``indices``.
-
-        The group pooling before the head plays the role of timm's final norm: with ``prune_norm=True`` it is
-        replaced by the fold, so ``forward_features`` returns the last tap itself (``[B, C*|G|, h, w]``);
-        otherwise it stays (``[B, C, h, w]``, invariant). ``num_features`` / ``head_hidden_size`` follow.
-        """
-        take_indices, max_index = feature_take_indices(self._taps(), indices)
-        keep = max(0, max_index + 1 - int(self.stem_tap))
-        self.stages = self.stages[:keep]
-        tap_chs = self.feature_info[max_index]['num_chs']
-        old_features = self.num_features
-        if prune_norm:
-            self.group_pool = _Fold()
-            self.num_features = tap_chs
-        else:
-            self.num_features = tap_chs // self.group.order
-        self.head_hidden_size = self.num_features
-        if prune_head:
-            self.num_classes = 0
-        if prune_head or self.num_features != old_features:
-            self.head.reset(self.num_classes, pool_type='' if prune_head else None, in_features=self.num_features,
-                            **get_device_dtype(self))
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.stages, x)
-        else:
-            x = self.stages(x)
-        return self.group_pool(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
 class _ImageNetStem(nn.Module):
     """``2x2 avg pool -> lift k x k -> GBN -> ReLU`` (reduction 2): a stride-2 stem that stays exactly equivariant."""
 
@@ -238,7 +115,7 @@ class _CifarStem(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
-class GroupResNet(_GroupNet):
+class GroupResNet(TimmApiMixin, nn.Module):
     """ResNet of group basic blocks, invariant end to end (group pooling before the head).
 
     Args:
@@ -297,8 +174,8 @@ class GroupResNet(_GroupNet):
                                           group=g.name, layout='folded'))
             prev = w
         self.stages = nn.Sequential(*stages)
-        self.num_features = prev
-        self._init_head(group_pool, num_classes, global_pool, drop_rate)
+        self.group_pool = GroupPool(g, group_pool)
+        self._init_head(prev, num_classes, global_pool, drop_rate)
         if zero_init_last:
             for m in self.modules():
                 if isinstance(m, GroupBasicBlock):
@@ -306,8 +183,13 @@ class GroupResNet(_GroupNet):
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        return dict(stem=r'^stem', blocks=r'^stages\.(\d+)' if coarse else [
+            (r'^stages\.(\d+)\.(\d+)', None), (r'^stages\.(\d+)', (99999,))])
 
-class GroupAllCNN(_GroupNet):
+
+class GroupAllCNN(TimmApiMixin, nn.Module):
     """All-CNN-C (Springenberg et al. 2015) on a group, invariant end to end.
 
     Layers (``w1, w2`` = ``widths``): ``lift3x3(w1) conv3x3(w1) | pool conv3x3(w1) conv3x3(w2) conv3x3(w2) |
@@ -343,8 +225,8 @@ class GroupAllCNN(_GroupNet):
         self.stages = nn.Sequential(s0, s1, s2)
         self.feature_info = [dict(num_chs=w * g.order, reduction=r, module=f'stages.{i}', group=g.name,
                                   layout='folded') for i, (w, r) in enumerate(((w1, 1), (w2, 2), (w2, 4)))]
-        self.num_features = w2
-        self._init_head(group_pool, num_classes, global_pool, drop_rate)
+        self.group_pool = GroupPool(g, group_pool)
+        self._init_head(w2, num_classes, global_pool, drop_rate)
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 
