@@ -162,3 +162,67 @@ def test_exact_svd_shim_accepts_np_matrix():
     u, s, vh = eb._exact_svd(a, n_components=4, random_state=None)
     assert np.allclose(s, np.linalg.svd(np.asarray(a), compute_uv=False))
     assert np.allclose((u * s) @ vh, np.asarray(a))
+
+
+# ----- timm factory kwargs, copies and escnn's shared basis cache ----------------------------------------------
+def test_factory_dtype_and_independent_bases():
+    """``dtype=`` builds the model in that dtype; moving one model leaves every other escnn model as it was (escnn
+    shares basis-expansion modules between convs through a process-wide cache; each model owns copies)."""
+    a = timm.create_model('gequiv_escnn_c4cnn').eval()
+    b = timm.create_model('gequiv_escnn_c4cnn', dtype=torch.float64).eval()
+    assert {t.dtype for t in [*b.parameters(), *b.buffers()] if t.is_floating_point()} == {torch.float64}
+    assert {t.dtype for t in [*a.parameters(), *a.buffers()] if t.is_floating_point()} == {torch.float32}
+    x = torch.randn(2, 1, 28, 28)
+    assert a(x).dtype == torch.float32 and b(x.double()).dtype == torch.float64
+    a.to(torch.bfloat16)
+    c = timm.create_model('gequiv_escnn_c4cnn').eval()
+    assert {t.dtype for t in [*c.parameters(), *c.buffers()] if t.is_floating_point()} == {torch.float32}
+    assert c(x).dtype == torch.float32
+
+
+def test_meta_device_construction():
+    m = timm.create_model('gequiv_escnn_d4cnn', device='meta')
+    wrong = [n for n, t in [*m.named_parameters(), *m.named_buffers()] if t.device.type != 'meta']
+    assert not wrong
+    assert len(list(m.modules())) > 10  # enumerating modules must not hit escnn's value equality on meta tensors
+    assert timm.create_model('gequiv_escnn_d4cnn')(torch.randn(1, 1, 28, 28)).device.type == 'cpu'
+
+
+@pytest.mark.parametrize('name', ['gequiv_escnn_c8cnn', 'gequiv_escnn_c8_wrn'])
+def test_deepcopy_in_eval_mode(name, models):
+    import copy
+    m = models[name]
+    x = torch.randn(2, 1, 28, 28)
+    twin = copy.deepcopy(m)
+    torch.testing.assert_close(twin(x), m(x))
+
+
+def test_integer_input_is_refused(models):
+    with pytest.raises(TypeError, match='floating point'):
+        models['gequiv_escnn_c4cnn'](torch.zeros(1, 1, 28, 28, dtype=torch.uint8))
+
+
+def test_pruned_features_are_the_folded_tap(models):
+    import copy
+    m = copy.deepcopy(models['gequiv_escnn_c4cnn'])
+    x = torch.randn(2, 1, 28, 28)
+    taps = m.forward_intermediates(x, intermediates_only=True)
+    m.prune_intermediate_layers([2], prune_norm=True)
+    assert m.num_features == taps[2].shape[1] == 12 * 4
+    torch.testing.assert_close(m.forward_features(x), taps[2])
+    m2 = copy.deepcopy(models['gequiv_escnn_c4cnn'])
+    m2.prune_intermediate_layers([2], prune_head=False)
+    assert m2.num_features == 12 and m2(x).shape == (2, 10)
+    # invariant features after pruning: group pooling rebuilt for the kept stage
+    torch.testing.assert_close(m2.forward_features(torch.rot90(x, 1, (-2, -1))),
+                               torch.rot90(m2.forward_features(x), 1, (-2, -1)), atol=1e-4, rtol=1e-4)
+
+
+def test_field_max_pool_matches_escnn_group_pooling():
+    gspaces, enn = eb.import_escnn()
+    for gs in (gspaces.rot2dOnR2(4), gspaces.flipRot2dOnR2(4)):
+        t = enn.FieldType(gs, 3 * [gs.regular_repr])
+        x = torch.randn(2, t.size, 5, 5)
+        ref = enn.GroupPooling(t)(enn.GeometricTensor(x, t)).tensor
+        torch.testing.assert_close(eb.FieldMaxPool(gs.regular_repr.size)(x), ref)
+        assert eb.FieldMaxPool(gs.regular_repr.size)(x.double()).dtype == torch.float64

@@ -170,7 +170,6 @@ def _models():
 # dtype gaps: these models hand an integer tensor to torch and fail there with "expected scalar type Long";
 # fix: check `x.is_floating_point()` in the model's input check (as GroupCNN/SpatialTransformer do).
 INT_GAPS = {'gequiv_p4m_resnet18',
-            'gequiv_escnn_c4cnn', 'gequiv_escnn_c8cnn', 'gequiv_escnn_d4cnn', 'gequiv_escnn_c8_wrn',
             'gequiv_kpreg_resnet18', 'gequiv_kpsingle_resnet18', 'gequiv_rcn_paper', 'gequiv_rcn_resnet18',
             'gequiv_sumnet_resnet18', 'gequiv_pde_cnn_rotmnist', 'gequiv_pde_resnet18',
             # stem-injected timm backbones: torch rejects integer input before the lifting conv's check

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from timm.layers import register_notrace_function, register_notrace_module
 from torch import nn
 
 __all__ = ['ESCNN_EXTRA_HINT', 'GROUPS', 'EscnnCNN', 'EscnnWideResNet', 'escnn_available', 'import_escnn']
@@ -132,6 +133,61 @@ class _Residual(nn.Module):
         return self.body(x) + self.shortcut(x)
 
 
+@register_notrace_function
+def check_image_batch(x: torch.Tensor, in_chans: int, owner: str) -> torch.Tensor:
+    """Return ``x`` when it is a floating point image batch ``[B, in_chans, H, W]``; raise a ValueError / TypeError
+    that says what was expected otherwise. Registered with timm's FX helpers, so traced models keep the check."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"{owner}: expected an image batch [B, C={in_chans}, H, W], got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"{owner}: expected {in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
+                         f"build the model with in_chans={x.shape[1]}")
+    if not x.is_floating_point():
+        raise TypeError(f"{owner}: expected a floating point image batch, got dtype {x.dtype}; convert and "
+                        f"normalise it first (e.g. x.float() / 255, then the model's pretrained_cfg mean/std)")
+    return x
+
+
+class FieldMaxPool(nn.Module):
+    """Group pooling of regular fields: ``[B, C*|G|, H, W] -> [B, C, H, W]``, the max over each field's ``|G|``
+    contiguous channels (escnn's ``GroupPooling`` on regular fields, which allocates its output in float32 whatever
+    the input dtype; this one keeps the dtype and is traceable)."""
+
+    def __init__(self, field_size: int):
+        super().__init__()
+        self.field_size = int(field_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(1, (-1, self.field_size)).amax(2)
+
+    def extra_repr(self) -> str:
+        return f'field_size={self.field_size}'
+
+
+@register_notrace_module
+class _Tensorized(nn.Module):
+    """An escnn module seen from outside as ``Tensor -> Tensor``.
+
+    Wraps the input in a ``GeometricTensor`` of ``in_type`` and returns the plain ``.tensor`` of the result, so the
+    model around it (timm's head, gradient checkpointing, FX tracing, where this class is a leaf) sees ordinary
+    tensors. After :func:`_export_inplace` the wrapped module is plain PyTorch and the wrapping is skipped.
+    """
+
+    def __init__(self, module: nn.Module, in_type):
+        super().__init__()
+        self.net = module
+        self.in_type = in_type
+        self.out_type = module.out_type if hasattr(module, 'out_type') else None
+        self.plain = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.plain:
+            return self.net(x)
+        _, enn = import_escnn()
+        return self.net(enn.GeometricTensor(x, self.in_type)).tensor
+
+
 def _export_inplace(module: nn.Module) -> nn.Module:
     """Replace every escnn ``EquivariantModule`` under ``module`` by its ``export()`` (plain PyTorch)."""
     _, enn = import_escnn()
@@ -140,7 +196,63 @@ def _export_inplace(module: nn.Module) -> nn.Module:
             setattr(module, name, child.export())
         else:
             _export_inplace(child)
+        if isinstance(child, _Tensorized):
+            child.plain = True
     return module
+
+
+_IDENTITY_CLASSES: dict = {}
+
+
+def _identity_class(cls: type) -> type:
+    """A subclass of ``cls`` with object identity for ``==`` and ``hash`` (see :func:`_unshare_escnn_bases`)."""
+    if cls not in _IDENTITY_CLASSES:
+        _IDENTITY_CLASSES[cls] = type(cls.__name__, (cls,), {
+            '__eq__': object.__eq__, '__ne__': object.__ne__, '__hash__': object.__hash__,
+            '__module__': cls.__module__, '__doc__': cls.__doc__})
+    return _IDENTITY_CLASSES[cls]
+
+
+def _unshare_escnn_bases(module: nn.Module) -> None:
+    """Give ``module`` its own copies of escnn's sampled kernel bases, compared by identity.
+
+    escnn keeps one ``SingleBlockBasisExpansion`` module per (basis, grid) in a process-wide cache and hands the same
+    instance to every conv that needs it, so moving one model (``.to('cuda')``, ``.to(torch.bfloat16)``, timm's
+    ``device='meta'``) would silently move the bases of every other escnn model in the process. Its basis-expansion
+    modules also define value equality (``torch.allclose`` of their bases), which ``Module.named_modules`` hits
+    through its memo set: that breaks on the meta device and merges distinct modules. Here each model gets its own
+    copies (a few hundred kB for the baselines) whose classes compare by identity, as every other ``nn.Module``.
+    """
+    from escnn.nn.modules.basismanager import basismanager, basisexpansion_singleblock, basissampler_singleblock
+    shared = (basisexpansion_singleblock.SingleBlockBasisExpansion, basissampler_singleblock.SingleBlockBasisSampler)
+    copies = {}
+    stack = [module]
+    while stack:  # walk ``_modules`` directly: ``modules()`` itself uses the equality being replaced
+        parent = stack.pop()
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            if isinstance(child, shared):
+                if id(child) not in copies:
+                    copies[id(child)] = copy.deepcopy(child)
+                child = parent._modules[name] = copies[id(child)]
+            if isinstance(child, basismanager.BasisManager) and type(child) not in _IDENTITY_CLASSES.values():
+                child.__class__ = _identity_class(type(child))
+            stack.append(child)
+
+
+def _detach_escnn_filters(module: nn.Module) -> None:
+    """Detach the expanded filters escnn's convs cache as buffers in eval mode.
+
+    escnn computes them with autograd on, which leaves non-leaf tensors in the module: ``copy.deepcopy`` (timm's
+    ``prune_intermediate_layers`` tests, ``FeatureGetterNet``, EMA copies) refuses those, and a second backward pass
+    through them fails anyway. Evaluation mode is for inference; training mode recomputes the filters per step.
+    """
+    for m in module.modules():
+        for key in ('filter', 'expanded_bias'):
+            t = m._buffers.get(key) if hasattr(m, '_buffers') else None
+            if t is not None and t.requires_grad:
+                m._buffers[key] = t.detach()
 
 
 class _EscnnBase(nn.Module):
@@ -163,42 +275,37 @@ class _EscnnBase(nn.Module):
         self.grad_checkpointing = False
 
     # ----- input ----------------------------------------------------------------------------------------------
-    def _wrap(self, x: torch.Tensor):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"{type(self).__name__}: expected an image batch [B, C={self.in_chans}, H, W], got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"{type(self).__name__}: expected {self.in_chans} input channels, got {x.shape[1]} "
-                             f"(shape {tuple(x.shape)}); build the model with in_chans={x.shape[1]}")
-        if self.exported:
-            return x
-        _, enn = import_escnn()
-        return enn.GeometricTensor(x, self.in_type)
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        return check_image_batch(x, self.in_chans, type(self).__name__)
 
-    @staticmethod
-    def _unwrap(x) -> torch.Tensor:
-        return x if isinstance(x, torch.Tensor) else x.tensor
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not mode:
+            _detach_escnn_filters(self)
+        return self
 
-    def _run_stage(self, stage: nn.Module, x):
+    def _build_on(self, device, dtype) -> None:
+        """Move the freshly built model to the factory ``device`` / ``dtype`` (timm's ``device=`` / ``dtype=``
+        kwargs; escnn builds its kernel bases on the CPU, see ``__init__``)."""
+        _unshare_escnn_bases(self)
+        device = torch.get_default_device() if device is None else torch.device(device)
+        if device.type != 'cpu' or dtype is not None:
+            self.to(device=device, dtype=dtype)
+
+    def _run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
             from torch.utils.checkpoint import checkpoint
-            if self.exported:
-                return checkpoint(stage, x, use_reentrant=False)
-            _, enn = import_escnn()
-            out_type = stage.out_type
-            t = checkpoint(lambda t, s=stage, it=x.type: s(enn.GeometricTensor(t, it)).tensor, x.tensor,
-                           use_reentrant=False)
-            return enn.GeometricTensor(t, out_type)
+            return checkpoint(stage, x, use_reentrant=False)
         return stage(x)
 
     # ----- timm API -------------------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, in_chans, H, W] -> [B, num_features, H', W']``, invariant (pooled over the group)."""
-        x = self._wrap(x)
+        x = self._check_input(x)
         for stage in self.stages:
             x = self._run_stage(stage, x)
         x = self.norm(x)
-        return self._unwrap(self.gpool(x))
+        return self.gpool(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
@@ -211,8 +318,11 @@ class _EscnnBase(nn.Module):
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new classifier for ``num_classes`` (0: none), on the device / dtype of the model's parameters."""
+        ref = next(self.stages.parameters())
         self.num_classes = num_classes
         self.head.reset(num_classes, pool_type=global_pool)
+        self.head.to(device=ref.device, dtype=ref.dtype)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -236,31 +346,48 @@ class _EscnnBase(nn.Module):
             raise ValueError(f"{type(self).__name__}: output_fmt must be 'NCHW', got {output_fmt!r}")
         take, max_index = feature_take_indices(len(self.stages), indices)
         intermediates = []
-        x = self._wrap(x)
+        x = self._check_input(x)
         stages = self.stages if not stop_early else self.stages[:max_index + 1]
         for i, stage in enumerate(stages):
             x = self._run_stage(stage, x)
             if i in take:
                 y = self.norm(x) if (norm and i == len(self.stages) - 1) else x
-                intermediates.append(self._unwrap(y))
+                intermediates.append(y)
         if intermediates_only:
             return intermediates
         if len(stages) < len(self.stages):
             for stage in self.stages[len(stages):]:
                 x = self._run_stage(stage, x)
-        x = self._unwrap(self.gpool(self.norm(x)))
-        return x, intermediates
+        return self.gpool(self.norm(x)), intermediates
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last tap in ``indices``.
+
+        The group pooling before the head plays the role of timm's final norm: with ``prune_norm=True`` it is
+        removed, so ``forward_features`` returns the last kept stage's folded map ``[B, C*|G|, h, w]``; otherwise it
+        pools the kept stage's fields (``[B, C, h, w]``, invariant). The WRN's final BN-ReLU belongs to
+        the last stage's width and goes when that stage is pruned. ``num_features`` / ``head_hidden_size`` follow.
+        """
         from timm.models._features import feature_take_indices
         take, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        self.feature_info = self.feature_info[:max_index + 1]
+        old_features = self.num_features
+        if max_index + 1 < len(self.stages):
+            self.stages = self.stages[:max_index + 1]
+            self.feature_info = self.feature_info[:max_index + 1]
+            self.norm = nn.Identity()
+            self.num_features = len(self.stages[-1].out_type)
         if prune_norm:
             self.norm = nn.Identity()
+            self.gpool = nn.Identity()
+            self.num_features = self.feature_info[-1]['num_chs']
+        self.head_hidden_size = self.num_features
         if prune_head:
-            self.reset_classifier(0, '')
+            self.num_classes = 0
+        if prune_head or self.num_features != old_features:
+            ref = next(self.stages.parameters())
+            self.head.reset(self.num_classes, pool_type='' if prune_head else None, in_features=self.num_features)
+            self.head.to(device=ref.device, dtype=ref.dtype)
         return take
 
     # ----- escnn extras ---------------------------------------------------------------------------------------
@@ -268,7 +395,7 @@ class _EscnnBase(nn.Module):
         """A copy in eval mode in which every escnn module is replaced by plain PyTorch (escnn's ``export()``).
 
         The copy computes the same function (to float rounding), takes plain tensors and is what evaluation and
-        latency benchmarks use. Group pooling exports to escnn's ``MaxPoolChannels`` (a plain ``nn.Module``).
+        latency benchmarks use. Group pooling is :class:`FieldMaxPool`, plain PyTorch already.
         """
         if self.exported:
             return copy.deepcopy(self).eval()
@@ -321,43 +448,47 @@ class EscnnCNN(_EscnnBase):
 
     def __init__(self, group: str = 'c4', widths: Sequence[int] = (12,) * 7, kernel_size: int = 3,
                  pool_after: Sequence[int] = (1,), padding: int = 0, num_classes: int = 10, in_chans: int = 1,
-                 drop_rate: float = 0.0, global_pool: str = 'avg', **kwargs):
+                 drop_rate: float = 0.0, global_pool: str = 'avg', device=None, dtype=None,
+                 **kwargs):
         super().__init__()
         if kwargs:
             raise TypeError(f"EscnnCNN: unexpected arguments {sorted(kwargs)}")
-        _, enn = import_escnn()
-        widths = _check_widths('EscnnCNN', widths)
-        if kernel_size % 2 == 0 or kernel_size < 1:
-            raise ValueError(f"EscnnCNN: kernel_size must be a positive odd int, got {kernel_size}")
-        pool_after = tuple(sorted(set(int(p) for p in pool_after)))
-        if any(p < 0 or p >= len(widths) for p in pool_after):
-            raise ValueError(f"EscnnCNN: pool_after indices must lie in [0, {len(widths) - 1}] (conv layers), "
-                             f"got {pool_after}")
-        self.group = str(group).lower()
-        self.gspace = _gspace(self.group)
-        self.in_chans = in_chans
-        self.widths = widths
-        gs = self.gspace
-        self.in_type = enn.FieldType(gs, in_chans * [gs.trivial_repr])
-        stages, feature_info, reduction = [], [], 1
-        t = self.in_type
-        for i, w in enumerate(widths):
-            out = enn.FieldType(gs, w * [gs.regular_repr])
-            mods = [enn.R2Conv(t, out, kernel_size, padding=padding, bias=False),
-                    enn.InnerBatchNorm(out), enn.ReLU(out, inplace=True)]
-            if i in pool_after:
-                mods.append(enn.PointwiseMaxPool2D(out, 2))
-                reduction *= 2
-            stages.append(enn.SequentialModule(*mods))
-            feature_info.append(dict(num_chs=w * gs.regular_repr.size, reduction=reduction, module=f'stages.{i}',
-                                     group=self.group, layout='folded'))
-            t = out
-        self.stages = nn.ModuleList(stages)
-        self.feature_info = feature_info
-        self.norm = nn.Identity()
-        self.gpool = enn.GroupPooling(t)
-        self.num_features = widths[-1]
-        self._init_head(num_classes, drop_rate, global_pool)
+        # escnn solves for its kernel bases with numpy and builds them on the CPU; the model moves afterwards
+        with torch.device('cpu'):
+            _, enn = import_escnn()
+            widths = _check_widths('EscnnCNN', widths)
+            if kernel_size % 2 == 0 or kernel_size < 1:
+                raise ValueError(f"EscnnCNN: kernel_size must be a positive odd int, got {kernel_size}")
+            pool_after = tuple(sorted(set(int(p) for p in pool_after)))
+            if any(p < 0 or p >= len(widths) for p in pool_after):
+                raise ValueError(f"EscnnCNN: pool_after indices must lie in [0, {len(widths) - 1}] (conv layers), "
+                                 f"got {pool_after}")
+            self.group = str(group).lower()
+            self.gspace = _gspace(self.group)
+            self.in_chans = in_chans
+            self.widths = widths
+            gs = self.gspace
+            self.in_type = enn.FieldType(gs, in_chans * [gs.trivial_repr])
+            stages, feature_info, reduction = [], [], 1
+            t = self.in_type
+            for i, w in enumerate(widths):
+                out = enn.FieldType(gs, w * [gs.regular_repr])
+                mods = [enn.R2Conv(t, out, kernel_size, padding=padding, bias=False),
+                        enn.InnerBatchNorm(out), enn.ReLU(out, inplace=True)]
+                if i in pool_after:
+                    mods.append(enn.PointwiseMaxPool2D(out, 2))
+                    reduction *= 2
+                stages.append(_Tensorized(enn.SequentialModule(*mods), t))
+                feature_info.append(dict(num_chs=w * gs.regular_repr.size, reduction=reduction, module=f'stages.{i}',
+                                         group=self.group, layout='folded'))
+                t = out
+            self.stages = nn.ModuleList(stages)
+            self.feature_info = feature_info
+            self.norm = nn.Identity()
+            self.gpool = FieldMaxPool(gs.regular_repr.size)
+            self.num_features = widths[-1]
+            self._init_head(num_classes, drop_rate, global_pool)
+        self._build_on(device, dtype)
 
 
 class EscnnWideResNet(_EscnnBase):
@@ -379,60 +510,65 @@ class EscnnWideResNet(_EscnnBase):
 
     def __init__(self, group: str = 'c8', stem_width: int = 6, widths: Sequence[int] = (6, 12, 24), depth: int = 1,
                  kernel_size: int = 3, num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.0,
-                 global_pool: str = 'avg', **kwargs):
+                 global_pool: str = 'avg', device=None, dtype=None,
+                 **kwargs):
         super().__init__()
         if kwargs:
             raise TypeError(f"EscnnWideResNet: unexpected arguments {sorted(kwargs)}")
-        _, enn = import_escnn()
-        widths = _check_widths('EscnnWideResNet', widths)
-        _check_widths('EscnnWideResNet', (stem_width, depth))
-        if kernel_size % 2 == 0:
-            raise ValueError(f"EscnnWideResNet: kernel_size must be odd, got {kernel_size}")
-        self.group = str(group).lower()
-        self.gspace = gs = _gspace(self.group)
-        self.in_chans = in_chans
-        self.widths = widths
-        self.in_type = enn.FieldType(gs, in_chans * [gs.trivial_repr])
-        pad = kernel_size // 2
+        # escnn solves for its kernel bases with numpy and builds them on the CPU; the model moves afterwards
+        with torch.device('cpu'):
+            _, enn = import_escnn()
+            widths = _check_widths('EscnnWideResNet', widths)
+            _check_widths('EscnnWideResNet', (stem_width, depth))
+            if kernel_size % 2 == 0:
+                raise ValueError(f"EscnnWideResNet: kernel_size must be odd, got {kernel_size}")
+            self.group = str(group).lower()
+            self.gspace = gs = _gspace(self.group)
+            self.in_chans = in_chans
+            self.widths = widths
+            self.in_type = enn.FieldType(gs, in_chans * [gs.trivial_repr])
+            pad = kernel_size // 2
 
-        def ftype(n):
-            return enn.FieldType(gs, n * [gs.regular_repr])
+            def ftype(n):
+                return enn.FieldType(gs, n * [gs.regular_repr])
 
-        def block(t_in, t_out):
-            body = enn.SequentialModule(
-                enn.InnerBatchNorm(t_in), enn.ReLU(t_in, inplace=False),
-                enn.R2Conv(t_in, t_out, kernel_size, padding=pad, bias=False),
-                enn.InnerBatchNorm(t_out), enn.ReLU(t_out, inplace=True),
-                enn.R2Conv(t_out, t_out, kernel_size, padding=pad, bias=False))
-            short = None if t_in == t_out else enn.R2Conv(t_in, t_out, 1, bias=False)
-            return _Residual(body, short)
+            def block(t_in, t_out):
+                body = enn.SequentialModule(
+                    enn.InnerBatchNorm(t_in), enn.ReLU(t_in, inplace=False),
+                    enn.R2Conv(t_in, t_out, kernel_size, padding=pad, bias=False),
+                    enn.InnerBatchNorm(t_out), enn.ReLU(t_out, inplace=True),
+                    enn.R2Conv(t_out, t_out, kernel_size, padding=pad, bias=False))
+                short = None if t_in == t_out else enn.R2Conv(t_in, t_out, 1, bias=False)
+                return _Residual(body, short)
 
-        t = ftype(stem_width)
-        stages: list[nn.Module] = []
-        feature_info = []
-        reduction = 1
-        for si, w in enumerate(widths):
-            mods: list[nn.Module] = []
-            if si == 0:
-                mods.append(enn.R2Conv(self.in_type, t, kernel_size, padding=pad, bias=False))
-            else:
-                mods.append(enn.PointwiseMaxPool2D(t, 2))
-                reduction *= 2
-            for _ in range(depth):
-                t_out = ftype(w)
-                mods.append(block(t, t_out))
-                t = t_out
-            stage = _Chain(*mods)
-            stage.out_type = t
-            stages.append(stage)
-            feature_info.append(dict(num_chs=w * gs.regular_repr.size, reduction=reduction, module=f'stages.{si}',
-                                     group=self.group, layout='folded'))
-        self.stages = nn.ModuleList(stages)
-        self.feature_info = feature_info
-        self.norm = enn.SequentialModule(enn.InnerBatchNorm(t), enn.ReLU(t, inplace=True))
-        self.gpool = enn.GroupPooling(t)
-        self.num_features = widths[-1]
-        self._init_head(num_classes, drop_rate, global_pool)
+            t = ftype(stem_width)
+            stages: list[nn.Module] = []
+            feature_info = []
+            reduction = 1
+            for si, w in enumerate(widths):
+                t_in = self.in_type if si == 0 else t
+                mods: list[nn.Module] = []
+                if si == 0:
+                    mods.append(enn.R2Conv(self.in_type, t, kernel_size, padding=pad, bias=False))
+                else:
+                    mods.append(enn.PointwiseMaxPool2D(t, 2))
+                    reduction *= 2
+                for _ in range(depth):
+                    t_out = ftype(w)
+                    mods.append(block(t, t_out))
+                    t = t_out
+                chain = _Chain(*mods)
+                chain.out_type = t
+                stages.append(_Tensorized(chain, t_in))
+                feature_info.append(dict(num_chs=w * gs.regular_repr.size, reduction=reduction, module=f'stages.{si}',
+                                         group=self.group, layout='folded'))
+            self.stages = nn.ModuleList(stages)
+            self.feature_info = feature_info
+            self.norm = _Tensorized(enn.SequentialModule(enn.InnerBatchNorm(t), enn.ReLU(t, inplace=True)), t)
+            self.gpool = FieldMaxPool(gs.regular_repr.size)
+            self.num_features = widths[-1]
+            self._init_head(num_classes, drop_rate, global_pool)
+        self._build_on(device, dtype)
 
 
 _MODEL_CLASSES = {'cnn': EscnnCNN, 'wrn': EscnnWideResNet}
