@@ -121,6 +121,16 @@ def test_morphological_convolution_matches_brute_force(shape, ksize, erosion):
         assert torch.equal(morphological_convolution_m2(x, kernel, erosion), ref)
 
 
+@pytest.mark.parametrize('erosion', [False, True])
+@pytest.mark.parametrize('block', [10 ** 6, 2500, 800, 120])  # all; 2 samples; 2 channels; 2 orientations
+def test_inference_loop_blocks_match_brute_force(block, erosion):
+    from gequiv_timm.layers.pde import _morph_forward_loop
+    torch.manual_seed(9)
+    x = torch.randn(3, 3, 8, 5, 6)
+    kernel = torch.rand(3, 8, 3, 3, 5) * 2
+    assert torch.equal(_morph_forward_loop(x, kernel, erosion, block=block), _morph_reference(x, kernel, erosion))
+
+
 def test_morphological_gradcheck():
     torch.manual_seed(6)
     x = torch.randn(1, 2, 4, 5, 5, dtype=torch.float64, requires_grad=True)

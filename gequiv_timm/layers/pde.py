@@ -70,7 +70,7 @@ import torch.nn.functional as F
 
 __all__ = [
     'LiftM2Cartesian', 'ReflectionPadM2', 'ConvectionM2', 'DilationM2', 'ErosionM2', 'LinearM2', 'MaxProjectM2',
-    'SumProjectM2', 'CDEPdeLayerM2', 'M2EquivariantMixin', 'PDEStem',
+    'SumProjectM2', 'BatchNormM2', 'CDEPdeLayerM2', 'M2EquivariantMixin', 'PDEStem',
     'lift_m2_cartesian', 'reflection_pad_m2', 'convection_m2', 'morphological_convolution_m2', 'dilation_m2',
     'erosion_m2', 'linear_m2', 'max_project_m2', 'sum_project_m2', 'm2_morphological_kernel',
     'm2_log_coordinates', 'rotate_m2', 'rotated_kernel_bank_matrix',
@@ -95,6 +95,19 @@ def _check_m2(x: torch.Tensor, name: str, channels: Optional[int] = None, min_si
     if min(x.shape[-2:]) < min_size:
         raise ValueError(f"{name}: spatial size {tuple(x.shape[-2:])} is too small; need at least "
                          f"{min_size}x{min_size}")
+
+
+def _check_planar(x: torch.Tensor, name: str, channels: int) -> None:
+    """A floating-point planar batch ``[B, channels, H, W]``, or a TypeError / ValueError that says what to do."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor image batch [B, {channels}, H, W], got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"{name}: expected a planar input [B, {channels}, H, W], got shape {tuple(x.shape)}"
+                         + (f"; {x.shape[1]} channels: build it with in_chans={x.shape[1]}"
+                            if x.dim() == 4 else ''))
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating point image batch, got dtype {x.dtype}; convert and "
+                        f"normalise it first (e.g. x.float() / 255, then the model's mean / std)")
 
 
 def _check_finite(t: torch.Tensor, name: str, what: str) -> None:
@@ -306,9 +319,7 @@ class LiftM2Cartesian(M2EquivariantMixin, nn.Module):
                 f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"LiftM2Cartesian: expected a planar input [B, {self.in_channels}, H, W], got shape "
-                             f"{tuple(x.shape)}")
+        _check_planar(x, 'LiftM2Cartesian', self.in_channels)
         pad = self.padding
         if pad and self.padding_mode == 'reflect':
             x, pad = F.pad(x, (pad,) * 4, mode='reflect'), 0
@@ -528,6 +539,82 @@ def _morph_forward(x: torch.Tensor, kernel: torch.Tensor, erosion: bool, need_in
     return out, idx
 
 
+_LOOP_BLOCK = 1 << 17  # output values per block of the inference loop (acc + one temporary: 1 MiB in float32)
+
+
+def _unit_blocks(b: int, c: int, orientations: int, unit: int, target: int):
+    """``(b0, b1, c0, c1, o0, o1)`` blocks of about ``target`` values, in whole units of ``unit`` values (one unit =
+    one ``(sample, channel, orientation)`` plane): whole samples when a sample fits, else channel chunks of one
+    sample, else orientation chunks of one channel."""
+    if b * c * orientations * unit <= target:
+        return [(0, b, 0, c, 0, orientations)]
+    if c * orientations * unit <= target:
+        nb = target // (c * orientations * unit)
+        return [(b0, min(b, b0 + nb), 0, c, 0, orientations) for b0 in range(0, b, nb)]
+    if orientations * unit <= target:
+        nc = target // (orientations * unit)
+        return [(b0, b0 + 1, c0, min(c, c0 + nc), 0, orientations) for b0 in range(b) for c0 in range(0, c, nc)]
+    no = max(1, target // unit)
+    return [(b0, b0 + 1, c0, c0 + 1, o0, min(orientations, o0 + no))
+            for b0 in range(b) for c0 in range(c) for o0 in range(0, orientations, no)]
+
+
+def _morph_forward_loop(x: torch.Tensor, kernel: torch.Tensor, erosion: bool,
+                        block: int = _LOOP_BLOCK) -> torch.Tensor:
+    """Inference path (no arg-max index): a running ``torch.maximum`` over the kernel offsets, cache-sized blocks.
+
+    The padded flat layout is the one of :func:`_morph_forward`, so offset ``(a, i, j)`` is the constant shift
+    ``a*Hp*Wp + i*Wp + j`` and its candidates for a block of ``(sample, channel, orientation)`` planes are one
+    strided view (``as_strided``, no copy). Only the ``H`` valid rows of each padded plane are computed (``H*Wp``
+    values: the ``Wp - W`` wrap-around columns are the only waste). Per offset: one ``add`` of the negated kernel
+    value (``[C, Or]``, broadcast over the plane) into a temporary, one in-place ``maximum`` into the accumulator;
+    both stay in cache. Memory: the output, the padded copy (made a few samples at a time, at most about the
+    output's size), and two block buffers of ``block`` values.
+    """
+    b, c, orientations, h, w = x.shape
+    ko, kh, kw = kernel.shape[-3:]
+    ro, rh, rw = ko // 2, kh // 2, kw // 2
+    hp, wp = h + 2 * rh, w + 2 * rw
+    plane = hp * wp
+    unit = h * wp  # the valid rows of a padded plane
+    n_off = ko * kh * kw
+    length = (orientations + 2 * ro) * plane + 2 * rw  # the last valid row's widest shift stays inside
+    fill = float('inf') if erosion else float('-inf')
+    kv = kernel.permute(2, 3, 4, 0, 1).reshape(n_off, c, orientations, 1)
+    kv = kv.contiguous() if erosion else kv.neg()  # out = max_f (x_f - k_f) = max_f (x_f + kv_f)
+    shifts = [a * plane + i * wp + j for a in range(ko) for i in range(kh) for j in range(kw)]
+    reduce = torch.minimum if erosion else torch.maximum
+    out = torch.empty_like(x)
+    per_sample = c * length
+    n_pad = max(1, min(b, max(x.numel(), block) // per_sample))  # samples per padded copy
+    scratch = None
+    for p0 in range(0, b, n_pad):
+        p1 = min(b, p0 + n_pad)
+        xp = torch.full((p1 - p0, c, length), fill, dtype=x.dtype, device=x.device)
+        body = xp[:, :, :(orientations + 2 * ro) * plane].view(p1 - p0, c, orientations + 2 * ro, hp, wp)
+        xb = x[p0:p1]
+        body[:, :, ro:ro + orientations, rh:rh + h, rw:rw + w] = xb
+        if ro:
+            body[:, :, :ro, rh:rh + h, rw:rw + w] = xb[:, :, orientations - ro:]
+            body[:, :, ro + orientations:, rh:rh + h, rw:rw + w] = xb[:, :, :ro]
+        stride = (c * length, length, plane, 1)
+        for b0, b1, c0, c1, o0, o1 in _unit_blocks(p1 - p0, c, orientations, unit, block):
+            size = (b1 - b0, c1 - c0, o1 - o0, unit)
+            n = size[0] * size[1] * size[2] * unit
+            if scratch is None or scratch.numel() < 2 * n:
+                scratch = torch.empty(2 * n, dtype=x.dtype, device=x.device)
+            acc, tmp = scratch[:n].view(size), scratch[n:2 * n].view(size)
+            base = xp.storage_offset() + (b0 * c + c0) * length + o0 * plane
+            kvb = kv[:, c0:c1, o0:o1].unbind(0)
+            torch.add(xp.as_strided(size, stride, base + shifts[0]), kvb[0], out=acc)
+            for f in range(1, n_off):
+                torch.add(xp.as_strided(size, stride, base + shifts[f]), kvb[f], out=tmp)
+                reduce(acc, tmp, out=acc)
+            out[p0 + b0:p0 + b1, c0:c1, o0:o1] = acc.view(size[:3] + (h, wp))[..., :w]
+        del xp, body
+    return out
+
+
 def _morph_backward(grad_out, idx, x_shape, k_shape, erosion, need_x, need_k):
     """Route ``grad_out`` to the winning offsets with ``index_add_`` (one for the input, one for the kernel).
 
@@ -628,7 +715,7 @@ def morphological_convolution_m2(x: torch.Tensor, kernel: torch.Tensor, erosion:
     kernel = kernel.to(x.dtype)
     if torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad):
         return _MorphConvM2.apply(x, kernel, bool(erosion))
-    return _morph_forward(x, kernel, bool(erosion), need_index=False)[0]
+    return _morph_forward_loop(x, kernel, bool(erosion))
 
 
 def _morph_reference(x: torch.Tensor, kernel: torch.Tensor, erosion: bool = False) -> torch.Tensor:
@@ -840,13 +927,33 @@ class LinearM2(M2EquivariantMixin, nn.Module):
         return linear_m2(x, self.weight, self.bias)
 
 
+class BatchNormM2(nn.BatchNorm3d):
+    """Batch norm of an M2 map ``[B, C, Or, H, W]``: one mean / variance / affine pair per channel, shared over
+    orientations and positions (so it commutes with rotations, in train and eval mode).
+
+    The same module as ``nn.BatchNorm3d`` (same parameters, buffers and state-dict keys; ``isinstance`` holds), but
+    computed on the ``[B, C, Or*H*W]`` view of the input: PyTorch's CPU kernel is about twice as fast on 3-D input.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() not in (3, 5):
+            raise ValueError(f"BatchNormM2: expected an M2 feature map [B, C, Or, H, W], got shape "
+                             f"{tuple(input.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5:
+            self._check_input_dim(x)
+            return super().forward(x)
+        return super().forward(x.flatten(2)).view(x.shape)
+
+
 class CDEPdeLayerM2(M2EquivariantMixin, nn.Module):
     """One PDE-G-CNN layer: convection -> dilation -> erosion (``iterations`` times) -> linear -> batch norm.
 
     This is the "CDE" layer of Smets et al. (2022): the convection transports features along the learned
     left-invariant vector field, the dilation / erosion pair (a morphological opening/closing-like operation with
     learned anisotropic metric) replaces ReLU + max pooling, and the linear combination mixes channels.
-    Batch norm statistics are shared over orientations (``nn.BatchNorm3d``), so the layer stays equivariant in
+    Batch norm statistics are shared over orientations (:class:`BatchNormM2`), so the layer stays equivariant in
     train mode too.
 
     Args:
@@ -869,7 +976,7 @@ class CDEPdeLayerM2(M2EquivariantMixin, nn.Module):
         self.dilation = DilationM2(in_channels, kernel_size, alpha)
         self.erosion = ErosionM2(in_channels, kernel_size, alpha)
         self.linear = LinearM2(in_channels, out_channels)
-        self.batch_normalization = nn.BatchNorm3d(out_channels, momentum=momentum)
+        self.batch_normalization = BatchNormM2(out_channels, momentum=momentum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_m2(x, 'CDEPdeLayerM2', self.in_channels, min_size=2)
@@ -912,7 +1019,7 @@ class PDEStem(M2EquivariantMixin, nn.Module):
         self.stride = stride
         self.orientations = orientations
         self.lift = LiftM2Cartesian(in_chans, width, orientations, kernel_size, padding=kernel_size // 2)
-        self.lift_norm = nn.BatchNorm3d(width)
+        self.lift_norm = BatchNormM2(width)
         self.layers = nn.Sequential(*[CDEPdeLayerM2(width, width, pde_kernel_size, alpha) for _ in range(depth)])
         self.project = MaxProjectM2()
         self.proj = nn.Conv2d(width, out_chans, 1, bias=False)
@@ -920,6 +1027,7 @@ class PDEStem(M2EquivariantMixin, nn.Module):
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_planar(x, 'PDEStem', self.in_chans)
         x = self.layers(self.lift_norm(self.lift(x)))
         if self.stride > 1:
             x = F.max_pool2d(x.flatten(1, 2), self.stride, self.stride, ceil_mode=True).unflatten(1, x.shape[1:3])

@@ -24,12 +24,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import ClassifierHead
+from timm.layers import ClassifierHead, register_notrace_function
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 
 from ..layers.pde import (
-    CDEPdeLayerM2, ConvectionM2, DilationM2, ErosionM2, LiftM2Cartesian, LinearM2, MaxProjectM2, PDEStem,
+    BatchNormM2, CDEPdeLayerM2, ConvectionM2, DilationM2, ErosionM2, LiftM2Cartesian, LinearM2, MaxProjectM2, PDEStem,
     SumProjectM2,
 )
 from ._helpers import create_gequiv_model
@@ -37,12 +37,25 @@ from ._helpers import create_gequiv_model
 __all__ = ['PDEGCNN', 'PDEStage', 'PDELiftStage', 'PDEStem', 'create_pde_stem_model']
 
 
-def _is_fx_tracing() -> bool:
-    try:
-        from torch.fx._symbolic_trace import is_fx_tracing
-    except ImportError:  # pragma: no cover
-        return False
-    return is_fx_tracing()
+@register_notrace_function  # torch.fx records the call (the check runs in the traced module), never traces into it
+def check_pde_input(x: torch.Tensor, in_chans: int, min_size: int, owner: str) -> torch.Tensor:
+    """Return ``x`` when it is a floating-point image batch ``[B, in_chans, H, W]`` of at least ``min_size`` pixels
+    a side; raise a TypeError / ValueError that says what was expected and what to do otherwise."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{owner}: expected a torch.Tensor image batch [B, {in_chans}, H, W], got "
+                        f"{type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{owner}: expected an image batch [B, {in_chans}, H, W], got shape {tuple(x.shape)}")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"{owner}: expected {in_chans} input channels, got {x.shape[1]}; create the model with "
+                         f"in_chans={x.shape[1]}")
+    if not x.is_floating_point():
+        raise TypeError(f"{owner}: expected a floating point image batch, got dtype {x.dtype}; convert and "
+                        f"normalise it first (e.g. x.float() / 255, then the model's pretrained_cfg mean / std)")
+    if min(x.shape[-2:]) < min_size:
+        raise ValueError(f"{owner}: input {tuple(x.shape[-2:])} is too small; the stages need at least "
+                         f"{min_size}x{min_size}")
+    return x
 
 
 def _pool_m2(x: torch.Tensor) -> torch.Tensor:
@@ -51,12 +64,12 @@ def _pool_m2(x: torch.Tensor) -> torch.Tensor:
 
 
 class PDELiftStage(nn.Module):
-    """``LiftM2Cartesian -> BatchNorm3d [-> 2x2 max pool]``: planar image to M2."""
+    """``LiftM2Cartesian -> BatchNormM2 [-> 2x2 max pool]``: planar image to M2."""
 
     def __init__(self, in_chs: int, out_chs: int, orientations: int, kernel_size: int, padding: int, pool: bool):
         super().__init__()
         self.lift = LiftM2Cartesian(in_chs, out_chs, orientations, kernel_size, padding=padding)
-        self.bn = nn.BatchNorm3d(out_chs)
+        self.bn = BatchNormM2(out_chs)
         self.pool = pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,7 +117,8 @@ class PDEGCNN(nn.Module):
     def __init__(self, widths: Sequence[int] = (24, 24, 24, 24, 24, 24), orientations: int = 8,
                  lift_kernel_size: int = 5, lift_padding: int = 0, kernel_size=(3, 3, 3), alpha: float = 0.65,
                  iterations: int = 1, pool_after: Sequence[int] = (0, 3), num_classes: int = 10, in_chans: int = 1,
-                 drop_rate: float = 0., global_pool: str = 'avg', device=None, dtype=None):
+                 drop_rate: float = 0., global_pool: str = 'avg', coef_lr_mult: float = 1.0, device=None,
+                 dtype=None):
         super().__init__()
         if len(widths) < 1:
             raise ValueError("PDEGCNN: widths must list the lifting width and then one width per CDE layer")
@@ -116,6 +130,7 @@ class PDEGCNN(nn.Module):
         self.lift_padding = lift_padding
         self.pool_after = tuple(pool_after)
         self.grad_checkpointing = False
+        self.coef_lr_mult = float(coef_lr_mult)
         stages: List[nn.Module] = [PDELiftStage(in_chans, widths[0], orientations, lift_kernel_size, lift_padding,
                                                 0 in self.pool_after)]
         reduction = 2 if 0 in self.pool_after else 1
@@ -156,19 +171,8 @@ class PDEGCNN(nn.Module):
         """Whether 90-degree rotations of an ``h x w`` input give exactly invariant logits."""
         return self._trace_size(h)[1] and self._trace_size(w)[1]
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if _is_fx_tracing():  # shapes are symbolic while torch.fx traces; the layers are leaves that check
-            return
-        if x.dim() != 4:
-            raise ValueError(f"{type(self).__name__}: expected an image batch [B, {self.in_chans}, H, W], "
-                             f"got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"{type(self).__name__}: expected {self.in_chans} input channels, got {x.shape[1]}; "
-                             f"create the model with in_chans={x.shape[1]}")
-        m = self.min_input_size()
-        if min(x.shape[-2:]) < m:
-            raise ValueError(f"{type(self).__name__}: input {tuple(x.shape[-2:])} is too small; the stages need "
-                             f"at least {m}x{m}")
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        return check_pde_input(x, self.in_chans, self.min_input_size(), type(self).__name__)
 
     # ----- timm API -------------------------------------------------------------------------------------
     @torch.jit.ignore
@@ -186,6 +190,32 @@ class PDEGCNN(nn.Module):
         return {n for n, _ in self.named_parameters() if n.endswith('.g0') or n.endswith('.metric_params')}
 
     @torch.jit.ignore
+    def param_groups(self, lr: Optional[float] = None, weight_decay: float = 0.0,
+                     coef_lr_mult: Optional[float] = None) -> List[Dict[str, Any]]:
+        """Optimizer param groups: the PDE coefficients (convection ``g0``, metric ``metric_params``) at
+        ``coef_lr_mult`` times the rate and without weight decay; biases / norms without weight decay; the rest.
+
+        * ``lr=None`` (timm's optimizer + scheduler factories): the coefficient group carries ``lr_scale``.
+        * ``lr`` given (a plain schedule such as ``gequiv_timm.train.fit``): explicit ``lr`` per group.
+        """
+        mult = self.coef_lr_mult if coef_lr_mult is None else float(coef_lr_mult)
+        coef = set(self.no_weight_decay())
+        decay, no_decay, coefs = [], [], []
+        for n, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (coefs if n in coef else no_decay if p.ndim <= 1 else decay).append(p)
+        groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0),
+                  dict(params=coefs, weight_decay=0.0)]
+        scales = (1.0, 1.0, mult)
+        for g, m in zip(groups, scales):
+            if lr is None:
+                g['lr_scale'] = m
+            else:
+                g['lr'] = lr * m
+        return [g for g in groups if g['params']]
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
@@ -201,7 +231,7 @@ class PDEGCNN(nn.Module):
         """Stage outputs folded to ``[B, C*Or, H, W]`` (equivariant), as timm's ``forward_intermediates``."""
         if output_fmt != 'NCHW':
             raise ValueError(f"{type(self).__name__}: output_fmt must be 'NCHW', got {output_fmt!r}")
-        self._check_input(x)
+        x = self._check_input(x)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         intermediates = []
         stages = self.stages if not stop_early else self.stages[:max_index + 1]
@@ -228,7 +258,7 @@ class PDEGCNN(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        x = self._check_input(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.stages, x)
         else:
@@ -249,7 +279,7 @@ class PDEGCNN(nn.Module):
 # FX feature extraction treats them as leaves (the mechanism timm uses for its own such layers).
 def _register_notrace():
     from timm.layers import register_notrace_module
-    for m in (LiftM2Cartesian, ConvectionM2, DilationM2, ErosionM2, LinearM2, CDEPdeLayerM2, MaxProjectM2,
+    for m in (LiftM2Cartesian, ConvectionM2, DilationM2, ErosionM2, LinearM2, CDEPdeLayerM2, MaxProjectM2, BatchNormM2,
               SumProjectM2, PDEStem, PDELiftStage, PDEStage, _Fold):
         register_notrace_module(m)
 
