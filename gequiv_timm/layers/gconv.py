@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .groups import Group, filter_indices, get_group
+from .groups import filter_indices, get_group
 
 __all__ = [
     'GroupConv2d', 'P4ConvZ2', 'P4ConvP4', 'P4MConvZ2', 'P4MConvP4M',
@@ -40,16 +40,18 @@ __all__ = [
 
 def fold_group(x: torch.Tensor) -> torch.Tensor:
     """``[B, C, |G|, H, W] -> [B, C*|G|, H, W]`` (channel-major, the layout handed to timm as 'folded')."""
-    if x.dim() != 5:
-        raise ValueError(f"fold_group expects a 5-D tensor [B, C, |G|, H, W], got shape {tuple(x.shape)}")
+    if not torch.jit.is_scripting():
+        if x.dim() != 5:
+            raise ValueError(f"fold_group expects a 5-D tensor [B, C, |G|, H, W], got shape {tuple(x.shape)}")
     return x.flatten(1, 2)
 
 
 def unfold_group(x: torch.Tensor, order: int) -> torch.Tensor:
     """``[B, C*|G|, H, W] -> [B, C, |G|, H, W]``; the inverse of :func:`fold_group`."""
-    if x.dim() != 4 or x.shape[1] % order:
-        raise ValueError(
-            f"unfold_group expects [B, C*|G|, H, W] with channels divisible by |G|={order}, got {tuple(x.shape)}")
+    if not torch.jit.is_scripting():
+        if x.dim() != 4 or x.shape[1] % order:
+            raise ValueError(
+                f"unfold_group expects [B, C*|G|, H, W] with channels divisible by |G|={order}, got {tuple(x.shape)}")
     return x.unflatten(1, (x.shape[1] // order, order))
 
 
@@ -143,16 +145,18 @@ def check_group_input(x: torch.Tensor, channels: int, order: int, name: str, min
 class EquivariantMixin:
     """Adds :meth:`check_equivariance` to a module with ``in_group``/``out_group``.
 
-    ``in_group`` / ``out_group`` are :class:`Group` s; ``None`` as out_group means invariant (planar, untouched
-    by the group: used by group pooling). A planar input (``in_group.order == 1`` and ``in_planar``) is
-    ``[B, C, H, W]``; otherwise ``[B, C, |G|, H, W]``.
+    ``in_group`` / ``out_group`` / ``act_group`` (the group whose action is checked) are :class:`Group` s;
+    ``None`` as out_group means invariant (planar, untouched by the group: used by group pooling). A planar input
+    (``in_group.order == 1`` and ``in_planar``) is ``[B, C, H, W]``; otherwise ``[B, C, |G|, H, W]``.
+
+    The group attributes are plain Python objects that TorchScript cannot type: they are deliberately not class
+    annotations, and are listed in ``__jit_ignored_attributes__``; the scripted forward passes read the group
+    orders from int attributes instead.
     """
 
-    in_group: Group
-    out_group: Optional[Group]
-    in_planar: bool = False
-    out_planar: bool = False
-    act_group: Group
+    __jit_ignored_attributes__ = ['in_group', 'out_group', 'act_group', 'group']
+    in_planar = False
+    out_planar = False
 
     def _example_input(self, size: Tuple[int, int] = (13, 13), batch: int = 2, **kw) -> torch.Tensor:
         p = next(iter(self.parameters()), None) if isinstance(self, nn.Module) else None
@@ -209,6 +213,9 @@ class GroupConv2d(EquivariantMixin, nn.Module):
         torch.Size([2, 16, 4, 32, 32])
     """
 
+    # the eval cache is eager-only (a scripted forward expands the filters in its graph)
+    __jit_ignored_attributes__ = EquivariantMixin.__jit_ignored_attributes__ + ['_cache', '_cache_key']
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, in_group='z2', out_group='p4',
                  stride: int = 1, padding: int = 0, dilation: int = 1, bias: bool = True,
                  planar_input: Optional[bool] = None):
@@ -230,6 +237,8 @@ class GroupConv2d(EquivariantMixin, nn.Module):
             raise ValueError(f"{type(self).__name__}: cannot convolve {self.in_group.name} -> {self.out_group.name}; "
                              f"use in_group='z2' (lifting) or the same group in and out")
         self.act_group = self.out_group
+        self.in_order = self.in_group.order  # plain ints: what the TorchScript forward reads
+        self.out_order = self.out_group.order
         self.in_planar = self.in_group.order == 1 if planar_input is None else bool(planar_input)
         if self.in_planar and self.in_group.order != 1:
             raise ValueError(f"{type(self).__name__}: planar_input=True needs in_group='z2' (a lifting layer)")
@@ -244,8 +253,9 @@ class GroupConv2d(EquivariantMixin, nn.Module):
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         self.register_buffer('filter_idx', filter_indices(self.in_group, self.out_group, kernel_size),
                              persistent=False)
-        self._cache: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
-        self._cache_key: Optional[tuple] = None
+        # eval-mode cache: (expanded weight, expanded bias) and the weights' (version, storage, dtype, device) key
+        self._cache = None
+        self._cache_key = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -265,7 +275,7 @@ class GroupConv2d(EquivariantMixin, nn.Module):
     # ----- filter bank ----------------------------------------------------------------------------------
     def _expand(self, weight: torch.Tensor) -> torch.Tensor:
         co, ci, gi, k, _ = weight.shape
-        go = self.out_group.order
+        go = self.out_order
         # one index_select (its backward is a cheap index_add) -> [Co, Ci, Go, Gi*k*k]
         w = weight.reshape(co * ci, gi * k * k).index_select(1, self.filter_idx.flatten())
         return w.view(co, ci, go, gi * k * k).transpose(1, 2).reshape(co * go, ci * gi, k, k)
@@ -292,7 +302,7 @@ class GroupConv2d(EquivariantMixin, nn.Module):
             self._cache_key = key
 
     def _expand_bias(self, b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        return None if b is None else b.repeat_interleave(self.out_group.order)
+        return None if b is None else b.repeat_interleave(self.out_order)
 
     def expanded_bias(self) -> Optional[torch.Tensor]:
         """The bias ``[C_out*|G_out|]`` (each channel's bias repeated over the group); cached like the filter."""
@@ -326,12 +336,16 @@ class GroupConv2d(EquivariantMixin, nn.Module):
 
     # ----- forward ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_group_input(x, self.in_channels, 0 if self.in_planar else self.in_group.order,
-                          type(self).__name__, self._min_size())
+        if torch.jit.is_scripting():  # no Python input checks, no eval cache: expand the filters in the graph
+            w, b = self._expand(self.weight), self._expand_bias(self.bias)
+        else:
+            check_group_input(x, self.in_channels, 0 if self.in_planar else self.in_order, type(self).__name__,
+                              self._min_size())
+            w, b = self.expanded_weight(), self.expanded_bias()
         if not self.in_planar:
             x = x.flatten(1, 2)
-        y = F.conv2d(x, self.expanded_weight(), self.expanded_bias(), self.stride, self.padding, self.dilation)
-        return y.unflatten(1, (self.out_channels, self.out_group.order))
+        y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation)
+        return y.unflatten(1, (self.out_channels, self.out_order))
 
     def export(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` computing the same map on folded tensors.
@@ -397,10 +411,11 @@ class GroupPool(EquivariantMixin, nn.Module):
         return f"{self.in_group.name}, mode={self.mode!r}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[2] != self.in_group.order:
-            raise ValueError(f"GroupPool: expected [B, C, |G|={self.in_group.order}, H, W], got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        _check_float(x, 'GroupPool')
+        if not torch.jit.is_scripting():
+            if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[2] != self.in_group.order:
+                raise ValueError(f"GroupPool: expected [B, C, |G|={self.in_group.order}, H, W], got "
+                                 f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+            _check_float(x, 'GroupPool')
         return x.amax(dim=2) if self.mode == 'max' else x.mean(dim=2)
 
 
@@ -408,8 +423,11 @@ class GroupBatchNorm(nn.BatchNorm3d):
     """Batch norm for ``[B, C, |G|, H, W]`` with statistics and affine parameters shared over the group axis.
 
     Sharing over ``|G|`` is what keeps it equivariant (a per-(C, g) statistic would break the symmetry). This is
-    ``nn.BatchNorm3d`` viewed over ``(|G|, H, W)``, with a shape check.
+    ``nn.BatchNorm3d`` viewed over ``(|G|, H, W)``, with a shape check. Under TorchScript (which cannot call
+    ``super().forward``) the same batch norm is written out with ``F.batch_norm``, without the Python checks.
     """
+
+    __jit_ignored_attributes__ = ['group']
 
     def __init__(self, num_features: int, group='p4', eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
                  track_running_stats: bool = True):
@@ -417,6 +435,8 @@ class GroupBatchNorm(nn.BatchNorm3d):
         self.group = get_group(group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._forward_scripted(x)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"GroupBatchNorm: expected a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 5 or x.shape[1] != self.num_features or x.shape[2] != self.group.order:
@@ -424,6 +444,21 @@ class GroupBatchNorm(nn.BatchNorm3d):
                              f"got {tuple(x.shape)}")
         _check_float(x, 'GroupBatchNorm')
         return super().forward(x)
+
+    def _forward_scripted(self, x: torch.Tensor) -> torch.Tensor:
+        """``nn.BatchNorm3d``'s forward in TorchScript-compatible form (same statistics, same running updates)."""
+        factor = 0.0 if self.momentum is None else float(self.momentum)
+        if self.training and self.track_running_stats:
+            tracked = self.num_batches_tracked
+            if tracked is not None:
+                tracked.add_(1)
+                if self.momentum is None:  # cumulative moving average
+                    factor = 1.0 / float(tracked)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep_running = not self.training or self.track_running_stats
+        return F.batch_norm(x, self.running_mean if keep_running else None,
+                            self.running_var if keep_running else None, self.weight, self.bias,
+                            use_batch_stats, factor, self.eps)
 
 
 class _GroupSpatialPool(EquivariantMixin, nn.Module):
@@ -443,18 +478,18 @@ class _GroupSpatialPool(EquivariantMixin, nn.Module):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{type(self).__name__}: expected a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 5 or x.shape[2] != self.in_group.order:
-            raise ValueError(f"{type(self).__name__}: expected [B, C, |G|={self.in_group.order}, H, W], got "
-                             f"{tuple(x.shape)}")
-        _check_float(x, type(self).__name__)
-        if min(x.shape[-2:]) + 2 * self.padding < self.kernel_size:
-            raise ValueError(f"{type(self).__name__}: input {tuple(x.shape[-2:])} is smaller than the window "
-                             f"{self.kernel_size}")
-        b, c, g = x.shape[:3]
+        if not torch.jit.is_scripting():
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{type(self).__name__}: expected a torch.Tensor, got {type(x).__name__}")
+            if x.dim() != 5 or x.shape[2] != self.in_group.order:
+                raise ValueError(f"{type(self).__name__}: expected [B, C, |G|={self.in_group.order}, H, W], got "
+                                 f"{tuple(x.shape)}")
+            _check_float(x, type(self).__name__)
+            if min(x.shape[-2:]) + 2 * self.padding < self.kernel_size:
+                raise ValueError(f"{type(self).__name__}: input {tuple(x.shape[-2:])} is smaller than the window "
+                                 f"{self.kernel_size}")
         y = self._pool(x.flatten(1, 2))
-        return y.unflatten(1, (c, g))
+        return y.unflatten(1, (x.shape[1], x.shape[2]))
 
 
 class GroupMaxPool2d(_GroupSpatialPool):
@@ -464,12 +499,12 @@ class GroupMaxPool2d(_GroupSpatialPool):
     pooling of an even-sized map); :meth:`is_exact` tells. Otherwise the result is only approximately equivariant.
     """
 
-    def _pool(self, x):
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
         return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
 
 
 class GroupAvgPool2d(_GroupSpatialPool):
     """Spatial average pooling of a group feature map; the same exactness rule as :class:`GroupMaxPool2d`."""
 
-    def _pool(self, x):
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
         return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding)

@@ -45,9 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers.gconv import (
-    GroupAvgPool2d, GroupBatchNorm, GroupConv2d, GroupMaxPool2d, GroupPool, fold_group, unfold_group,
-)
+from ..layers.gconv import GroupBatchNorm, GroupConv2d, GroupPool, _check_float, fold_group, unfold_group
 from ..layers.groups import get_group
 from ._helpers import adapt_input_conv_nd, create_gequiv_model
 
@@ -369,7 +367,10 @@ class PooledLift(GroupConv2d):
         return super().extra_repr() + f', then avg pool {self.pool}x{self.pool} (fused)'
 
     def pooled_weight(self) -> torch.Tensor:
-        w = self.expanded_weight()
+        """The fused filter bank ``[C_out*|G|, C_in, k+s-1, k+s-1]`` (cached in eval mode like the lift's own)."""
+        return self._smear(self.expanded_weight())
+
+    def _smear(self, w: torch.Tensor) -> torch.Tensor:
         s = self.pool
         if s == 1:
             return w
@@ -377,23 +378,20 @@ class PooledLift(GroupConv2d):
         out = w.new_zeros(w.shape[0], w.shape[1], k + s - 1, k + s - 1)
         for a in range(s):
             for b in range(s):
-                out[..., a:a + k, b:b + k] += w
+                out[:, :, a:a + k, b:b + k] += w
         return out / (s * s)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"PooledLift: expected a planar input [B, {self.in_channels}, H, W], got "
-                             f"{tuple(x.shape)}")
-        y = F.conv2d(x, self.pooled_weight(), None, self.pool, self.padding)
-        return y.unflatten(1, (self.out_channels, self.out_group.order))
-
-
-def _register_notrace():
-    from timm.layers import register_notrace_module
-    register_notrace_module(PooledLift)
-
-
-_register_notrace()
+        if torch.jit.is_scripting():  # no Python input checks, no eval cache
+            w = self._smear(self._expand(self.weight))
+        else:
+            if x.dim() != 4 or x.shape[1] != self.in_channels:
+                raise ValueError(f"PooledLift: expected a planar input [B, {self.in_channels}, H, W], got "
+                                 f"{tuple(x.shape)}")
+            _check_float(x, 'PooledLift')
+            w = self.pooled_weight()
+        y = F.conv2d(x, w, None, self.pool, self.padding)
+        return y.unflatten(1, (self.out_channels, self.out_order))
 
 
 class EquivariantStem(nn.Module):
@@ -451,6 +449,8 @@ class EquivariantStem(nn.Module):
         self.mode = mode
         self.layout = 'invariant' if mode == 'invariant' else 'folded'
         self.in_chs, self.out_chs, self.stride = in_chs, out_chs, stride
+        # nn.Conv2d's names too: modules that wrapped the replaced conv read them (timm's ConvNormAct properties)
+        self.in_channels, self.out_channels = in_chs, out_chs
         self.width = width = int(width or max(1, out_chs // g.order))
         self.lift = PooledLift(in_chs, width, kernel_size, g.name, stride)
         self.bn1 = GroupBatchNorm(width, g)
