@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layers.stn import homography_from_points, projective_grid, similarity_theta, tps_control_points, tps_grid, warp
-from .mnist import MNIST_MEAN, MNIST_STD, _load_raw, split_indices
+from .mnist import ImageSplit, _load_raw, split_indices
 
 __all__ = ['PROTOCOLS', 'DistortedSplit', 'DistortedMNIST', 'distort_images', 'distorted_mnist']
 
@@ -47,21 +47,11 @@ _ALIGN = False
 
 
 @dataclass
-class DistortedSplit:
-    """One split: ``images [N, 1, S, S]`` in [0, 1], ``labels [N]``, and per-digit ``theta`` (see module doc)."""
+class DistortedSplit(ImageSplit):
+    """A split of distorted MNIST: :class:`~gequiv_timm.data.mnist.ImageSplit` plus per-digit ``theta`` (see the
+    module doc)."""
 
-    images: torch.Tensor
-    labels: torch.Tensor
     theta: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def dataset(self, normalize: bool = True):
-        x = self.images
-        if normalize:
-            x = (x - MNIST_MEAN[0]) / MNIST_STD[0]
-        return torch.utils.data.TensorDataset(x, self.labels)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ['load_mnist', 'split_indices', 'rotate_images', 'RotatedMNIST', 'rotated_mnist', 'TensorSplit',
+__all__ = ['ImageSplit', 'load_mnist', 'split_indices', 'rotate_images', 'RotatedMNIST', 'rotated_mnist', 'TensorSplit',
            'MNIST_MEAN', 'MNIST_STD']
 
 MNIST_MEAN = (0.1307,)
@@ -92,22 +92,28 @@ def rotate_images(images: torch.Tensor, angles_deg: torch.Tensor, mode: str = 'b
 
 
 @dataclass
-class TensorSplit:
-    """One split of a derived set: ``images [N, 1, H, W]`` in [0, 1], ``labels [N]``, and per-sample ``angles``
-    (degrees, counter-clockwise) where the set rotates its digits."""
+class ImageSplit:
+    """One split of a derived classification set: ``images [N, 1, H, W]`` in [0, 1] and ``labels [N]``."""
 
     images: torch.Tensor
     labels: torch.Tensor
-    angles: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def dataset(self, normalize: bool = True):
+    def dataset(self, normalize: bool = True) -> torch.utils.data.TensorDataset:
+        """``(image, label)`` pairs, standardised with the MNIST mean / std unless ``normalize=False``."""
         x = self.images
         if normalize:
             x = (x - MNIST_MEAN[0]) / MNIST_STD[0]
         return torch.utils.data.TensorDataset(x, self.labels)
+
+
+@dataclass
+class TensorSplit(ImageSplit):
+    """A split of rotated MNIST: :class:`ImageSplit` plus per-sample ``angles`` (degrees, counter-clockwise)."""
+
+    angles: torch.Tensor
 
 
 @dataclass
