@@ -1,29 +1,18 @@
-"""Side-by-side timing helpers for the benchmarks: candidates are run interleaved (A B A B ...) in one process so
+"""Side-by-side timing helpers for the benchmarks: candidates are run interleaved (A B, B A, ...) in one process so
 that the machine's noise hits them alike; we report medians and ratios, never absolute targets."""
 from __future__ import annotations
 
-import statistics
-import time
-import tracemalloc
 from typing import Callable, Dict
 
-import torch
+from gequiv_timm.compare import time_round_robin
 
 
 def interleaved(fns: Dict[str, Callable[[], object]], repeats: int = 30, warmup: int = 5, inner: int = 1
                 ) -> Dict[str, float]:
-    """Median seconds per call of each function, measured in interleaved rounds."""
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    samples = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                f()
-            samples[k].append((time.perf_counter() - t0) / inner)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    """Median seconds per call of each function, timed in rounds whose order rotates every round: the package's
+    :func:`gequiv_timm.compare.time_round_robin` (one implementation for ``gequiv-timm compare`` and the
+    benchmarks), under the benchmarks' historical argument names."""
+    return time_round_robin(fns, reps=repeats, warmup=warmup, inner=inner)
 
 
 def peak_cpu_memory(fn: Callable[[], object]) -> int:
