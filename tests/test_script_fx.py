@@ -270,3 +270,17 @@ def test_gcnn_factory_kwargs_meta_device():
     # a CPU model made afterwards is unaffected by the meta one (cached tables stay on the CPU)
     cpu = timm.create_model('gequiv_p4mcnn')
     assert cpu(torch.randn(1, 1, 28, 28)).shape == (1, 10)
+
+
+def test_fx_traces_an_equivariant_mode_stem():
+    """The equivariant stem folds its group axis with the checked fold_group: a notrace (leaf) function for FX."""
+    pytest.importorskip('torchvision')
+    from timm.models import create_feature_extractor, get_graph_node_names
+    torch.manual_seed(0)
+    model = inject_equivariant_stem('resnet10t', 'p4', 'equivariant', num_classes=5).eval()
+    nodes = get_graph_node_names(model)[1]
+    assert any('fold_group' in n for n in nodes)
+    fx = create_feature_extractor(model, return_nodes=[nodes[-1]])
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fx(x)[nodes[-1]], model(x))

@@ -16,14 +16,18 @@ def _register_fx_leaves() -> None:
 
     The group layers check their inputs in Python (clear errors), which ``torch.fx`` cannot trace through: they are
     leaf modules (matched with ``isinstance``, so subclasses such as the stems' ``PooledLift`` are leaves too), and
-    the models' input check is a leaf function. This is the one place where gequiv_timm registers them.
+    the models' input check and the checked fold / unfold of the group axis are leaf functions. This is the one
+    place where gequiv_timm registers them.
     """
     from timm.layers import register_notrace_function, register_notrace_module
-    from ..layers.gconv import GroupAvgPool2d, GroupBatchNorm, GroupConv2d, GroupMaxPool2d, GroupPool
+    from ..layers.gconv import (
+        GroupAvgPool2d, GroupBatchNorm, GroupConv2d, GroupMaxPool2d, GroupPool, fold_group, unfold_group,
+    )
     from ._timm_api import check_image_input
     for m in (GroupConv2d, GroupBatchNorm, GroupPool, GroupAvgPool2d, GroupMaxPool2d):
         register_notrace_module(m)
-    register_notrace_function(check_image_input)
+    for f in (check_image_input, fold_group, unfold_group):
+        register_notrace_function(f)
 
 
 _register_fx_leaves()
