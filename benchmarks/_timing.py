@@ -2,7 +2,9 @@
 that the machine's noise hits them alike; we report medians and ratios, never absolute targets."""
 from __future__ import annotations
 
-from typing import Callable, Dict
+import json
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
 
 from gequiv_timm.compare import time_round_robin
 
@@ -30,3 +32,13 @@ def peak_cpu_memory(fn: Callable[[], object]) -> int:
 
 def verdict(ratio: float, target: float) -> str:
     return 'OK' if ratio <= target else 'MISS'
+
+
+def report(text: str, results: Any, out: Optional[str] = None) -> None:
+    """Print the markdown ``text``; with ``out``, also write it there and ``results`` as JSON beside it."""
+    print(text)
+    if out:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + '\n')
+        path.with_suffix('.json').write_text(json.dumps(results, indent=1) + '\n')

@@ -4,7 +4,6 @@ same expanded width. Everything side by side in one run; ratios only (the machin
 Run: .venv/bin/python benchmarks/bench_gconv.py [--threads 2] [--out benchmarks/results/gconv.md]
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import interleaved, verdict  # noqa: E402
+from _timing import interleaved, report, verdict  # noqa: E402
 
 import timm  # noqa: E402
 import gequiv_timm  # noqa: E402,F401
@@ -128,11 +127,7 @@ def main():
     lines.append('')
     lines.append(f"parameters: gequiv_p4cnn {res['params_ours']:,}; planar CNN of the same expanded width "
                  f"{res['params_planar_same_width']:,}")
-    text = '\n'.join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + '\n')
-        Path(args.out).with_suffix('.json').write_text(json.dumps(res, indent=2) + '\n')
+    report('\n'.join(lines), res, args.out)
 
 
 if __name__ == '__main__':

@@ -10,12 +10,14 @@ Run: .venv/bin/python benchmarks/bench_layers_escnn.py [--fields 16] [--size 28]
          [--out benchmarks/results/escnn_layers.md]
 """
 import argparse
-import json
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import report  # noqa: E402
 
 from gequiv_timm.compare import time_round_robin  # noqa: E402
 from gequiv_timm.layers import P4ConvP4, P4MConvP4M  # noqa: E402
@@ -115,13 +117,7 @@ def main(argv=None):
         p = res[g]['params']
         lines.append(f"- {g} parameters: ours {p['ours']:,} (free filters), escnn {p['escnn']:,} (band-limited "
                      f"steerable basis), expanded bank {p['floor']:,}")
-    text = '\n'.join(lines)
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + '\n')
-        out.with_suffix('.json').write_text(json.dumps(dict(args=vars(args), results=res), indent=1) + '\n')
+    report('\n'.join(lines), dict(args=vars(args), results=res), args.out)
     return res
 
 

@@ -10,14 +10,16 @@ Run: .venv/bin/python benchmarks/bench_models_escnn.py [--ours gequiv_p4cnn] [--
          [--threads 1] [--out benchmarks/results/escnn_models.md]
 """
 import argparse
-import json
 import statistics
 import time
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import report  # noqa: E402
 
 import timm  # noqa: E402
 
@@ -111,13 +113,7 @@ def main(argv=None):
     lines.append('')
     lines.append(f"Latency is measured on the exported models (ours exported: {res['ours']['exported']}, escnn "
                  f"exported: {res['escnn']['exported']}).")
-    text = '\n'.join(lines)
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + '\n')
-        out.with_suffix('.json').write_text(json.dumps(dict(args=vars(args), results=res), indent=1) + '\n')
+    report('\n'.join(lines), dict(args=vars(args), results=res), args.out)
     return res
 
 

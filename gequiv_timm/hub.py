@@ -419,7 +419,7 @@ def model_card(name: str, tag: str, entry: Mapping[str, Any], config: Mapping[st
     lines += ['', '## Usage', '', '```bash', "pip install gequiv_timm", '```', '', '```python',
               'import timm', 'import torch', 'import gequiv_timm  # registers the gequiv_ models with timm', '',
               f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()",
-              f"# or, with the weights that ship inside the package (no network):",
+              "# or, with the weights that ship inside the package (no network):",
               f"# model = timm.create_model('{name_tag}', pretrained=True).eval()",
               'cfg = timm.data.resolve_data_config({}, model=model)',
               'x = torch.rand(1, *cfg["input_size"])  # images in [0, 1], as in training',

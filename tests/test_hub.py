@@ -257,13 +257,14 @@ def test_pickle_is_refused(ckpt, tmp_path):
 
 
 def test_keypoint_model_exports_and_reloads(tmp_path):
-    """A head without a pooled feature width (heatmaps) still gets timm's config.json and a fitting card."""
+    """A heatmap model gets timm's config.json (its num_features: the trunk width the headless model pools) and a
+    keypoint-detection card."""
     torch.manual_seed(0)
     model = timm.create_model('gequiv_rcn_paper').eval()
     hub.save_weights(model, tmp_path / 'k.safetensors', 'gequiv_rcn_paper', '', 'landmarks/test')
     hub.export('gequiv_rcn_paper', tmp_path / 'out', checkpoint=tmp_path / 'k.safetensors')
     cfg = json.loads((tmp_path / 'out' / 'config.json').read_text())
-    assert cfg['architecture'] == 'gequiv_rcn_paper' and cfg['num_features'] is None
+    assert cfg['architecture'] == 'gequiv_rcn_paper' and cfg['num_features'] == getattr(model, 'num_features', None)
     assert 'label_names' not in cfg
     assert 'pipeline_tag: keypoint-detection' in (tmp_path / 'out' / 'README.md').read_text()
     assert hub.verify_export(tmp_path / 'out', model) == 0.0

@@ -1,12 +1,10 @@
 """The catalog in registry/ and its registration with timm."""
-import json
 import subprocess
 import sys
 
 import pytest
 import timm
 
-import gequiv_timm
 from gequiv_timm import registry
 from gequiv_timm._resources import registry_dir, weights_dir
 from gequiv_timm.cli import main as cli_main

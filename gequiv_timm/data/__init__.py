@@ -3,3 +3,7 @@ from .mnist import (MNIST_MEAN, MNIST_STD, ImageSplit, RotatedMNIST, TensorSplit
                     rotated_mnist, split_indices)
 from .distorted import PROTOCOLS, DistortedMNIST, distorted_mnist
 from .landmarks import KEYPOINT_NAMES, MNISTLandmarks, mnist_landmarks
+
+__all__ = ['MNIST_MEAN', 'MNIST_STD', 'ImageSplit', 'RotatedMNIST', 'TensorSplit', 'load_mnist', 'rotate_images',
+           'rotated_mnist', 'split_indices', 'PROTOCOLS', 'DistortedMNIST', 'distorted_mnist', 'KEYPOINT_NAMES',
+           'MNISTLandmarks', 'mnist_landmarks']

@@ -5,7 +5,6 @@ Everything is deterministic for a seed: the same seed gives the same split, the 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Tuple
