@@ -19,43 +19,20 @@ from __future__ import annotations
 
 import types
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, register_notrace_function
-from timm.models import checkpoint_seq
-from timm.models._features import feature_take_indices
 
 from ..layers.pde import (
     BatchNormM2, CDEPdeLayerM2, ConvectionM2, DilationM2, ErosionM2, LiftM2Cartesian, LinearM2, MaxProjectM2, PDEStem,
     SumProjectM2,
 )
 from ._helpers import create_gequiv_model
+from ._timm_api import TimmApiMixin
 
 __all__ = ['PDEGCNN', 'PDEStage', 'PDELiftStage', 'PDEStem', 'create_pde_stem_model']
-
-
-@register_notrace_function  # torch.fx records the call (the check runs in the traced module), never traces into it
-def check_pde_input(x: torch.Tensor, in_chans: int, min_size: int, owner: str) -> torch.Tensor:
-    """Return ``x`` when it is a floating-point image batch ``[B, in_chans, H, W]`` of at least ``min_size`` pixels
-    a side; raise a TypeError / ValueError that says what was expected and what to do otherwise."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{owner}: expected a torch.Tensor image batch [B, {in_chans}, H, W], got "
-                        f"{type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{owner}: expected an image batch [B, {in_chans}, H, W], got shape {tuple(x.shape)}")
-    if x.shape[1] != in_chans:
-        raise ValueError(f"{owner}: expected {in_chans} input channels, got {x.shape[1]}; create the model with "
-                         f"in_chans={x.shape[1]}")
-    if not x.is_floating_point():
-        raise TypeError(f"{owner}: expected a floating point image batch, got dtype {x.dtype}; convert and "
-                        f"normalise it first (e.g. x.float() / 255, then the model's pretrained_cfg mean / std)")
-    if min(x.shape[-2:]) < min_size:
-        raise ValueError(f"{owner}: input {tuple(x.shape[-2:])} is too small; the stages need at least "
-                         f"{min_size}x{min_size}")
-    return x
 
 
 def _pool_m2(x: torch.Tensor) -> torch.Tensor:
@@ -90,14 +67,7 @@ class PDEStage(nn.Module):
         return _pool_m2(x) if self.pool else x
 
 
-class _Fold(nn.Module):
-    """``[B, C, Or, H, W] -> [B, C*Or, H, W]`` (what a pruned :class:`PDEGCNN` returns as features)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1, 2)
-
-
-class PDEGCNN(nn.Module):
+class PDEGCNN(TimmApiMixin, nn.Module):
     """PDE-G-CNN classifier: lift to M2, CDE layers, max projection over orientations, timm head.
 
     Args:
@@ -112,7 +82,13 @@ class PDEGCNN(nn.Module):
     Shapes: input ``[B, in_chans, H, W]``; ``forward_features`` ``[B, widths[-1], H', W']`` (max over
     orientations: rotates with the input); intermediates ``[B, C * Or, h, w]`` (folded, equivariant);
     logits ``[B, num_classes]``.
+
+    timm's API (``forward_features`` / ``forward_intermediates`` / ``prune_intermediate_layers`` /
+    ``reset_classifier`` ...) comes from :class:`~gequiv_timm.models._timm_api.TimmApiMixin`: the max projection
+    over orientations is the ``group_pool`` (timm's "final norm"), the lifting stage is ``stages.0``.
     """
+
+    stem_tap = False  # the first stage lifts: taps are the stage outputs
 
     def __init__(self, widths: Sequence[int] = (24, 24, 24, 24, 24, 24), orientations: int = 8,
                  lift_kernel_size: int = 5, lift_padding: int = 0, kernel_size=(3, 3, 3), alpha: float = 0.65,
@@ -131,6 +107,7 @@ class PDEGCNN(nn.Module):
         self.pool_after = tuple(pool_after)
         self.grad_checkpointing = False
         self.coef_lr_mult = float(coef_lr_mult)
+        self.stem = nn.Identity()  # the first stage lifts the image to M2
         stages: List[nn.Module] = [PDELiftStage(in_chans, widths[0], orientations, lift_kernel_size, lift_padding,
                                                 0 in self.pool_after)]
         reduction = 2 if 0 in self.pool_after else 1
@@ -143,9 +120,8 @@ class PDEGCNN(nn.Module):
             self.feature_info.append(dict(num_chs=cout * orientations, reduction=reduction, module=f'stages.{i}',
                                           group=f'm2_{orientations}', layout='folded'))
         self.stages = nn.Sequential(*stages)
-        self.project = MaxProjectM2()
-        self.num_features = self.head_hidden_size = widths[-1]
-        self.head = ClassifierHead(widths[-1], num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.group_pool = MaxProjectM2()
+        self._init_head(widths[-1], num_classes, global_pool, drop_rate)
         if device is not None or dtype is not None:  # timm's factory kwargs
             self.to(device=device, dtype=dtype)
 
@@ -171,17 +147,13 @@ class PDEGCNN(nn.Module):
         """Whether 90-degree rotations of an ``h x w`` input give exactly invariant logits."""
         return self._trace_size(h)[1] and self._trace_size(w)[1]
 
-    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
-        return check_pde_input(x, self.in_chans, self.min_input_size(), type(self).__name__)
+    def fold_order(self) -> int:
+        return self.orientations
 
     # ----- timm API -------------------------------------------------------------------------------------
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False):
         return dict(stem=r'^stages\.0\.', blocks=r'^stages\.(\d+)')
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True):
-        self.grad_checkpointing = enable
 
     @torch.jit.ignore
     def no_weight_decay(self):
@@ -215,62 +187,6 @@ class PDEGCNN(nn.Module):
                 g['lr'] = lr * m
         return [g for g in groups if g['params']]
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
-        self.num_classes = num_classes
-        ref = next(self.stages.parameters())
-        self.head.reset(num_classes, pool_type=global_pool)
-        self.head.to(device=ref.device, dtype=ref.dtype)  # the new classifier lives where the model lives
-
-    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
-                              norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
-                              intermediates_only: bool = False):
-        """Stage outputs folded to ``[B, C*Or, H, W]`` (equivariant), as timm's ``forward_intermediates``."""
-        if output_fmt != 'NCHW':
-            raise ValueError(f"{type(self).__name__}: output_fmt must be 'NCHW', got {output_fmt!r}")
-        x = self._check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        intermediates = []
-        stages = self.stages if not stop_early else self.stages[:max_index + 1]
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(x.flatten(1, 2))
-        if intermediates_only:
-            return intermediates
-        if len(stages) == len(self.stages):
-            x = self.project(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True):
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        if max_index + 1 < len(self.stages):
-            # truncated: forward_features returns the last kept stage as its (folded, equivariant) tap
-            self.stages = self.stages[:max_index + 1]
-            self.project = _Fold()
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._check_input(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.stages, x)
-        else:
-            x = self.stages(x)
-        return self.project(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # PDE stem on a timm backbone
@@ -280,7 +196,7 @@ class PDEGCNN(nn.Module):
 def _register_notrace():
     from timm.layers import register_notrace_module
     for m in (LiftM2Cartesian, ConvectionM2, DilationM2, ErosionM2, LinearM2, CDEPdeLayerM2, MaxProjectM2, BatchNormM2,
-              SumProjectM2, PDEStem, PDELiftStage, PDEStage, _Fold):
+              SumProjectM2, PDEStem, PDELiftStage, PDEStage):
         register_notrace_module(m)
 
 
