@@ -207,7 +207,10 @@ def test_single_scale_head_ignores_fine_levels():
         a = head(feats)
         b = head([torch.randn_like(f) for f in feats[:-1]] + [feats[-1]])
     assert a.shape == (2, 2, 128, 128) and torch.allclose(a, b)
-    assert not head.level_weight.requires_grad
+    # the coarsest level's 1x1-conv logits, bilinearly upsampled by its stride (32)
+    with torch.no_grad():
+        z = head.classifier(head.branch(feats[-1]))
+        assert torch.allclose(a, F.interpolate(z, size=(128, 128), mode='bilinear', align_corners=False))
 
 
 def test_coord_regression_head_and_pixel_maps():
@@ -329,3 +332,64 @@ def test_paper_trunk_levels():
         trunk(torch.randn(1, 1, 40, 40))
     with pytest.raises(ValueError, match=r'\[B, 1, H, W\]'):
         trunk(torch.randn(1, 3, 64, 64))
+
+
+# ----- the timm split of every head: forward = forward_head(forward_features) ---------------------------------------
+def _heads(k):
+    c, r = [8, 16, 24, 32], [4, 8, 16, 32]
+    return {'rcn': RecombinatorHead(c, r, k, branch_channels=8), 'sumnet': SumNetHead(c, r, k, branch_channels=8),
+            'sumnet_nearest': SumNetHead(c, r, k, branch_channels=[4, 8, 8, 8], upsample='nearest'),
+            'single': SingleScaleHead(c, r, k, branch_channels=8), 'regression': CoordRegressionHead(c, k)}
+
+
+@pytest.mark.parametrize('kind', ['rcn', 'sumnet', 'sumnet_nearest', 'single', 'regression'])
+def test_heads_split_into_features_and_classifier(kind):
+    feats = _pyramid()
+    head = _heads(3)[kind].eval()
+    if kind == 'regression':
+        torch.nn.init.normal_(head.fc.weight)
+    with torch.no_grad():
+        out = head(feats)
+        f = head(feats, pre_logits=True)
+        assert torch.equal(f, head.forward_features(feats)) and f.shape[1] == head.out_channels
+        # SumNet: 1x1 conv then upsample (forward) == upsample then 1x1 conv (the split): they commute
+        assert torch.allclose(head.forward_head(f), out, atol=1e-5)
+        head.reset_classifier(0)  # no classifier: the features come out
+        assert head.num_keypoints == 0 and not [n for n, _ in head.named_parameters() if 'classif' in n or 'fc' in n]
+        assert torch.equal(head(feats, pre_logits=True), f)
+    with pytest.raises(ValueError, match='forward_head'):
+        head.forward_head(torch.randn(1, head.out_channels + 1, 4, 4))
+
+
+@pytest.mark.parametrize('kind', ['rcn', 'sumnet', 'single', 'regression'])
+def test_reset_classifier_keeps_device_and_dtype(kind):
+    head = _heads(3)[kind].double()
+    head.reset_classifier(0)
+    head.reset_classifier(2, device='cpu', dtype=torch.float64)
+    ps = [p for n, p in head.named_parameters() if 'classif' in n or 'fc' in n or 'level_weight' in n]
+    assert ps and all(p.dtype == torch.float64 for p in ps)
+    out = head([f.double() for f in _pyramid()])
+    assert out.shape[1] == 2 and out.dtype == torch.float64
+
+
+def test_paper_trunk_stops_early_and_truncates():
+    trunk = RCNPaperTrunk(1, (4, 8, 8, 8)).eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        full = trunk(x)
+        part = trunk(x, max_level=1)
+        assert len(part) == 2 and all(torch.equal(a, b) for a, b in zip(part, full))
+        trunk.truncate(2)
+        assert len(trunk.stages) == 2 and trunk.channels == [4, 8] and trunk.reductions == [1, 2]
+        assert all(torch.equal(a, b) for a, b in zip(trunk(x), full[:2]))
+    with pytest.raises(TypeError, match='floating point'):
+        trunk(torch.zeros(1, 1, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match='levels must be'):
+        trunk.truncate(3)
+
+
+def test_notrace_functions_are_public_and_module_level():
+    # torch.fx autowraps only public module-level functions; the models register exactly these
+    import gequiv_timm.layers.rcn as rcn
+    for fn in rcn.NOTRACE_FUNCTIONS:
+        assert not fn.__name__.startswith('_') and getattr(rcn, fn.__name__) is fn

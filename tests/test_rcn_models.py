@@ -63,7 +63,9 @@ def test_regression_model(x):
     xy, conf = m.predict_keypoints(x)
     # forward gives pixels; the linear layer starts at zero: every keypoint at the image centre
     assert torch.allclose(xy, torch.full_like(xy, 31.5)) and torch.allclose(out, xy) and torch.isnan(conf).all()
-    assert torch.allclose(m.forward_head(m.forward_features(x)), torch.zeros(2, 5, 2))  # raw: normalised
+    feats = m.forward_features(x)
+    assert feats.shape == (2, 512, 2, 2) and torch.equal(m.forward_head(feats), out)
+    assert torch.equal(m.head.forward_head(feats), torch.zeros(2, 5, 2))  # the linear layer: normalised coordinates
     kp = torch.full((2, 5, 2), 31.5)
     assert m.loss(out, kp, image_size=(64, 64)).item() == pytest.approx(0.0, abs=1e-7)
     with pytest.raises(ValueError, match='image_size'):
@@ -110,9 +112,16 @@ def test_features_only_and_intermediates(x):
     assert [t.shape[1] for t in feats] == f.feature_info.channels() == [64, 64, 128, 256, 512]
     assert f.feature_info.reduction() == [2, 4, 8, 16, 32]
     m = _model('gequiv_rcn_resnet18')
-    last, inter = m.forward_intermediates(x, indices=2)
-    assert len(inter) == 2 and inter[-1].shape == last.shape == (2, 512, 2, 2)
-    assert len(m.forward_intermediates(x, intermediates_only=True)) == 5
+    final, inter = m.forward_intermediates(x, indices=2)
+    assert [t.shape for t in inter] == [(2, 256, 4, 4), (2, 512, 2, 2)]
+    # the final features are forward_features' (the recombined finest map), not a pyramid level
+    assert torch.equal(final, m.forward_features(x)) and final.shape == (2, m.num_features, 64, 64)
+    taps = m.forward_intermediates(x, intermediates_only=True)
+    assert [t.shape[1] for t in taps] == [64, 64, 128, 256, 512]
+    sel = m.forward_intermediates(x, indices=[0, 3], intermediates_only=True, stop_early=True)
+    assert torch.equal(sel[0], taps[0]) and torch.equal(sel[1], taps[3])
+    with pytest.raises(ValueError, match='NCHW'):
+        m.forward_intermediates(x, output_fmt='NHWC')
 
 
 def test_classifier_api(x):
@@ -120,18 +129,24 @@ def test_classifier_api(x):
     assert m.get_classifier() is m.head.classifier
     m.reset_classifier(3)
     assert m(x).shape == (2, 3, 64, 64) and m.keypoint_names == ['kp0', 'kp1', 'kp2']
-    m.reset_classifier(0)
-    assert isinstance(m(x), list)
+    feats = m.forward_features(x)
+    m.reset_classifier(0)  # headless: pooled features, as any timm model
+    assert m.num_classes == 0 and torch.allclose(m(x), feats.mean((-2, -1)), atol=1e-6)
+    m.reset_classifier(0, '')
+    assert torch.equal(m(x), feats)
+    m.reset_classifier(5)  # the recombination branches are kept, only the 1x1 conv is new
+    assert m(x).shape == (2, 5, 64, 64) and torch.equal(m.forward_features(x), feats)
     s = timm.create_model('gequiv_sumnet_resnet18')
     names = {n for n, _ in s.named_parameters()}
     assert s.no_weight_decay() <= names and 'head.level_weight' in s.no_weight_decay()
     s.reset_classifier(4)
     assert s(x).shape == (2, 4, 64, 64)
-    with pytest.raises(ValueError, match='pre_logits'):
-        s.forward_head(s.forward_features(x), pre_logits=True)
+    assert s.get_classifier() is s.head.classifiers and len(s.get_classifier()) == 5
+    assert s.forward_head(s.forward_features(x), pre_logits=True).shape == (2, s.num_features)
     r = timm.create_model('gequiv_rcn_resnet18')
-    pre = r.forward_head(r.forward_features(x), pre_logits=True, out_size=(64, 64))
-    assert pre.shape[0] == 2 and pre.shape[-2:] == (64, 64) and pre.shape[1] == r.head.out_channels
+    f = r.forward_features(x)
+    assert f.shape == (2, r.head.out_channels, 64, 64) == (2, r.num_features, 64, 64)
+    assert torch.allclose(r.forward_head(f, pre_logits=True), f.mean((-2, -1)))
     r.set_grad_checkpointing(True)
     assert r.grad_checkpointing
     gm = r.group_matcher()
@@ -167,6 +182,102 @@ def test_rcn_p4_resnet18(x):
     assert stem.group_name == 'p4' and stem.check_equivariance() < 1e-4
     # the stem's rotation equivariance shows in the finest pyramid level: rotating the input rotates it
     with torch.no_grad():
-        f = m.forward_features(x)[0]
-        fr = m.forward_features(torch.rot90(x, 1, (-2, -1)))[0]
+        f = m.forward_intermediates(x, indices=[0], intermediates_only=True)[0]
+        fr = m.forward_intermediates(torch.rot90(x, 1, (-2, -1)), indices=[0], intermediates_only=True)[0]
     assert torch.allclose(fr, torch.rot90(f, 1, (-2, -1)), atol=1e-4)
+
+
+# ----- timm's model contract, keypoint flavour ------------------------------------------------------------------
+ALL_MODELS = HEATMAP_MODELS + ['gequiv_kpreg_resnet18']
+
+
+@pytest.mark.parametrize('name', ALL_MODELS)
+def test_timm_split_and_pool_size(name, x):
+    """forward = forward_head(forward_features); forward_features is one 4-D map of num_features channels, of the
+    cfg's pool_size at the cfg's input size; pre_logits / the headless model pool it."""
+    m = _model(name)
+    with torch.no_grad():
+        feats = m.forward_features(x)
+        out = m(x)
+        assert torch.allclose(m.forward_head(feats), out, atol=1e-5)  # SumNet's forward sums K-maps instead
+        final, inter = m.forward_intermediates(x)
+    assert feats.dim() == 4 and feats.shape[1] == m.num_features == m.head_hidden_size
+    assert tuple(feats.shape[-2:]) == tuple(m.pretrained_cfg['pool_size'])
+    assert torch.equal(final, feats) and len(inter) == len(m.feature_info)
+    assert m.forward_head(feats, pre_logits=True).shape == (2, m.num_features)
+    sd = m.state_dict()
+    clf = m.pretrained_cfg['classifier']
+    assert all(c + '.weight' in sd for c in ([clf] if isinstance(clf, str) else clf))
+    assert m.pretrained_cfg['first_conv'] + '.weight' in sd
+
+
+@pytest.mark.parametrize('name', ['gequiv_rcn_paper', 'gequiv_kpreg_resnet18'])
+def test_num_classes_is_num_keypoints(name, x):
+    m = timm.create_model(name, num_classes=42).eval()
+    assert m.num_keypoints == m.num_classes == 42 and m(x).shape[1] == 42
+    h = timm.create_model(name, num_classes=0).eval()
+    assert h.num_keypoints == 0 and h(x).shape == (2, h.num_features)
+    h = timm.create_model(name, num_classes=0, global_pool='').eval()
+    assert h(x).shape == h.forward_features(x).shape
+    with pytest.raises(RuntimeError, match='num_classes=0'):
+        h.predict_keypoints(x)
+    with pytest.raises(ValueError, match='global_pool'):
+        timm.create_model(name, global_pool='token')
+
+
+def test_factory_device_and_dtype(x):
+    m = timm.create_model('gequiv_rcn_resnet18', device='meta')
+    assert {t.device.type for t in [*m.parameters(), *m.buffers()]} == {'meta'}
+    m = timm.create_model('gequiv_rcn_paper', dtype=torch.float64).eval()
+    assert {p.dtype for p in m.parameters()} == {torch.float64}
+    assert m(x.double()).dtype == torch.float64
+    m.reset_classifier(3)
+    assert m.get_classifier().weight.dtype == torch.float64
+
+
+@pytest.mark.parametrize('name', ALL_MODELS + ['gequiv_rcn_p4_resnet18'])
+def test_integer_input_is_rejected(name):
+    if name == 'gequiv_rcn_p4_resnet18' and not HAS_STEMS:
+        pytest.skip('the equivariant stem (issue 3) is not in this checkout')
+    m = _model(name) if name != 'gequiv_rcn_p4_resnet18' else timm.create_model(name).eval()
+    with pytest.raises(TypeError, match='floating point'):
+        m(torch.zeros(1, 1, 64, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r'\[B, 1, H, W\]'):
+        m(torch.zeros(1, 64, 64))
+
+
+@pytest.mark.parametrize('name', ['gequiv_rcn_paper', 'gequiv_sumnet_resnet18', 'gequiv_kpreg_resnet18'])
+def test_fx_trace_matches_eager_and_eager_checks_stay(name, x):
+    pytest.importorskip('torchvision')
+    from timm.models import create_feature_extractor, get_graph_node_names
+    m = _model(name)
+    nodes = get_graph_node_names(m)[1]
+    fx = create_feature_extractor(m, return_nodes=[nodes[-1]])
+    with torch.no_grad():
+        out = list(fx(x).values())[0]
+        assert torch.allclose(out, m(x), atol=1e-5)
+    with pytest.raises(ValueError, match='in_chans=3'):
+        m(torch.randn(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize('name', ['gequiv_rcn_paper', 'gequiv_rcn_resnet18'])
+def test_prune_intermediate_layers_cuts_the_backbone(name, x):
+    import copy
+    m = _model(name)
+    with torch.no_grad():
+        taps = m.forward_intermediates(x, intermediates_only=True)
+    p = copy.deepcopy(m)
+    assert p.prune_intermediate_layers([1, 2]) == [1, 2]
+    assert p.head is None and p.num_classes == 0 and len(p.feature_info) == 3
+    assert p.num_features == taps[2].shape[1]
+    with torch.no_grad():
+        assert torch.equal(p.forward_features(x), taps[2]) and torch.equal(p(x), taps[2])
+        assert all(torch.equal(a, b) for a, b in zip(p.forward_intermediates(x, intermediates_only=True), taps))
+    n_kept = sum(q.numel() for q in p.parameters())
+    p.train()
+    p.forward_features(x).sum().backward()
+    assert all(q.grad is not None for q in p.parameters()) and n_kept < sum(q.numel() for q in m.parameters())
+    with pytest.raises(RuntimeError, match='prune_intermediate_layers'):
+        p.reset_classifier(5)
+    with pytest.raises(ValueError, match='prune_head=False'):
+        copy.deepcopy(m).prune_intermediate_layers([1], prune_head=False)

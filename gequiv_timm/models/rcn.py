@@ -10,9 +10,15 @@ Heads (``head=``, see :mod:`gequiv_timm.layers.rcn` for the maths):
 ``forward(x)`` returns heatmap logits ``[B, K, H / output_stride, W / output_stride]`` (a softmax over locations
 per keypoint turns them into distributions; train with :func:`~gequiv_timm.layers.rcn.heatmap_cross_entropy`
 via :meth:`KeypointNet.loss`). The ``'regression'`` head is the exception: it returns ``(x, y)`` pixel
-coordinates ``[B, K, 2]`` (its linear layer predicts normalised ``[-1, 1]`` coordinates, which ``forward_head``
-returns). :meth:`KeypointNet.predict_keypoints` returns pixel coordinates and confidences
-for every head.
+coordinates ``[B, K, 2]`` (its linear layer predicts normalised ``[-1, 1]`` coordinates,
+:meth:`~gequiv_timm.layers.rcn.CoordRegressionHead.to_pixels` converts them). :meth:`KeypointNet.predict_keypoints`
+returns pixel coordinates and confidences for every head.
+
+timm's API: ``num_classes`` is an alias of ``num_keypoints`` (``timm.create_model(name, num_classes=42)`` gives 42
+keypoint maps; ``num_classes=0`` the headless model, whose ``forward`` returns pooled features as any timm model);
+``forward_features`` returns the last feature map before the keypoint classifier, ``forward_intermediates`` /
+``features_only`` the backbone's pyramid levels; FX tracing works; TorchScript does not (see
+:class:`KeypointNet`).
 
 Backbones: ``backbone`` is any timm model name that supports ``features_only=True`` (random init unless
 ``pretrained_backbone=True``), or ``'rcn_paper'`` for :class:`~gequiv_timm.layers.rcn.RCNPaperTrunk`.
@@ -26,13 +32,16 @@ Keypoint names are model configuration (``keypoint_names=`` / ``model.keypoint_n
 """
 from __future__ import annotations
 
+import copy
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.models._features import feature_take_indices
+from timm.layers import SelectAdaptivePool2d, register_notrace_function
+from timm.models._features import FeatureDictNet, FeatureInfo, feature_take_indices
 
 from ..layers.rcn import (
+    NOTRACE_FUNCTIONS,
     CoordRegressionHead,
     RCNPaperTrunk,
     RecombinatorHead,
@@ -46,6 +55,37 @@ from ._helpers import create_gequiv_model
 __all__ = ['KeypointNet', 'HEADS']
 
 HEADS = ('rcn', 'sumnet', 'single', 'regression')
+POOL_TYPES = ('avg', 'max', 'avgmax', 'catavgmax', '')
+
+# the layers' shape checks branch in Python: FX must call them as opaque functions (layers/ does not import timm)
+for _fn in NOTRACE_FUNCTIONS:
+    register_notrace_function(_fn)
+
+
+@register_notrace_function
+def check_keypoint_input(x: torch.Tensor, in_chans: int, multiple: int) -> None:
+    """KeypointNet's input check (eager; opaque to FX tracing)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != in_chans:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        hint = f"create the model with in_chans={x.shape[1]}" if isinstance(x, torch.Tensor) and x.dim() == 4 else \
+            "add the batch dimension (x[None]) or reshape to [B, C, H, W]"
+        raise ValueError(f"KeypointNet: expected an image batch [B, {in_chans}, H, W] ({in_chans} channel(s)), got "
+                         f"{shape}; {hint}")
+    if not x.is_floating_point():
+        raise TypeError(f"KeypointNet: expected a floating point image batch, got dtype {x.dtype}; convert it with "
+                        f"x.float() / 255 and normalise with the model's pretrained_cfg mean / std")
+    if x.shape[-2] % multiple or x.shape[-1] % multiple:
+        raise ValueError(f"KeypointNet: input size {tuple(x.shape[-2:])} must be divisible by {multiple} (the "
+                         f"coarsest level's stride) so that every level is an exact x2 of the next; pad or resize "
+                         f"the image")
+
+
+def _check_pool(global_pool) -> str:
+    gp = 'avg' if global_pool is None else global_pool
+    if gp not in POOL_TYPES:
+        raise ValueError(f"KeypointNet: global_pool must be one of {POOL_TYPES} (it pools the features of the "
+                         f"headless model, num_classes=0, and of forward_head(pre_logits=True)), got {global_pool!r}")
+    return gp
 
 
 class KeypointNet(nn.Module):
@@ -54,12 +94,18 @@ class KeypointNet(nn.Module):
     Args:
         backbone: a timm model name with ``features_only`` support (e.g. ``'resnet18'``) or ``'rcn_paper'``.
         head: ``'rcn'``, ``'sumnet'``, ``'single'`` or ``'regression'``.
-        num_keypoints: ``K``. Default: ``len(keypoint_names)``, else ``num_classes``, else 5.
+        num_keypoints: ``K`` (0: no keypoint classifier, as timm's ``num_classes=0``). Default: ``num_classes``, else
+            ``len(keypoint_names)``, else 5.
         keypoint_names: optional names, one per keypoint (kept in :attr:`keypoint_names`).
-        num_classes: timm's name for the number of outputs; here an alias of ``num_keypoints`` (they must agree).
+        num_classes: timm's name for the number of outputs, an alias of ``num_keypoints`` (they must agree), so
+            ``timm.create_model(name, num_classes=42)`` gives 42 keypoint maps and ``num_classes=0`` the headless
+            model.
         in_chans: input channels. drop_rate: dropout on the coarsest level (``Dropout2d``) or before the
-            regression layer. global_pool: only ``'avg'`` (the regression head's pooling); heatmap heads accept
-            ``''`` / ``'avg'`` / None and do not pool.
+            regression layer.
+        global_pool: pooling of the *headless* output: with ``num_classes=0`` (or ``reset_classifier(0)``)
+            ``forward`` returns ``global_pool(forward_features(x))``, ``[B, num_features]`` for ``'avg'`` (the
+            default; also ``'max'``, ``'avgmax'``, ``'catavgmax'``) or the map itself for ``''``; so does
+            ``forward_head(f, pre_logits=True)``. Keypoint outputs are never pooled.
         out_indices: which backbone levels form the pyramid (default: all).
         branch_channels, convs_per_branch, upsample, output_stride: passed to the head. Levels finer than
             ``output_stride`` are not used by the heatmap heads (``branch_channels`` still lists every level).
@@ -67,9 +113,25 @@ class KeypointNet(nn.Module):
         trunk_channels: channels per level of ``'rcn_paper'``.
         equivariant_stem: ``None`` or ``'p4'`` / ``'p4m'`` (needs ``gequiv_timm.models.stems``).
         pretrained_backbone: load timm's pretrained backbone weights (needs the network).
+        device, dtype: timm's factory arguments; the model is built, then moved.
 
-    Shapes: ``[B, in_chans, H, W]`` -> logits ``[B, K, H / output_stride, W / output_stride]`` (regression:
-    pixel coordinates ``[B, K, 2]``).
+    timm's split: ``forward(x) = forward_head(forward_features(x))``.
+
+    * :meth:`forward_features` returns one 4-D map ``[B, num_features, H_f, W_f]``, the last features before the
+      keypoint classifier: the RCN's recombined finest map (at ``output_stride``), SumNet's upsampled branch
+      features (concatenated), the single-scale head's coarsest-level branch, the regression head's coarsest
+      pyramid level. The pyramid itself (finest first) is :meth:`forward_intermediates` (and ``features_only``).
+    * :meth:`forward_head` is the keypoint classifier: heatmap logits ``[B, K, H / output_stride, W /
+      output_stride]``, or for ``'regression'`` ``(x, y)`` pixel coordinates ``[B, K, 2]``.
+      (SumNet's ``forward`` sums upsampled ``K``-map predictions instead of materialising the upsampled features;
+      the logits are the same, see :class:`~gequiv_timm.layers.rcn.SumNetHead`.)
+
+    TorchScript: not supported. The recombination walks the levels coarsest first, and TorchScript indexes an
+    ``nn.ModuleList`` only by literals or in ``enumerate`` order (finest first); supporting it would rename every
+    head parameter (and break shipped checkpoints). FX tracing works (the shape checks are notrace functions).
+
+    Shapes: ``[B, in_chans, H, W]`` (``H``, ``W`` divisible by the coarsest stride) -> logits
+    ``[B, K, H / output_stride, W / output_stride]`` (regression: pixel coordinates ``[B, K, 2]``).
 
     Example:
         >>> import timm, gequiv_timm
@@ -83,31 +145,29 @@ class KeypointNet(nn.Module):
 
     def __init__(self, backbone: str = 'resnet18', head: str = 'rcn', num_keypoints: Optional[int] = None,
                  keypoint_names: Optional[Sequence[str]] = None, num_classes: Optional[int] = None,
-                 in_chans: int = 1, drop_rate: float = 0.0, global_pool: Optional[str] = None,
+                 in_chans: int = 1, drop_rate: float = 0.0, global_pool: Optional[str] = 'avg',
                  out_indices: Optional[Sequence[int]] = None, branch_channels: Union[int, Sequence[int]] = 64,
                  convs_per_branch: int = 2, upsample: str = 'nearest', output_stride: int = 1,
                  trunk_channels: Sequence[int] = (16, 32, 48, 64, 64), equivariant_stem: Optional[str] = None,
-                 pretrained_backbone: bool = False):
+                 pretrained_backbone: bool = False, device=None, dtype=None):
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"KeypointNet: head must be one of {HEADS}, got {head!r}")
         k = num_keypoints
         if k is None:
-            k = len(keypoint_names) if keypoint_names else (num_classes if num_classes else 5)
+            k = num_classes if num_classes is not None else (len(keypoint_names) if keypoint_names else 5)
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise ValueError(f"KeypointNet: num_keypoints must be an int >= 0 (0 = headless), got {k!r}")
         if num_classes is not None and num_classes != k:
             raise ValueError(f"KeypointNet: num_classes={num_classes} and num_keypoints={k} disagree; num_classes is "
                              f"timm's name for the number of keypoint maps. Pass only num_keypoints.")
         if keypoint_names is not None and len(keypoint_names) != k:
             raise ValueError(f"KeypointNet: {len(keypoint_names)} keypoint_names for num_keypoints={k}; pass one "
                              f"name per keypoint or keypoint_names=None")
-        if global_pool not in (None, '', 'avg'):
-            raise ValueError(f"KeypointNet: global_pool must be 'avg' (used by the regression head only), got "
-                             f"{global_pool!r}")
         self.head_type, self.backbone_name = head, backbone
         self.num_keypoints = self.num_classes = k
         self.keypoint_names = list(keypoint_names) if keypoint_names is not None else [f'kp{i}' for i in range(k)]
         self.in_chans, self.drop_rate, self.output_stride = in_chans, drop_rate, output_stride
-        self.global_pool = 'avg'
         self.grad_checkpointing = False
         self._head_kwargs = dict(branch_channels=branch_channels, convs_per_branch=convs_per_branch,
                                  upsample=upsample, output_stride=output_stride)
@@ -153,6 +213,12 @@ class KeypointNet(nn.Module):
             self._head_kwargs['branch_channels'] = bc[self.level_start:]
         self.drop = nn.Dropout2d(drop_rate) if drop_rate > 0 and head != 'regression' else nn.Identity()
         self.head = self._make_head(k)
+        self.num_features = self.head.out_channels
+        self.global_pool = 'avg'
+        self.pool = nn.Identity()
+        self._set_pool(global_pool)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     # ----- construction -------------------------------------------------------------------------------------
     def _inject_stem(self, group: str) -> None:
@@ -174,19 +240,25 @@ class KeypointNet(nn.Module):
         if kw['upsample'] == 'learned':
             raise ValueError(f"KeypointNet: head={self.head_type!r} resizes level maps straight to the output "
                              f"size; use upsample='bilinear' or 'nearest'")
-        if self.head_type == 'sumnet':
-            kw['convs_per_branch'] = min(kw['convs_per_branch'], 1)
-            return SumNetHead(c, r, k, **kw)
         kw['convs_per_branch'] = min(kw['convs_per_branch'], 1)
+        if self.head_type == 'sumnet':
+            return SumNetHead(c, r, k, **kw)
         kw['branch_channels'] = kw['branch_channels'] if isinstance(kw['branch_channels'], int) else \
             list(kw['branch_channels'])[-1]
         return SingleScaleHead(c, r, k, **kw)
 
+    def _set_pool(self, global_pool) -> None:
+        self.global_pool = _check_pool(global_pool)
+        self.pool = SelectAdaptivePool2d(pool_type=self.global_pool, flatten=bool(self.global_pool))
+        self.head_hidden_size = self.num_features * self.pool.feat_mult()
+
     # ----- timm API -------------------------------------------------------------------------------------
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict:
-        return dict(stem=r'^backbone\.(conv1|bn1|stem|stages\.0)', blocks=[(r'^backbone\.(\w+)', None),
-                                                                           (r'^head\.', (99999,))])
+        # timm backbones: conv1/bn1/stem..., layerN / stages.N / stages_N; the paper trunk: stages.N; then the head
+        return dict(stem=r"^backbone\.(?:conv1|bn1|stem)",
+                    blocks=[(r'^backbone\.(?:layer|stages\.|stages_|blocks\.|blocks_)(\d+)', None),
+                            (r'^head\.', (99999,))])
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
@@ -196,98 +268,136 @@ class KeypointNet(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self):
-        return {'head.level_weight'} if self.head_type == 'sumnet' else set()
+        return {'head.level_weight'} if self.head_type == 'sumnet' and self.num_classes else set()
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
-        """The final 1x1 conv of the RCN head (the regression head's linear layer; SumNet: the whole head)."""
-        if self.head_type == 'rcn':
-            return self.head.classifier
+        """The keypoint classifier: the final 1x1 conv (RCN, single-scale), the per-level 1x1 convs (SumNet, an
+        ``nn.ModuleList``; its level weights are ``head.level_weight``) or the linear layer (regression)."""
+        if self.head is None:
+            return nn.Identity()
         if self.head_type == 'regression':
             return self.head.fc
-        return self.head
+        if self.head_type == 'sumnet':
+            return self.head.classifiers
+        return self.head.classifier
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
-        """New output layer(s) for ``num_classes`` keypoints; keypoint names become ``kp0 ...``.
-
-        ``num_classes=0`` removes the head: ``forward`` then returns the feature pyramid (a list).
-        """
-        if global_pool not in (None, '', 'avg'):
-            raise ValueError(f"KeypointNet.reset_classifier: global_pool must be 'avg' or None, got {global_pool!r}")
+        """New keypoint classifier for ``num_classes`` keypoints (names become ``kp0 ...``), on the model's device
+        and dtype; the rest of the head is kept. ``num_classes=0`` removes it: ``forward`` then returns
+        ``global_pool(forward_features(x))`` (``global_pool``: None keeps the current one)."""
+        if global_pool is not None:
+            self._set_pool(global_pool)
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+            raise ValueError(f"KeypointNet.reset_classifier: num_classes must be an int >= 0, got {num_classes!r}")
+        if self.head is None and num_classes:
+            raise RuntimeError("KeypointNet.reset_classifier: the keypoint head was removed by "
+                               "prune_intermediate_layers; create the model again to get a head")
+        if self.head is not None:
+            p = next((p for p in self.parameters() if p.is_floating_point()), None)
+            self.head.reset_classifier(num_classes, **({} if p is None else dict(device=p.device, dtype=p.dtype)))
         self.num_classes = self.num_keypoints = num_classes
         self.keypoint_names = [f'kp{i}' for i in range(num_classes)]
-        if num_classes == 0:
-            self.head = None
-            return
-        dev = next(self.parameters()).device
-        if self.head_type == 'rcn' and self.head is not None:
-            self.head.reset_classifier(num_classes)
-        else:
-            self.head = self._make_head(num_classes).to(dev)
 
-    def _pyramid(self, x: torch.Tensor) -> List[torch.Tensor]:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"KeypointNet: expected an image batch [B, {self.in_chans}, H, W], got "
-                             f"{tuple(x.shape)}; create the model with in_chans={x.shape[1] if x.dim() == 4 else '?'}")
-        m = self.pyramid_reductions[-1]
-        if x.shape[-2] % m or x.shape[-1] % m:
-            raise ValueError(f"KeypointNet: input size {tuple(x.shape[-2:])} must be divisible by {m} (the "
-                             f"coarsest level's stride) so that every level is an exact x2 of the next")
-        feats = self.backbone(x)
-        return list(feats)
+    def _pyramid(self, x: torch.Tensor, max_level: Optional[int] = None) -> List[torch.Tensor]:
+        check_keypoint_input(x, self.in_chans, self.pyramid_reductions[-1])
+        if isinstance(self.backbone, RCNPaperTrunk):
+            return list(self.backbone(x, max_level))
+        return list(self.backbone(x))
+
+    def _head_input(self, feats: List[torch.Tensor]) -> List[torch.Tensor]:
+        feats = feats[self.level_start:]
+        feats[-1] = self.drop(feats[-1])
+        return feats
+
+    def _features_from_pyramid(self, feats: List[torch.Tensor]) -> torch.Tensor:
+        if self.head is None:
+            return feats[-1]
+        # called as a module (not .forward_features) so that FX sees the head's notrace checks
+        return self.head(self._head_input(feats), pre_logits=True)
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
                               intermediates_only: bool = False):
-        """The pyramid levels (finest first), as timm's ``forward_intermediates``; the final output is the
-        coarsest level."""
+        """timm's ``forward_intermediates``: the pyramid levels ``[B, C_l, H / r_l, W / r_l]`` (finest first) picked
+        by ``indices`` (an int n: the last n levels; a list: those levels; None: all), and unless
+        ``intermediates_only`` the final features (:meth:`forward_features`). ``norm`` is accepted and has no effect
+        (there is no final norm). ``stop_early`` (with ``intermediates_only``) stops the paper trunk after the last
+        wanted level; a timm ``features_only`` backbone always runs whole. ``output_fmt``: ``'NCHW'`` only."""
         if output_fmt != 'NCHW':
             raise ValueError(f"KeypointNet: output_fmt must be 'NCHW', got {output_fmt!r}")
-        feats = self._pyramid(x)
-        take_indices, _ = feature_take_indices(len(feats), indices)
+        take_indices, max_index = feature_take_indices(len(self.pyramid_channels), indices)
+        feats = self._pyramid(x, max_index if (stop_early and intermediates_only) else None)
         intermediates = [feats[i] for i in take_indices]
         if intermediates_only:
             return intermediates
-        return feats[-1], intermediates
+        return self._features_from_pyramid(feats), intermediates
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True):
-        """Drop the head (the backbone is kept whole: a timm features_only backbone cannot be cut here)."""
-        take_indices, _ = feature_take_indices(len(self.pyramid_channels), indices)
+        """Cut the backbone after the last level in ``indices`` and (``prune_head``) remove the keypoint head: then
+        :meth:`forward_features` returns the last kept level and ``forward`` that map (``global_pool=''``).
+        ``prune_head=False`` is only possible with the last level (the head reads every level). ``prune_norm``
+        has no effect (no final norm). Returns the kept indices."""
+        n = len(self.pyramid_channels)
+        take_indices, max_index = feature_take_indices(n, indices)
+        if not prune_head and max_index < n - 1 and self.head is not None:
+            raise ValueError(f"KeypointNet.prune_intermediate_layers: the keypoint head reads every pyramid level, so "
+                             f"prune_head=False needs the last index ({n - 1}); got indices {indices!r}")
+        if max_index < n - 1:
+            self._truncate_backbone(max_index + 1)
+            self.pyramid_channels = self.pyramid_channels[:max_index + 1]
+            self.pyramid_reductions = self.pyramid_reductions[:max_index + 1]
+            self.feature_info = self.feature_info[:max_index + 1]
         if prune_head:
-            self.reset_classifier(0)
+            self.head = None
+            self.drop = nn.Identity()
+            self.num_classes = self.num_keypoints = 0
+            self.keypoint_names = []
+            self.num_features = self.pyramid_channels[-1]
+            self._set_pool('')
         return take_indices
 
-    def forward_features(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """The feature pyramid, finest first: ``[[B, C_l, H / r_l, W / r_l], ...]``."""
-        feats = self._pyramid(x)
-        feats[-1] = self.drop(feats[-1])
-        return feats
+    def _truncate_backbone(self, levels: int) -> None:
+        bb = self.backbone
+        if isinstance(bb, RCNPaperTrunk):
+            bb.truncate(levels)
+            return
+        if isinstance(bb, FeatureDictNet):  # timm's FeatureListNet / FeatureDictNet: an ordered ModuleDict
+            ret = list(bb.return_layers)
+            names = list(bb.keys())
+            for name in names[names.index(ret[levels - 1]) + 1:]:
+                del bb[name]
+            for name in ret[levels:]:
+                del bb.return_layers[name]
+            bb.feature_info = FeatureInfo(copy.deepcopy(bb.feature_info.get_dicts()[:levels]), tuple(range(levels)))
+            return
+        raise NotImplementedError(f"KeypointNet.prune_intermediate_layers: cannot cut a {type(bb).__name__} backbone "
+                                  f"(only timm's FeatureListNet / FeatureDictNet and the paper trunk); use "
+                                  f"forward_intermediates(indices=...) without pruning")
 
-    def forward_head(self, feats: List[torch.Tensor], pre_logits: bool = False,
-                     out_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        if self.head is None:
-            raise RuntimeError("KeypointNet: the head was removed (num_classes=0); call reset_classifier(K)")
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last features before the keypoint classifier, ``[B, num_features, H_f, W_f]`` (see the class
+        docstring); after ``prune_intermediate_layers`` the last kept pyramid level."""
+        return self._features_from_pyramid(self._pyramid(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Keypoint outputs from :meth:`forward_features`' map: heatmap logits ``[B, K, H / output_stride,
+        W / output_stride]`` or (regression) pixel coordinates ``[B, K, 2]``. ``pre_logits=True`` (and the
+        headless model, ``num_classes=0``) returns ``global_pool(x)`` instead."""
+        if pre_logits or self.num_classes == 0 or self.head is None:
+            return self.pool(x)
+        out = self.head.forward_head(x)
         if self.head_type == 'regression':
-            if pre_logits:
-                return feats[-1].mean((-2, -1))
-            return self.head(feats)
-        feats = feats[self.level_start:]
-        if pre_logits:
-            if self.head_type != 'rcn':
-                raise ValueError(f"KeypointNet: head={self.head_type!r} has no single pre-logit map (each level "
-                                 f"predicts its own); pre_logits is supported by head='rcn' and 'regression'")
-            return self.head(feats, out_size, pre_logits=True)
-        return self.head(feats, out_size)
+            r = self.pyramid_reductions[-1]
+            out = CoordRegressionHead.to_pixels(out, (x.shape[-2] * r, x.shape[-1] * r))
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.forward_features(x)
-        if self.head is None:
-            return feats
-        if self.head_type == 'regression':
-            return CoordRegressionHead.to_pixels(self.forward_head(feats), x.shape[-2:])
-        s = self.output_stride
-        return self.forward_head(feats, out_size=(x.shape[-2] // s, x.shape[-1] // s))
+        if self.head_type == 'sumnet' and self.head is not None and self.num_classes:
+            # same logits as forward_head(forward_features(x)) without materialising the upsampled features
+            return self.head(self._head_input(self._pyramid(x)))
+        return self.forward_head(self.forward_features(x))
 
     # ----- keypoint helpers ---------------------------------------------------------------------------------
     def loss(self, out: torch.Tensor, keypoints: torch.Tensor, visible: Optional[torch.Tensor] = None,
@@ -322,6 +432,9 @@ class KeypointNet(nn.Module):
         of the argmax cell. The regression head has no confidence: it returns NaN there.
         Runs under ``torch.no_grad()`` in the model's current mode (call ``.eval()`` first).
         """
+        if self.num_classes == 0:
+            raise RuntimeError("KeypointNet.predict_keypoints: the model has no keypoint classifier (num_classes=0); "
+                               "call reset_classifier(K) and train it, or create the model with num_keypoints=K")
         out = self(x)
         if self.head_type == 'regression':
             coords = out
