@@ -17,6 +17,10 @@ Exactness: with an odd kernel, symmetric padding and stride 1, ``f(g . x) = g . 
 rounding) for every input size. With stride ``s > 1`` it holds when the sampled grid is symmetric, i.e. when
 ``(H + 2p - d(k-1) - 1) % s == 0`` and likewise for ``W``; :func:`stride_is_exact` tells. Even kernels have no
 centre pixel, so their rotations are off by half a pixel: they are rejected.
+
+TorchScript: every layer here scripts (``torch.jit.script``). The scripted forward computes the same numbers as the
+eager one but skips what only Python can do: the input checks with their messages and the eval-mode filter cache
+(a scripted layer expands its filter bank on every call). The eager path is unchanged.
 """
 from __future__ import annotations
 
