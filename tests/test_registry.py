@@ -79,5 +79,5 @@ def test_catalog_value_checks(tmp_path, body, msg):
 def test_pretrained_without_weights_is_refused_not_random():
     """timm only warns and keeps the random init; we refuse, naming the model and what to do."""
     from gequiv_timm.hub import WeightsError
-    with pytest.raises(WeightsError, match='gequiv_rcn_paper: pretrained=True but no weights'):
-        timm.create_model('gequiv_rcn_paper', pretrained=True)
+    with pytest.raises(WeightsError, match='gequiv_rcn_resnet18: pretrained=True but no weights'):
+        timm.create_model('gequiv_rcn_resnet18', pretrained=True)

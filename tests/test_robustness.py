@@ -169,12 +169,7 @@ def _models():
 
 # dtype gaps: these models hand an integer tensor to torch and fail there with "expected scalar type Long";
 # fix: check `x.is_floating_point()` in the model's input check (as GroupCNN/SpatialTransformer do).
-INT_GAPS = {'gequiv_p4m_resnet18',
-            'gequiv_kpreg_resnet18', 'gequiv_kpsingle_resnet18', 'gequiv_rcn_paper', 'gequiv_rcn_resnet18',
-            'gequiv_sumnet_resnet18', 'gequiv_pde_cnn_rotmnist', 'gequiv_pde_resnet18',
-            # stem-injected timm backbones: torch rejects integer input before the lifting conv's check
-            'gequiv_p4_convnext_tiny', 'gequiv_p4_regnety_016', 'gequiv_p4_resnet18', 'gequiv_p4m_efficientnet_b0',
-            'gequiv_p4m_resnet50', 'gequiv_rcn_p4_resnet18'}
+INT_GAPS = {'gequiv_pde_cnn_rotmnist'}
 
 
 def _model_cases():
@@ -527,7 +522,7 @@ def _default_layers():
 
 
 # gaps in layers this test's author does not own (reported): no input check before torch computes
-LAYER_GAPS = {('rcn', 'RCNPaperTrunk', 'not_tensor'), ('pde', 'PDEStem', 'not_tensor')}
+LAYER_GAPS = {('pde', 'PDEStem', 'not_tensor')}
 
 
 def _layer_cases():

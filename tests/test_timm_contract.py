@@ -54,24 +54,9 @@ for _gi, _go in (('z2', 'z2'), ('z2', 'p4'), ('z2', 'p4m'), ('p4', 'p4'), ('p4m'
 MAX_SIDE = 32
 
 # (test name, model pattern) -> reason. Keep the reason short and say where the fix goes.
-_TS_GCONV = ("TorchScript: gequiv_timm/layers/gconv.py is not scriptable (EquivariantMixin's `in_group: Group` "
-             "class annotation, check_group_input's isinstance/f-strings, w._version in expanded_weight)")
-_DEVICE_KW = ("the model class does not accept timm's device=/dtype= factory kwargs (TypeError); add "
-              "`device=None, dtype=None` to __init__ and move the module with .to(device, dtype)")
-_FX_CHECKS = ("FX: Python shape checks in forward (`if x.dim() != ...` / `_check_input`) cannot be traced; move them "
-              "into a function registered with timm.layers.register_notrace_function, or register the module with "
-              "register_notrace_module")
-_KEYPOINT = "keypoint model: the output is not [B, num_classes] / feature maps are not a list of 4-D tensors"
+_TS_KEYPOINT = ("KeypointNet: TorchScript indexes nn.ModuleList only by literals / in enumerate order; the RCN walks "
+                "its levels coarsest-first; supporting it would rename the head parameters")
 KNOWN_FAILURES = {
-    # shared layers (gconv.py) and the G-CNN reference family (gcnn.py)
-    ('test_torchscript', 'gequiv_p4*'): _TS_GCONV,
-    ('test_torchscript', 'gequiv_z2cnn'): _TS_GCONV,
-    ('test_default_cfg', 'gequiv_[pz]*cnn'): "GroupCNN: " + _DEVICE_KW,
-    ('test_prune_intermediate_layers', 'gequiv_p4*cnn'): (
-        "GroupCNN.prune_intermediate_layers(prune_norm=True) keeps the group pooling, so forward_features is not "
-        "the folded tap (see GroupResNet: replace group_pool by a fold, update num_features / head)"),
-    ('test_fx_forward', 'gequiv_[pz]*cnn'): "GroupCNN: " + _FX_CHECKS,
-    ('test_fx_backward', 'gequiv_[pz]*cnn'): "GroupCNN: " + _FX_CHECKS,
     # escnn baselines (escnn_baselines.py)
     ('test_default_cfg', 'gequiv_escnn_*'): (
         "escnn's InnerBatchNorm slices with index tensors kept as buffers (.item() on the meta device); the models "
@@ -79,25 +64,11 @@ KNOWN_FAILURES = {
     ('test_torchscript', 'gequiv_escnn_*'): (
         "escnn modules are not scriptable (GeometricTensor, nn.ModuleList annotations); FX tracing is supported"),
     # keypoint heads (rcn.py)
-    ('test_default_cfg', 'gequiv_kp*'): "KeypointNet: " + _DEVICE_KW,
-    ('test_default_cfg', 'gequiv_rcn_*'): "KeypointNet: " + _DEVICE_KW,
-    ('test_default_cfg', 'gequiv_sumnet_*'): "KeypointNet: " + _DEVICE_KW,
-    ('test_forward_intermediates', 'gequiv_kp*'): _KEYPOINT,
-    ('test_forward_intermediates', 'gequiv_rcn_*'): _KEYPOINT,
-    ('test_forward_intermediates', 'gequiv_sumnet_*'): _KEYPOINT,
-    ('test_torchscript', 'gequiv_kp*'): "KeypointNet is not scriptable",
-    ('test_torchscript', 'gequiv_rcn_*'): "KeypointNet is not scriptable",
-    ('test_torchscript', 'gequiv_sumnet_*'): "KeypointNet is not scriptable (**kwargs expansion)",
-    ('test_fx_forward', 'gequiv_kp*'): "KeypointNet: " + _FX_CHECKS,
-    ('test_fx_backward', 'gequiv_kp*'): "KeypointNet: " + _FX_CHECKS,
-    ('test_fx_forward', 'gequiv_rcn_*'): "KeypointNet: " + _FX_CHECKS,
-    ('test_fx_backward', 'gequiv_rcn_*'): "KeypointNet: " + _FX_CHECKS,
-    ('test_fx_forward', 'gequiv_sumnet_*'): "KeypointNet: " + _FX_CHECKS,
-    ('test_fx_backward', 'gequiv_sumnet_*'): "KeypointNet: " + _FX_CHECKS,
+    ('test_torchscript', 'gequiv_kp*'): _TS_KEYPOINT,
+    ('test_torchscript', 'gequiv_rcn_*'): _TS_KEYPOINT,
+    ('test_torchscript', 'gequiv_sumnet_*'): _TS_KEYPOINT,
     # spatial transformers (stn.py)
     ('test_torchscript', 'gequiv_stn*'): "STN front ends are not scriptable (Optional[Tuple] / int annotations)",
-    ('test_fx_forward', 'gequiv_stn_cnn_mnist'): "STN CNN: " + _FX_CHECKS,
-    ('test_fx_backward', 'gequiv_stn_cnn_mnist'): "STN CNN: " + _FX_CHECKS,
     # PDE-G-CNNs (pde.py)
     ('test_torchscript', 'gequiv_pde_*'): "PDE layers are not scriptable (f-strings / python control flow)",
 }

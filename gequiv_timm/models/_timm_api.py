@@ -60,6 +60,11 @@ def check_image_input(x: torch.Tensor, in_chans: int, min_size: int, name: str) 
                          f"{min_size}x{min_size}")
 
 
+# a leaf in every FX trace, also when a wrapper model calls ``forward_features`` of ours as a method (timm's
+# autowrap only patches the globals of modules it calls), e.g. the ST-CNN around GroupCNN
+torch.fx.wrap('check_image_input')
+
+
 class FoldGroup(nn.Module):
     """``[B, C, |G|, H, W] -> [B, C*|G|, H, W]``: stands in for ``group_pool`` after pruning with ``prune_norm``."""
 

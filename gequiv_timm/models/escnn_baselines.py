@@ -30,8 +30,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from timm.layers import register_notrace_function, register_notrace_module
+from timm.layers import register_notrace_module
 from torch import nn
+
+from ._timm_api import check_image_input
 
 __all__ = ['ESCNN_EXTRA_HINT', 'GROUPS', 'EscnnCNN', 'EscnnWideResNet', 'escnn_available', 'import_escnn']
 
@@ -131,22 +133,6 @@ class _Residual(nn.Module):
 
     def forward(self, x):
         return self.body(x) + self.shortcut(x)
-
-
-@register_notrace_function
-def check_image_batch(x: torch.Tensor, in_chans: int, owner: str) -> torch.Tensor:
-    """Return ``x`` when it is a floating point image batch ``[B, in_chans, H, W]``; raise a ValueError / TypeError
-    that says what was expected otherwise. Registered with timm's FX helpers, so traced models keep the check."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"{owner}: expected an image batch [B, C={in_chans}, H, W], got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if x.shape[1] != in_chans:
-        raise ValueError(f"{owner}: expected {in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
-                         f"build the model with in_chans={x.shape[1]}")
-    if not x.is_floating_point():
-        raise TypeError(f"{owner}: expected a floating point image batch, got dtype {x.dtype}; convert and "
-                        f"normalise it first (e.g. x.float() / 255, then the model's pretrained_cfg mean/std)")
-    return x
 
 
 class FieldMaxPool(nn.Module):
@@ -276,7 +262,8 @@ class _EscnnBase(nn.Module):
 
     # ----- input ----------------------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
-        return check_image_batch(x, self.in_chans, type(self).__name__)
+        check_image_input(x, self.in_chans, 1, type(self).__name__)
+        return x
 
     def train(self, mode: bool = True):
         super().train(mode)
