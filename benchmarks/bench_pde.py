@@ -33,7 +33,9 @@ from _timing import interleaved, verdict  # noqa: E402
 import timm  # noqa: E402
 
 import gequiv_timm  # noqa: E402,F401
-from gequiv_timm.layers.pde import _morph_reference, m2_morphological_kernel, morphological_convolution_m2  # noqa
+from gequiv_timm.layers.pde import (  # noqa: E402
+    _morph_forward, _morph_reference, m2_morphological_kernel, morphological_convolution_m2,
+)
 
 TIME_TARGET = 3.0
 MEM_TARGET = 3.0
@@ -93,10 +95,14 @@ def bench_morphology(shape, kernel_size, repeats):
                output_mb=out_bytes / 2 ** 20)
 
     with torch.no_grad():
+        # 'before': the inference path this replaced (all offsets' candidates of a block, then one amax), still the
+        # forward of the autograd path; timed in the same interleaved rounds
         t = interleaved({'morph': lambda: morphological_convolution_m2(x, kernel),
+                         'before': lambda: _morph_forward(x, kernel, False, need_index=False)[0],
                          'depthwise': lambda: depthwise_m2(x, weight)}, repeats=repeats, warmup=2)
     res['infer_ms'] = {k: 1e3 * v for k, v in t.items()}
     res['infer_ratio'] = t['morph'] / t['depthwise']
+    res['infer_ratio_before'] = t['before'] / t['depthwise']
 
     xg, kg, wg = x.clone().requires_grad_(), kernel.clone().requires_grad_(), weight.clone().requires_grad_()
 
@@ -160,14 +166,25 @@ def train_models(names, epochs, seed, batch_size, lr):
         model = timm.create_model(name)
         params = sum(p.numel() for p in model.parameters())
         t0 = time.perf_counter()
-        fit_res = fit(model, train_ds, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, desc=name)
+        eval_seconds = []
+
+        def log(rec, model=model):
+            t = time.perf_counter()
+            rec['test_error'] = evaluate(model, test_ds)['error']  # (eval mode; fit switches back to train)
+            eval_seconds.append(time.perf_counter() - t)
+            print(f"    {name} epoch {rec['epoch']}: train error {100 * rec['train_error']:.1f}%, test error "
+                  f"{100 * rec['test_error']:.1f}% ({rec['seconds']:.0f} s)", flush=True)
+
+        fit_res = fit(model, train_ds, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, desc=name, log=log)
+        train_seconds = fit_res.seconds - sum(eval_seconds)  # the per-epoch test evaluations excluded
         ev = evaluate(model, test_ds)
         model.eval()
         x = test_ds.tensors[0][:200]
         with torch.no_grad():
             a, r = model(x), model(torch.rot90(x, 1, dims=(-2, -1)))
         out[name] = dict(params=params, test_error=ev['error'], test_loss=ev['loss'],
-                         train_seconds=time.perf_counter() - t0,
+                         train_seconds=train_seconds, wall_seconds=time.perf_counter() - t0,
+                         coef_lr_mult=getattr(model, 'coef_lr_mult', None),
                          final_train_loss=fit_res.history[-1]['loss'],
                          history=fit_res.history,
                          rot90_logit_rel_err=((a - r).abs().max() / a.abs().max()).item())
@@ -178,47 +195,71 @@ def train_models(names, epochs, seed, batch_size, lr):
 
 def render(report) -> str:
     lines = ['# PDE-G-CNN benchmark', '',
-             f"Command: `{report['command']}`  ", f"Machine: {report['machine']}, torch {report['torch']}, "
-             f"{report['threads']} thread(s); {report['date']}", '']
+             'Two sections, each from its own run of `benchmarks/bench_pde.py` (the command, date and machine load are '
+             'given per section; `--section` reruns one and keeps the other).', '']
     if 'models' in report:
+        a = report['accuracy_run']
         m = report['models']
-        pde, p4 = m[report['pde_model']], m[report['baseline']]
+        pde, p4 = m[a['pde_model']], m[a['baseline']]
         pr = pde['params'] / p4['params']
         de = pde['test_error'] - p4['test_error']
         lines += ['## Rotated MNIST: accuracy and parameters', '',
-                  f"Seed {report['seed']}; 4,000 train / 1,000 test real digits, each rotated uniformly at random; "
-                  f"the same budget for both: {report['epochs']} epochs, batch {report['batch_size']}, AdamW "
-                  f"lr {report['lr']} with cosine decay (`gequiv_timm.train.fit`).", '',
-                  '| model | parameters | test error | train time | max rel. logit change under 90° |',
-                  '|---|---:|---:|---:|---:|']
+                  f"Command: `{a['command']}`  ", f"Machine: {a['machine']}, torch {a['torch']}, {a['threads']} "
+                  f"thread(s); {a['date']}; load average at start {a.get('load', '?')}", '',
+                  f"Seed {a['seed']}; 4,000 train / 1,000 test real digits, each rotated uniformly at random; "
+                  f"the same budget for both: {a['epochs']} epochs, batch {a['batch_size']}, AdamW "
+                  f"lr {a['lr']} with cosine decay (`gequiv_timm.train.fit`; the PDE model's `param_groups` put its "
+                  f"PDE coefficients at {pde.get('coef_lr_mult')}x that rate).", '',
+                  '| model | parameters | test error | test error per epoch | train time | max rel. logit change '
+                  'under 90° |', '|---|---:|---:|---|---:|---:|']
         for n, r in m.items():
-            lines.append(f"| `{n}` | {r['params']:,} | {100 * r['test_error']:.1f}% | {r['train_seconds']:.0f} s | "
-                         f"{r['rot90_logit_rel_err']:.1e} |")
+            curve = ', '.join(f"{100 * h['test_error']:.1f}" for h in r['history'] if 'test_error' in h)
+            lines.append(f"| `{n}` | {r['params']:,} | {100 * r['test_error']:.1f}% | {curve} | "
+                         f"{r['train_seconds']:.0f} s | {r['rot90_logit_rel_err']:.1e} |")
         lines += ['', f"- parameters: {pr:.3f} of P4CNN's (target <= {PARAM_TARGET}): "
                       f"**{verdict(pr, PARAM_TARGET)}**",
                   f"- test error: {100 * de:+.1f} points against P4CNN (target <= +{100 * ERROR_TARGET:.0f}): "
                   f"**{verdict(de, ERROR_TARGET)}**", '']
-    lines += ['## Morphological convolution vs depthwise convolution (same kernel support)', '',
-              'Times are medians of interleaved rounds; memory is the peak resident set above the level before the '
-              'call (Linux `clear_refs`), in units of the output tensor (the output itself is 1.0).', '',
-              '| input [B, C, Or, H, W] | kernel | inference: morph / depthwise | ratio | fwd+bwd: morph / '
-              'depthwise | ratio | peak memory / output: morph, depthwise, morph (autograd fwd), unfold ref. |',
-              '|---|---|---:|---:|---:|---:|---|']
-    for r in report['morphology']:
-        pk = r['peak_over_output']
-        lines.append(
-            f"| {r['shape']} | {tuple(r['kernel_size'])} | {r['infer_ms']['morph']:.1f} / "
-            f"{r['infer_ms']['depthwise']:.1f} ms | {r['infer_ratio']:.2f}x **{verdict(r['infer_ratio'], TIME_TARGET)}**"
-            f" | {r['train_ms']['morph']:.1f} / {r['train_ms']['depthwise']:.1f} ms | {r['train_ratio']:.2f}x "
-            f"**{verdict(r['train_ratio'], TIME_TARGET)}** | {pk['morph']:.2f} "
-            f"**{verdict(pk['morph'], MEM_TARGET)}**, {pk['depthwise']:.2f}, {pk['morph_grad_forward']:.2f}, "
-            f"{pk.get('unfold_reference', float('nan')):.1f} |")
-    lines += ['', 'Targets: time <= 3x the depthwise conv, peak memory <= 3x the output tensor.', '']
+    if 'morphology' in report:
+        a = report['morphology_run']
+        lines += ['## Morphological convolution vs depthwise convolution (same kernel support)', '',
+                  f"Command: `{a['command']}`  ", f"Machine: {a['machine']}, torch {a['torch']}, {a['threads']} "
+                  f"thread(s); {a['date']}; load average at start {a.get('load', '?')}", '',
+                  'Times are medians of interleaved rounds (morph, before, depthwise in turn, one process); '
+                  '"before" is the inference path this version replaced (all offsets\' candidates of a block, then '
+                  'one `amax`), timed in the same rounds. Memory is the peak resident set above the level before the '
+                  'call (Linux `clear_refs`), in units of the output tensor (the output itself is 1.0).', '',
+                  '| input [B, C, Or, H, W] | kernel | inference: morph / before / depthwise | ratio now | ratio '
+                  'before | fwd+bwd: morph / depthwise | ratio | peak memory / output: morph, depthwise, morph '
+                  '(autograd fwd), unfold ref. |',
+                  '|---|---|---:|---:|---:|---:|---:|---|']
+        for r in report['morphology']:
+            pk = r['peak_over_output']
+            im = r['infer_ms']
+            lines.append(
+                f"| {r['shape']} | {tuple(r['kernel_size'])} | {im['morph']:.1f} / {im.get('before', float('nan')):.1f}"
+                f" / {im['depthwise']:.1f} ms | {r['infer_ratio']:.2f}x **{verdict(r['infer_ratio'], TIME_TARGET)}**"
+                f" | {r.get('infer_ratio_before', float('nan')):.2f}x"
+                f" | {r['train_ms']['morph']:.1f} / {r['train_ms']['depthwise']:.1f} ms | {r['train_ratio']:.2f}x "
+                f"**{verdict(r['train_ratio'], TIME_TARGET)}** | {pk['morph']:.2f} "
+                f"**{verdict(pk['morph'], MEM_TARGET)}**, {pk['depthwise']:.2f}, {pk['morph_grad_forward']:.2f}, "
+                f"{pk.get('unfold_reference', float('nan')):.1f} |")
+        lines += ['', 'Targets: time <= 3x the depthwise conv, peak memory <= 3x the output tensor.', '']
     return '\n'.join(lines)
+
+
+def _run_info(args, argv) -> dict:
+    import os
+    return dict(command='nice -n 10 .venv/bin/python benchmarks/bench_pde.py ' + ' '.join(argv),
+                machine=f"{platform.machine()} {platform.processor() or ''}".strip(), torch=torch.__version__,
+                threads=args.threads, date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
+                load=' '.join(f'{v:.1f}' for v in os.getloadavg()))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--section', choices=('all', 'morph', 'accuracy'), default='all',
+                    help='run one section and keep the other from the existing <out>.json')
     ap.add_argument('--epochs', type=int, default=3)
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--batch-size', type=int, default=64)
@@ -227,33 +268,49 @@ def main(argv=None):
     ap.add_argument('--baseline', default='gequiv_p4cnn')
     ap.add_argument('--repeats', type=int, default=10)
     ap.add_argument('--threads', type=int, default=1)
-    ap.add_argument('--skip-train', action='store_true', help='only the morphological convolution part')
+    ap.add_argument('--skip-train', action='store_true', help='same as --section morph')
     ap.add_argument('--out', default='benchmarks/results/pde', help='writes <out>.md and <out>.json')
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
+    if args.skip_train:
+        args.section = 'morph'
     torch.set_num_threads(args.threads)
-    report = dict(command='nice -n 10 .venv/bin/python benchmarks/bench_pde.py ' + ' '.join(argv or sys.argv[1:]),
-                  machine=f"{platform.machine()} {platform.processor() or ''}".strip(), torch=torch.__version__,
-                  threads=args.threads, date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()), seed=args.seed,
-                  epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, pde_model=args.pde_model,
-                  baseline=args.baseline)
-    print('morphological convolution vs depthwise conv ...', flush=True)
-    report['morphology'] = [
-        bench_morphology((16, 16, 8, 28, 28), (3, 5, 5), args.repeats),
-        bench_morphology((64, 16, 8, 12, 12), (3, 3, 3), args.repeats),
-        bench_morphology((4, 16, 8, 64, 64), (3, 5, 5), args.repeats),
-    ]
-    for r in report['morphology']:
-        print(f"  {r['shape']} k={r['kernel_size']}: infer {r['infer_ratio']:.2f}x, fwd+bwd {r['train_ratio']:.2f}x, "
-              f"peak {r['peak_over_output']}", flush=True)
-    if not args.skip_train:
+    out = Path(args.out)
+    report = {}
+    if args.section != 'all' and out.with_suffix('.json').exists():
+        report = json.loads(out.with_suffix('.json').read_text())
+        if 'morphology' in report and 'morphology_run' not in report:  # a file from before the sections
+            report['morphology_run'] = {k: report[k] for k in ('command', 'machine', 'torch', 'threads', 'date')}
+    if args.section in ('all', 'morph'):
+        print('morphological convolution vs depthwise conv ...', flush=True)
+        report['morphology_run'] = _run_info(args, argv)
+        report['morphology'] = [
+            bench_morphology((16, 16, 8, 28, 28), (3, 5, 5), args.repeats),
+            bench_morphology((64, 16, 8, 12, 12), (3, 3, 3), args.repeats),
+            bench_morphology((4, 16, 8, 64, 64), (3, 5, 5), args.repeats),
+        ]
+        for r in report['morphology']:
+            print(f"  {r['shape']} k={r['kernel_size']}: infer {r['infer_ratio']:.2f}x (before "
+                  f"{r['infer_ratio_before']:.2f}x), fwd+bwd {r['train_ratio']:.2f}x, peak {r['peak_over_output']}",
+                  flush=True)
+    if args.section in ('all', 'accuracy'):
         print(f'training {args.pde_model} and {args.baseline}, {args.epochs} epochs each ...', flush=True)
+        report['accuracy_run'] = dict(_run_info(args, argv), seed=args.seed, epochs=args.epochs,
+                                      batch_size=args.batch_size, lr=args.lr, pde_model=args.pde_model,
+                                      baseline=args.baseline)
         report['models'] = train_models([args.pde_model, args.baseline], args.epochs, args.seed, args.batch_size,
                                         args.lr)
-    out = Path(args.out)
+    for k in ('command', 'machine', 'torch', 'threads', 'date', 'seed', 'epochs', 'batch_size', 'lr', 'pde_model',
+              'baseline'):
+        report.pop(k, None)  # (top-level run keys of the single-section format)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix('.json').write_text(json.dumps(report, indent=1))
-    out.with_suffix('.md').write_text(render(report))
-    print(render(report))
+    md = render(report)
+    old = out.with_suffix('.md').read_text() if out.with_suffix('.md').exists() else ''
+    if '\n## Notes' in old:  # hand-written notes below the generated tables are kept
+        md = md.rstrip('\n') + '\n\n' + old[old.index('\n## Notes') + 1:]
+    out.with_suffix('.md').write_text(md)
+    print(md)
 
 
 if __name__ == '__main__':

@@ -82,6 +82,30 @@ def test_features_only_and_in_chans():
         _small()(torch.randn(1, 1, 8, 8))
 
 
+def test_param_groups_speed_up_the_pde_coefficients():
+    model = _small(coef_lr_mult=10.0)
+    coef = {id(p) for n, p in model.named_parameters() if n.endswith(('.g0', '.metric_params'))}
+    groups = model.param_groups(lr=0.01, weight_decay=0.05)
+    seen = [id(p) for g in groups for p in g['params']]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())  # every parameter once
+    for g in groups:
+        ids = {id(p) for p in g['params']}
+        if ids & coef:
+            assert ids <= coef and g['lr'] == pytest.approx(0.1) and g['weight_decay'] == 0.0
+        else:
+            assert g['lr'] == pytest.approx(0.01)
+            assert g['weight_decay'] == (0.05 if all(p.ndim > 1 for p in g['params']) else 0.0)
+    timm_groups = model.param_groups(weight_decay=0.05)  # timm's factories: lr_scale, applied by its schedulers
+    assert sorted(g['lr_scale'] for g in timm_groups) == [1.0, 1.0, 10.0]
+    opt = torch.optim.AdamW(groups)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(torch.randn(2, 1, 28, 28)).logsumexp(1).sum().backward()
+    opt.step()
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters()}
+    assert max(v for n, v in moved.items() if n.endswith('.g0')) == pytest.approx(0.1, rel=1e-3)
+    assert max(v for n, v in moved.items() if n.endswith('linear.weight')) == pytest.approx(0.01, rel=0.05)  # + decay
+
+
 def test_prune_intermediate_layers():
     model = _small()
     assert model.prune_intermediate_layers(indices=[1]) == [1]

@@ -50,11 +50,16 @@ The PDE layers (one per channel, coefficients per channel)
   max / min filter along it). Neither ever yields NaN, in values or gradients. Non-finite coefficients
   (``nan``/``inf`` in the metric or in ``g0``) raise a ValueError naming the layer.
 
-The morphological convolution (:func:`morphological_convolution_m2`) never unfolds the whole input: it works block
-by block (a few samples or channels at a time), where every kernel offset is a constant shift of a padded flat
-copy of the block, so all offsets are one strided *view*; one subtraction and one ``amax`` per block give the
-result, and the winning offset is kept in a ``uint8`` index through which the backward pass routes the gradient
-(``index_add_``). Memory is O(output) -- the output, its index and one block's candidates, capped at the output's
+The morphological convolution (:func:`morphological_convolution_m2`) never unfolds the whole input. Both of its
+paths copy the input (a few samples at a time) into a padded flat layout where every kernel offset is a constant
+shift, so the candidates of an offset for a block of planes are one strided *view*:
+
+* inference (no autograd): a running ``torch.maximum`` (``minimum``) over the offsets, one ``add`` of the kernel
+  value and one in-place reduction per offset on cache-sized blocks (:func:`_morph_forward_loop`);
+* training: one subtraction writes a block's candidates for all offsets and one ``amax`` reduces them; the winning
+  offset is kept in a ``uint8`` index through which the backward pass routes the gradient (``index_add_``).
+
+Memory is O(output) -- the output, the padded copy, its index and one block's candidates, capped at the output's
 size -- not O(output x kernel). The spatial support is restricted to the image (points outside do not compete),
 the orientation axis is periodic.
 """
@@ -696,8 +701,10 @@ def morphological_convolution_m2(x: torch.Tensor, kernel: torch.Tensor, erosion:
         kernel: ``[C, Or, kOr, kH, kW]`` (odd sizes, ``kOr <= Or``): the kernel seen from each output orientation's
             own frame (see :func:`m2_morphological_kernel`).
 
-    Memory: the output, a ``uint8`` arg-max index (only when autograd needs it) and one block of candidates
-    (at most ``max(output size, 2^18)`` values); no unfold of the whole input. Gradients (w.r.t. ``x`` and
+    Without autograd (inference) a running maximum over the offsets on cache-sized blocks; with autograd one block
+    of candidates at a time plus a ``uint8`` arg-max index for the backward pass (see the module docstring).
+    Memory: the output, the padded copy (at most about the output's size), the index (autograd only) and block
+    buffers (at most ``max(output size, 2^18)`` values); no unfold of the whole input. Gradients (w.r.t. ``x`` and
     ``kernel``) go to the winning offset (the lowest flat offset ``(a * kH + i) * kW + j`` on exact ties).
     Not twice differentiable.
     """
