@@ -276,8 +276,8 @@ def _check_out(out: str) -> Path:
 
 
 def _normalizer():
-    from .data import MNIST_MEAN, MNIST_STD
-    return lambda x: (x - MNIST_MEAN[0]) / MNIST_STD[0]
+    from .data.mnist import standardize
+    return standardize
 
 
 def _fresh(name: str, seed: int) -> nn.Module:

@@ -34,7 +34,7 @@ from typing import Dict, Tuple
 import torch
 import torch.nn.functional as F
 
-from .mnist import MNIST_MEAN, MNIST_STD, _load_raw, split_indices
+from .mnist import _load_raw, split_indices, standardize
 
 __all__ = ['KEYPOINT_NAMES', 'INK_THRESHOLD', 'digit_keypoints', 'ink_box_size', 'placement_matrices',
            'place_digits', 'LandmarkSplit', 'MNISTLandmarks', 'mnist_landmarks']
@@ -153,9 +153,7 @@ class LandmarkSplit:
 
     def dataset(self, normalize: bool = True) -> torch.utils.data.TensorDataset:
         """``TensorDataset(image, keypoints, visible, norm)``, images standardised with the MNIST mean/std."""
-        x = self.images
-        if normalize:
-            x = (x - MNIST_MEAN[0]) / MNIST_STD[0]
+        x = standardize(self.images) if normalize else self.images
         return torch.utils.data.TensorDataset(x, self.keypoints, self.visible, self.norm)
 
 

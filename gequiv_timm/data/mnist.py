@@ -12,7 +12,8 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ['ImageSplit', 'load_mnist', 'split_indices', 'rotate_images', 'RotatedMNIST', 'rotated_mnist', 'TensorSplit',
+__all__ = ['ImageSplit', 'standardize', 'load_mnist', 'split_indices', 'rotate_images', 'RotatedMNIST',
+           'rotated_mnist', 'TensorSplit',
            'MNIST_MEAN', 'MNIST_STD']
 
 MNIST_MEAN = (0.1307,)
@@ -90,6 +91,12 @@ def rotate_images(images: torch.Tensor, angles_deg: torch.Tensor, mode: str = 'b
     return out
 
 
+def standardize(images: torch.Tensor) -> torch.Tensor:
+    """``(images - MNIST_MEAN) / MNIST_STD`` for images in [0, 1] (the statistics in every MNIST-derived
+    ``pretrained_cfg``)."""
+    return (images - MNIST_MEAN[0]) / MNIST_STD[0]
+
+
 @dataclass
 class ImageSplit:
     """One split of a derived classification set: ``images [N, 1, H, W]`` in [0, 1] and ``labels [N]``."""
@@ -102,9 +109,7 @@ class ImageSplit:
 
     def dataset(self, normalize: bool = True) -> torch.utils.data.TensorDataset:
         """``(image, label)`` pairs, standardised with the MNIST mean / std unless ``normalize=False``."""
-        x = self.images
-        if normalize:
-            x = (x - MNIST_MEAN[0]) / MNIST_STD[0]
+        x = standardize(self.images) if normalize else self.images
         return torch.utils.data.TensorDataset(x, self.labels)
 
 
