@@ -595,8 +595,16 @@ def _morph_forward_loop(x: torch.Tensor, kernel: torch.Tensor, erosion: bool,
     scratch = None
     for p0 in range(0, b, n_pad):
         p1 = min(b, p0 + n_pad)
-        xp = torch.full((p1 - p0, c, length), fill, dtype=x.dtype, device=x.device)
+        xp = torch.empty((p1 - p0, c, length), dtype=x.dtype, device=x.device)
         body = xp[:, :, :(orientations + 2 * ro) * plane].view(p1 - p0, c, orientations + 2 * ro, hp, wp)
+        # only the border is filled (a whole-buffer fill would write every value twice)
+        if rh:
+            body[..., :rh, :].fill_(fill)
+            body[..., rh + h:, :].fill_(fill)
+        if rw:
+            body[..., rh:rh + h, :rw].fill_(fill)
+            body[..., rh:rh + h, rw + w:].fill_(fill)
+            xp[:, :, (orientations + 2 * ro) * plane:].fill_(fill)
         xb = x[p0:p1]
         body[:, :, ro:ro + orientations, rh:rh + h, rw:rw + w] = xb
         if ro:
