@@ -12,8 +12,12 @@ parameters").
    memory against the output tensor's size. Targets: <= 3x time, <= 3x the output's memory. The brute-force
    unfold reference (what the loop avoids) is measured beside them for scale.
 
-Run: nice -n 10 .venv/bin/python benchmarks/bench_pde.py [--epochs 4] [--seed 0] [--skip-train]
-     [--out benchmarks/results/pde]   (writes pde.md and pde.json)
+   The inference path this version replaced (all offsets' candidates of a block, then one ``amax``) is timed in the
+   same rounds ("before").
+
+Run: nice -n 10 .venv/bin/python benchmarks/bench_pde.py [--section all|morph|accuracy] [--epochs 3] [--seed 0]
+     [--out benchmarks/results/pde]   (writes pde.md and pde.json; a section run keeps the other sections, accuracy
+     tables are kept per budget, hand-written "## Notes" below the tables are kept)
 """
 from __future__ import annotations
 
@@ -197,13 +201,13 @@ def render(report) -> str:
     lines = ['# PDE-G-CNN benchmark', '',
              'Two sections, each from its own run of `benchmarks/bench_pde.py` (the command, date and machine load are '
              'given per section; `--section` reruns one and keeps the other).', '']
-    if 'models' in report:
-        a = report['accuracy_run']
-        m = report['models']
+    for key in sorted(report.get('accuracy_runs', {}), key=int):
+        a = report['accuracy_runs'][key]
+        m = a['models']
         pde, p4 = m[a['pde_model']], m[a['baseline']]
         pr = pde['params'] / p4['params']
         de = pde['test_error'] - p4['test_error']
-        lines += ['## Rotated MNIST: accuracy and parameters', '',
+        lines += [f"## Rotated MNIST: accuracy and parameters, {a['epochs']} epochs", '',
                   f"Command: `{a['command']}`  ", f"Machine: {a['machine']}, torch {a['torch']}, {a['threads']} "
                   f"thread(s); {a['date']}; load average at start {a.get('load', '?')}", '',
                   f"Seed {a['seed']}; 4,000 train / 1,000 test real digits, each rotated uniformly at random; "
@@ -259,7 +263,8 @@ def _run_info(args, argv) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--section', choices=('all', 'morph', 'accuracy'), default='all',
-                    help='run one section and keep the other from the existing <out>.json')
+                    help='run one section and keep the rest of the existing <out>.json (accuracy tables are kept '
+                         'per budget: a run with another --epochs adds a table)')
     ap.add_argument('--epochs', type=int, default=3)
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--batch-size', type=int, default=64)
@@ -279,6 +284,9 @@ def main(argv=None):
     report = {}
     if args.section != 'all' and out.with_suffix('.json').exists():
         report = json.loads(out.with_suffix('.json').read_text())
+        if 'accuracy_run' in report:  # one budget's run of the previous format
+            run = dict(report.pop('accuracy_run'), models=report.pop('models'))
+            report.setdefault('accuracy_runs', {})[str(run['epochs'])] = run
         if 'morphology' in report and 'morphology_run' not in report:  # a file from before the sections
             report['morphology_run'] = {k: report[k] for k in ('command', 'machine', 'torch', 'threads', 'date')}
     if args.section in ('all', 'morph'):
@@ -295,11 +303,11 @@ def main(argv=None):
                   flush=True)
     if args.section in ('all', 'accuracy'):
         print(f'training {args.pde_model} and {args.baseline}, {args.epochs} epochs each ...', flush=True)
-        report['accuracy_run'] = dict(_run_info(args, argv), seed=args.seed, epochs=args.epochs,
-                                      batch_size=args.batch_size, lr=args.lr, pde_model=args.pde_model,
-                                      baseline=args.baseline)
-        report['models'] = train_models([args.pde_model, args.baseline], args.epochs, args.seed, args.batch_size,
-                                        args.lr)
+        run = dict(_run_info(args, argv), seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
+                   lr=args.lr, pde_model=args.pde_model, baseline=args.baseline)
+        run['models'] = train_models([args.pde_model, args.baseline], args.epochs, args.seed, args.batch_size,
+                                     args.lr)
+        report.setdefault('accuracy_runs', {})[str(args.epochs)] = run  # one table per budget (epochs)
     for k in ('command', 'machine', 'torch', 'threads', 'date', 'seed', 'epochs', 'batch_size', 'lr', 'pde_model',
               'baseline'):
         report.pop(k, None)  # (top-level run keys of the single-section format)
