@@ -169,7 +169,7 @@ def _models():
 
 # dtype gaps: these models hand an integer tensor to torch and fail there with "expected scalar type Long";
 # fix: check `x.is_floating_point()` in the model's input check (as GroupCNN/SpatialTransformer do).
-INT_GAPS = {'gequiv_pde_cnn_rotmnist'}
+INT_GAPS: set = set()
 
 
 def _model_cases():
@@ -522,7 +522,7 @@ def _default_layers():
 
 
 # gaps in layers this test's author does not own (reported): no input check before torch computes
-LAYER_GAPS = {('pde', 'PDEStem', 'not_tensor')}
+LAYER_GAPS: set = set()
 
 
 def _layer_cases():

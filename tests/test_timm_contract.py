@@ -70,7 +70,7 @@ KNOWN_FAILURES = {
     # spatial transformers (stn.py)
     ('test_torchscript', 'gequiv_stn*'): "STN front ends are not scriptable (Optional[Tuple] / int annotations)",
     # PDE-G-CNNs (pde.py)
-    ('test_torchscript', 'gequiv_pde_*'): "PDE layers are not scriptable (f-strings / python control flow)",
+    ('test_torchscript', 'gequiv_pde_*'): "PDE layers are not scriptable (custom autograd.Function, lru_cache'd kernel tables, Python input checks)",
 }
 
 
