@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from timm.layers import register_notrace_module
+from timm.layers import get_device_dtype, register_notrace_module
 from torch import nn
 
 from ._timm_api import check_image_input
@@ -306,10 +306,8 @@ class _EscnnBase(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new classifier for ``num_classes`` (0: none), on the device / dtype of the model's parameters."""
-        ref = next(self.stages.parameters())
         self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
-        self.head.to(device=ref.device, dtype=ref.dtype)
+        self.head.reset(num_classes, pool_type=global_pool, **get_device_dtype(self))
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -372,9 +370,8 @@ class _EscnnBase(nn.Module):
         if prune_head:
             self.num_classes = 0
         if prune_head or self.num_features != old_features:
-            ref = next(self.stages.parameters())
-            self.head.reset(self.num_classes, pool_type='' if prune_head else None, in_features=self.num_features)
-            self.head.to(device=ref.device, dtype=ref.dtype)
+            self.head.reset(self.num_classes, pool_type='' if prune_head else None, in_features=self.num_features,
+                            **get_device_dtype(self))
         return take
 
     # ----- escnn extras ---------------------------------------------------------------------------------------
@@ -386,8 +383,8 @@ class _EscnnBase(nn.Module):
         """
         if self.exported:
             return copy.deepcopy(self).eval()
-        # escnn's R2Conv caches its expanded filter (a non-leaf tensor, which deepcopy refuses) in eval mode and
-        # drops it in train mode: copy in train mode, then restore the mode of ``self``.
+        # escnn's R2Conv caches its expanded filter in eval mode and drops it in train mode: copy in train mode, so
+        # that the copy's eval() expands the filters from the current weights, then restore the mode of ``self``.
         was = self.training
         self.train()
         try:
