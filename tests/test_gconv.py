@@ -16,11 +16,11 @@ GG = {'p4': P4ConvP4, 'p4m': P4MConvP4M}
 
 
 def rot_flip(x, g, group):
-    """The plane action written out independently of groups.py: g = R^r M^m, M first."""
+    """The plane action written out independently of groups.py, in GrouPy's convention: g = M^m R^r, the rotation
+    first, then the mirror u -> -u (the row axis)."""
     m, r = divmod(g, 4)
-    if m:
-        x = torch.flip(x, dims=(-1,))
-    return torch.rot90(x, r, dims=(-2, -1))
+    x = torch.rot90(x, r, dims=(-2, -1))
+    return torch.flip(x, dims=(-2,)) if m else x
 
 
 def act_on_group_map(y, g, group):
@@ -158,34 +158,92 @@ def test_weight_layout_and_he_init():
     assert conv.bias.shape == (32,)
 
 
-def test_eval_cache_and_invalidation():
+def _fresh_from(conv):
+    """A new layer of the same shape built from ``conv``'s current weights (nothing shared)."""
+    ref = type(conv)(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding)
+    ref = ref.to(conv.weight.dtype)
+    ref.load_state_dict({k: v.detach().clone() for k, v in conv.state_dict().items()})
+    return ref.eval()
+
+
+def _write_data_copy(conv):
+    conv.weight.data.copy_(torch.randn_like(conv.weight))
+
+
+def _write_data_mul(conv):
+    conv.weight.data.mul_(-2.5)
+    conv.bias.data.add_(1.0)
+
+
+def _write_load_state_dict(conv):
+    conv.load_state_dict({k: torch.randn_like(v) for k, v in conv.state_dict().items()})
+
+
+def _write_no_grad_inplace(conv):
+    with torch.no_grad():
+        conv.weight.mul_(0.5).add_(0.1)
+
+
+def _write_optimizer_step(conv):
+    opt = torch.optim.SGD(conv.parameters(), lr=0.5)
+    conv.train()
+    conv(torch.randn(2, conv.in_channels, 4, 6, 6, dtype=conv.weight.dtype)).square().sum().backward()
+    opt.step()
+    conv.eval()
+
+
+def _write_to_dtype(conv):
+    conv.double()
+
+
+def _write_param_swap(conv):
+    conv.weight = nn.Parameter(torch.randn_like(conv.weight))
+
+
+@pytest.mark.parametrize('write', [_write_data_copy, _write_data_mul, _write_load_state_dict, _write_no_grad_inplace,
+                                   _write_optimizer_step, _write_to_dtype, _write_param_swap])
+@pytest.mark.parametrize('grad', [False, True])
+def test_no_stale_filter_bank_after_any_weight_write(write, grad):
+    """After an eval forward, any write to the weights is seen by the next eval forward (issue: a cached bank
+    outlived `.data` writes). The next output equals a fresh layer built from the new weights."""
+    torch.manual_seed(0)
     conv = P4ConvP4(2, 3, 3, padding=1).eval()
     x = torch.randn(1, 2, 4, 6, 6)
-    with torch.no_grad():
-        y1 = conv(x)
-        cached = conv._cache
-        assert cached is not None
-        conv(x)
-        assert conv._cache is cached  # reused (filter and bias)
-        conv.weight.add_(1.0)  # in-place change bumps the version counter
-        y2 = conv(x)
-        assert conv._cache is not cached
-    ref = P4ConvP4(2, 3, 3, padding=1)
-    ref.load_state_dict(conv.state_dict())
-    assert torch.allclose(y2, ref(x), atol=1e-6) and not torch.allclose(y1, y2)
-    conv.train()
-    assert conv._cache is None
-    # in train mode the filter is rebuilt each call, so gradients flow to the weight
-    conv(x).sum().backward()
-    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
-    # load_state_dict replaces values in place: the cache must not survive it
-    conv.eval()
-    with torch.no_grad():
-        conv(x)
-        sd = {k: torch.randn_like(v) if k == 'weight' else v for k, v in conv.state_dict().items()}
-        conv.load_state_dict(sd)
-        ref.load_state_dict(sd)
-        assert torch.allclose(conv(x), ref(x), atol=1e-6)
+    with torch.set_grad_enabled(grad):
+        y_old = conv(x)
+    write(conv)
+    x = x.to(conv.weight.dtype)
+    with torch.set_grad_enabled(grad):
+        y_new = conv(x)
+        y_ref = _fresh_from(conv)(x)
+    assert not torch.allclose(y_old.to(y_new.dtype), y_new), 'the write did not change the output: test is void'
+    torch.testing.assert_close(y_new, y_ref, rtol=0, atol=0)
+
+
+def test_gradients_flow_in_train_and_eval():
+    conv = P4ConvP4(2, 3, 3, padding=1)
+    x = torch.randn(1, 2, 4, 6, 6)
+    for mode in (True, False):
+        conv.train(mode)
+        conv.zero_grad()
+        conv(x).sum().backward()
+        assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize('cls', [P4ConvZ2, P4ConvP4, P4MConvZ2, P4MConvP4M])
+def test_tuple_stride_and_padding(cls):
+    torch.manual_seed(0)
+    a = cls(2, 3, 3, stride=(2, 2), padding=(1, 1))
+    b = cls(2, 3, 3, stride=2, padding=1)
+    b.load_state_dict(a.state_dict())
+    G = a.in_group.order
+    x = torch.randn(1, 2, 9, 9) if G == 1 else torch.randn(1, 2, G, 9, 9)
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+    assert a.stride == 2 and a.padding == 1
+    with pytest.raises(ValueError, match='differs between the axes'):
+        cls(2, 3, 3, stride=(1, 2))
+    with pytest.raises(ValueError, match='differs between the axes'):
+        cls(2, 3, 3, padding=(0, 1))
 
 
 def test_group_pool_and_batchnorm():

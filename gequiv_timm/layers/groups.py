@@ -7,12 +7,18 @@ the convolution itself. The point groups are
 * ``p4``  : the cyclic group C4 of rotations by multiples of 90 degrees (order 4),
 * ``p4m`` : the dihedral group D4 of rotations and mirror reflections (order 8).
 
-Element ``i`` of p4m is ``(m, r) = divmod(i, 4)`` and stands for ``g = R^r M^m``: first the mirror ``M`` (if
-``m == 1``), then ``r`` quarter turns ``R``. For p4, ``i = r``. On an image tensor ``[..., H, W]``
+The element order and the action are GrouPy's (``groupy/garray/D4_array.py``, ``p4m_array.py``), so that GrouPy
+weights give GrouPy's outputs and index ``h`` of a group axis means GrouPy's element ``h``. With ``(u, v)`` the
+(row, column) offset of a pixel from the centre,
 
-* ``R`` is ``torch.rot90(x, 1, dims=(-2, -1))`` (a counter-clockwise quarter turn as displayed with row 0 at the
-  top),
-* ``M`` is ``torch.flip(x, dims=(-1,))`` (a left-right mirror).
+* ``R`` is the quarter turn with matrix ``[[0, -1], [1, 0]]``; on an image tensor ``[..., H, W]`` it is
+  ``torch.rot90(x, 1, dims=(-2, -1))`` (counter-clockwise as displayed with row 0 at the top),
+* ``M`` is the mirror with matrix ``[[-1, 0], [0, 1]]`` (``u -> -u``, "mirror reflection in the second
+  translation axis" in GrouPy's words); on an image it is ``torch.flip(x, dims=(-2,))`` (an up-down flip),
+
+and element ``i`` of p4m is ``(m, r) = divmod(i, 4)`` standing for ``g = M^m R^r`` (GrouPy's ``int2mat``: first
+``r`` quarter turns, then the mirror if ``m == 1``). For p4, ``i = r``. (Releases before 0.1.0 used ``R^r M'^m``
+with a left-right mirror ``M'``: elements 4 and 6 were swapped; :func:`p4m_legacy_permutation` converts.)
 
 A feature map on the group, ``f: Z^2 x G -> R``, stored as ``[..., |G|, H, W]`` (the GrouPy layout), transforms as
 
@@ -31,7 +37,8 @@ from typing import List, Tuple
 
 import torch
 
-__all__ = ['Group', 'get_group', 'GROUPS', 'transform_plane', 'transform_group_map', 'filter_indices']
+__all__ = ['Group', 'get_group', 'GROUPS', 'transform_plane', 'transform_group_map', 'filter_indices',
+           'p4m_legacy_permutation']
 
 
 @dataclass(frozen=True)
@@ -51,12 +58,12 @@ class Group:
 
     # ----- elements ---------------------------------------------------------------------------------------
     def decompose(self, g: int) -> Tuple[int, int]:
-        """Return ``(m, r)`` with ``g = R^r M^m``."""
+        """Return ``(m, r)`` with ``g = M^m R^r`` (GrouPy's int parameterization)."""
         self._check(g)
         return divmod(g, 4) if self.order > 1 else (0, 0)
 
     def element(self, m: int, r: int) -> int:
-        """Index of ``R^r M^m``."""
+        """Index of ``M^m R^r``."""
         if m and not self.mirror:
             raise ValueError(f"group {self.name!r} has no mirror elements (asked for m={m})")
         if self.order == 1:
@@ -81,12 +88,13 @@ class Group:
 
     # ----- action on the plane ------------------------------------------------------------------------------
     def transform_plane(self, x: torch.Tensor, g: int) -> torch.Tensor:
-        """Apply ``g`` to the last two (spatial) axes of ``x`` (any rank >= 2)."""
+        """Apply ``g = M^m R^r`` to the last two (spatial) axes of ``x`` (any rank >= 2): ``r`` quarter turns
+        (``rot90``), then, if ``m``, the up-down mirror (``flip`` of the row axis)."""
         m, r = self.decompose(g)
-        if m:
-            x = torch.flip(x, dims=(-1,))
         if r:
             x = torch.rot90(x, r, dims=(-2, -1))
+        if m:
+            x = torch.flip(x, dims=(-2,))
         return x
 
     def transform_group_map(self, x: torch.Tensor, g: int) -> torch.Tensor:
@@ -103,19 +111,18 @@ class Group:
         return y[..., perm, :, :]
 
 
+def _matmul(a, b):
+    return tuple(tuple(sum(a[i][k] * b[k][j] for k in range(2)) for j in range(2)) for i in range(2))
+
+
 def _mat(m: int, r: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
-    """2x2 integer matrix of ``R^r M^m`` acting on (col, row) offsets; used only to build the Cayley table."""
-    rot = ((1, 0), (0, 1))
+    """2x2 integer matrix of ``M^m R^r`` acting on (row, col) offsets; used only to build the Cayley table."""
     R = ((0, -1), (1, 0))
     M = ((-1, 0), (0, 1))
-
-    def mm(a, b):
-        return tuple(tuple(sum(a[i][k] * b[k][j] for k in range(2)) for j in range(2)) for i in range(2))
-
-    out = M if m else rot
+    out = ((1, 0), (0, 1))
     for _ in range(r):
-        out = mm(R, out)
-    return out
+        out = _matmul(R, out)
+    return _matmul(M, out) if m else out
 
 
 def _build(name: str, order: int, mirror: bool) -> Group:
@@ -123,11 +130,7 @@ def _build(name: str, order: int, mirror: bool) -> Group:
         return Group(name, 1, False, ((0,),))
     mats = [_mat(*divmod(i, 4)) for i in range(order)]
     index = {m: i for i, m in enumerate(mats)}
-
-    def mm(a, b):
-        return tuple(tuple(sum(a[i][k] * b[k][j] for k in range(2)) for j in range(2)) for i in range(2))
-
-    table = tuple(tuple(index[mm(mats[a], mats[b])] for b in range(order)) for a in range(order))
+    table = tuple(tuple(index[_matmul(mats[a], mats[b])] for b in range(order)) for a in range(order))
     return Group(name, order, mirror, table)
 
 
@@ -156,6 +159,17 @@ def transform_plane(x: torch.Tensor, g: int, group='p4m') -> torch.Tensor:
 def transform_group_map(x: torch.Tensor, g: int, group='p4') -> torch.Tensor:
     """Functional form of :meth:`Group.transform_group_map`."""
     return get_group(group).transform_group_map(x, g)
+
+
+def p4m_legacy_permutation() -> List[int]:
+    """``perm`` with ``new[..., perm[i], ...] == old[..., i, ...]`` for a p4m group axis written before 0.1.0.
+
+    Those releases labelled element ``(m, r)`` as ``R^r M'^m`` with a left-right mirror ``M' = R^2 M``; as GrouPy
+    labels them, ``R^r M' = M R^{-r-2}``, so old index ``4 + r`` is new index ``4 + (-r - 2) % 4`` (4 and 6 swap,
+    5 and 7 stay). The permutation is its own inverse. Relabelling every p4m group axis of a network's weights
+    (the ``|G_in|`` axis of ``[C_out, C_in, 8, k, k]``) gives the same network in GrouPy's labels.
+    """
+    return [r for r in range(4)] + [4 + (-r - 2) % 4 for r in range(4)]
 
 
 @lru_cache(maxsize=None)

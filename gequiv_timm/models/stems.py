@@ -530,8 +530,6 @@ class EquivariantStem(nn.Module):
         out = lw.clone()
         out[:w.shape[0], :, 0] = w
         lw.copy_(out)
-        self.lift._cache = None
-        self.lift._cache_key = None
 
 
 def inject_equivariant_stem(model: Union[nn.Module, str], group: str = 'p4', mode: str = 'invariant', *,
