@@ -7,6 +7,8 @@ Each TOML file in ``registry/`` holds one family. Every top-level table is one m
     summary = "P4CNN of Cohen & Welling (2016) for rotated MNIST"
     paper = "Cohen & Welling, Group Equivariant Convolutional Networks, ICML 2016"   # optional
     requires = []                    # optional: extras needed (e.g. ["escnn"])
+    symmetry = {group = "p4", claim = "invariant"}   # optional: the claimed symmetry, checked against the
+                                     # measurement (gequiv_timm.symmetry, tests/test_symmetry.py)
 
     [gequiv_p4cnn.args]              # default keyword arguments of the model (users may override)
     group = "p4"
@@ -43,7 +45,9 @@ __all__ = ['CatalogError', 'CatalogEntry', 'load_catalog', 'load_manifest', 'reg
 PREFIX = 'gequiv_'
 # extra name -> python module that must be importable
 EXTRAS = {'escnn': 'escnn'}
-_ENTRY_KEYS = {'family', 'summary', 'paper', 'requires', 'args', 'cfg', 'tags'}
+_ENTRY_KEYS = {'family', 'summary', 'paper', 'requires', 'symmetry', 'args', 'cfg', 'tags'}
+# what a model can claim in its `symmetry` field (gequiv_timm.symmetry measures it)
+SYMMETRY_CLAIMS = ('invariant', 'equivariant', 'equivariant stem', 'none')
 
 
 class CatalogError(ValueError):
@@ -58,6 +62,7 @@ class CatalogEntry:
     source: str
     paper: str = ''
     requires: List[str] = field(default_factory=list)
+    symmetry: Dict[str, str] = field(default_factory=dict)
     args: Dict[str, Any] = field(default_factory=dict)
     cfg: Dict[str, Any] = field(default_factory=dict)
     tags: Dict[str, Dict[str, Any]] = field(default_factory=dict)
@@ -104,6 +109,29 @@ def _check_cfg_values(cfg: Dict[str, Any], where: str) -> None:
         raise CatalogError(f"{where}: crop_pct must be a number in (0, 1], got {cp!r}")
 
 
+def _check_symmetry(sym: Any, where: str) -> Dict[str, str]:
+    """The ``symmetry`` field: ``{group = "p4" | "p4m", claim = one of SYMMETRY_CLAIMS}`` (group optional for
+    ``claim = "none"``)."""
+    if not isinstance(sym, dict):
+        raise CatalogError(f"{where}: field 'symmetry' must be a table like {{group = \"p4\", claim = \"invariant\"}}")
+    bad = set(sym) - {'group', 'claim'}
+    if bad:
+        raise CatalogError(f"{where}: field 'symmetry' has unknown key(s) {sorted(bad)}; allowed: ['claim', 'group']")
+    if not sym:
+        return {}
+    claim = sym.get('claim')
+    if claim not in SYMMETRY_CLAIMS:
+        raise CatalogError(f"{where}: field 'symmetry.claim' must be one of {list(SYMMETRY_CLAIMS)}, got {claim!r}")
+    group = sym.get('group')
+    if group is None and claim != 'none':
+        raise CatalogError(f"{where}: field 'symmetry' claims {claim!r} but names no group; add group = \"p4\" or "
+                           f"\"p4m\"")
+    if group is not None and group not in ('p4', 'p4m'):
+        raise CatalogError(f"{where}: field 'symmetry.group' must be 'p4' or 'p4m' (the groups that act exactly on "
+                           f"the pixel grid), got {group!r}")
+    return dict(sym)
+
+
 def _parse_entry(name: str, raw: Any, source: str, cfg_fields: set) -> CatalogEntry:
     where = f"{source}: entry [{name}]"
     if not isinstance(raw, dict):
@@ -129,6 +157,7 @@ def _parse_entry(name: str, raw: Any, source: str, cfg_fields: set) -> CatalogEn
     if unknown_extras:
         raise CatalogError(f"{where}: field 'requires' names unknown extra(s) {unknown_extras}; "
                            f"known extras: {sorted(EXTRAS)}")
+    symmetry = _check_symmetry(raw.get('symmetry', {}), where)
     for key in ('args', 'cfg', 'tags'):
         if not isinstance(raw.get(key, {}), dict):
             raise CatalogError(f"{where}: field {key!r} must be a table")
@@ -150,7 +179,8 @@ def _parse_entry(name: str, raw: Any, source: str, cfg_fields: set) -> CatalogEn
         _check_cfg_values({**cfg, **tcfg}, f"{where}: field 'tags.{tag}'")
         tags[tag] = dict(tcfg)
     return CatalogEntry(name=name, family=raw['family'], summary=raw['summary'], source=source,
-                        paper=raw.get('paper', ''), requires=list(requires), args=dict(raw.get('args', {})),
+                        paper=raw.get('paper', ''), requires=list(requires), symmetry=symmetry,
+                        args=dict(raw.get('args', {})),
                         cfg=cfg, tags=tags)
 
 
