@@ -41,7 +41,9 @@ def test_remeasured_symmetry_matches_table_and_claim(name):
     stored = TABLE.get(name)
     assert stored is not None, f"{name} is not in registry/symmetry.json; {REGEN}"
     r = S.measure_symmetry(name)
-    assert (r.group, r.input_size, r.output) == (stored.group, stored.input_size, stored.output), REGEN
+    assert (r.group, r.input_size, r.output) == (stored.group, stored.input_size, stored.output), (
+        f"{name}: measured on {r.group} at {r.input_size} ({r.output}), the table has {stored.group} at "
+        f"{stored.input_size} ({stored.output}); {REGEN}")
     assert r.cls == stored.cls == entry.symmetry['claim'], (
         f"{name}: measured {r.cls!r} (error {r.error:.3g}, stem {r.stem_error}), table {stored.cls!r}, catalog claims "
         f"{entry.symmetry['claim']!r}")
