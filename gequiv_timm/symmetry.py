@@ -45,9 +45,9 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -57,9 +57,8 @@ from .layers.gconv import fold_group, unfold_group
 from .layers.groups import Group, get_group
 from .registry import SYMMETRY_CLAIMS
 
-__all__ = ['CLASSES', 'THRESHOLD', 'TABLE_FILE', 'SymmetryReport', 'measure_symmetry', 'measure_catalog',
-           'measurement_size', 'claim_of', 'load_table', 'write_table', 'table_problems', 'summary_problems',
-           'format_report']
+__all__ = ['CLASSES', 'THRESHOLD', 'TABLE_FILE', 'SymmetryReport', 'measure_symmetry', 'measurement_size',
+           'claim_of', 'load_table', 'write_table', 'table_problems', 'summary_problems', 'format_report']
 
 CLASSES = SYMMETRY_CLAIMS  # 'invariant', 'equivariant', 'equivariant stem', 'none'
 THRESHOLD = 1e-4
@@ -86,7 +85,6 @@ class SymmetryReport:
     dtype: str = 'float64'
     seed: int = 0
     seconds: float = 0.0
-    notes: List[str] = field(default_factory=list)
 
     _STORED = ('cls', 'group', 'error', 'stem_error', 'output', 'input_size', 'dtype', 'seed', 'per_element')
 
@@ -275,26 +273,27 @@ def measure_symmetry(name_or_model: Union[str, nn.Module], group: Union[str, Gro
         ('invariant', True)
     """
     t0 = time.perf_counter()
-    claim = None
-    if isinstance(name_or_model, str):
-        import timm
-        name = name_or_model.split('.', 1)[0]
-        g_claim, claim = claim_of(name)
-        group = group or g_claim
-        torch.manual_seed(seed)
-        model = timm.create_model(name, pretrained=False)
-    elif isinstance(name_or_model, nn.Module):
-        import copy
-        model = copy.deepcopy(name_or_model)
-        name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
-    else:
-        raise TypeError(f"measure_symmetry: expected a model name or an nn.Module, got {type(name_or_model).__name__}")
     if batch < 2:
         raise ValueError(f"measure_symmetry: batch must be at least 2 (the figure compares the change under the "
                          f"group with the change between two images), got {batch}")
+    if not isinstance(name_or_model, (str, nn.Module)):
+        raise TypeError(f"measure_symmetry: expected a model name or an nn.Module, got {type(name_or_model).__name__}")
+    claim = None
+    if isinstance(name_or_model, str):
+        name = name_or_model.split('.', 1)[0]
+        g_claim, claim = claim_of(name)
+        group = group or g_claim
     grp = get_group(group or DEFAULT_GROUP)
     if grp.order == 1:
         raise ValueError("measure_symmetry: group 'z2' has no rotations or mirrors to measure; use 'p4' or 'p4m'")
+    if isinstance(name_or_model, str):
+        import timm
+        torch.manual_seed(seed)
+        model = timm.create_model(name, pretrained=False)
+    else:
+        import copy
+        model = copy.deepcopy(name_or_model)
+        name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
     model = model.to(dtype).eval()
     gen = torch.Generator().manual_seed(seed)
     if generic_weights:
@@ -324,29 +323,10 @@ def measure_symmetry(name_or_model: Union[str, nn.Module], group: Union[str, Gro
         cls = 'equivariant stem'
     else:
         cls = 'none'
-    notes = [] if generic_weights else ['initial weights (no noise)']
     return SymmetryReport(name=name, group=grp.name, cls=cls, output=kind, error=err, stem_error=stem_err,
                           per_element=per, input_size=[c, side, side], claim=claim,
                           dtype=str(dtype).replace('torch.', ''), seed=seed,
-                          seconds=round(time.perf_counter() - t0, 2), notes=notes)
-
-
-def measure_catalog(names: Optional[Sequence[str]] = None, progress: Optional[Callable[[str], None]] = None,
-                    **kwargs) -> Tuple[Dict[str, SymmetryReport], Dict[str, str]]:
-    """Measure every catalog entry (or ``names``). Returns ``(reports, skipped)``; ``skipped`` maps a name to why
-    it was not measured (a missing extra)."""
-    from .registry import catalog
-    entries = catalog()
-    reports, skipped = {}, {}
-    for n in (names if names is not None else sorted(entries)):
-        missing = entries[n].missing_extras()
-        if missing:
-            skipped[n] = f"needs the extra(s) {missing}: pip install 'gequiv_timm[{','.join(missing)}]'"
-            continue
-        if progress:
-            progress(n)
-        reports[n] = measure_symmetry(n, **kwargs)
-    return reports, skipped
+                          seconds=round(time.perf_counter() - t0, 2))
 
 
 # ----------------------------------------------------------------------------------------------------------------
