@@ -24,8 +24,8 @@ The input check (:func:`check_image_input`) runs in eager mode and inside FX gra
 as a notrace function, so ``torch.fx`` keeps it as one call instead of tracing its Python branches); a
 TorchScript-compiled model skips it (``torch.jit.is_scripting()``), the convolutions still reject bad shapes.
 """
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: torch.fx copies the annotations of ``forward`` into the code it
+# generates, and TorchScript cannot read them back as strings (timm scripts FX graphs in its tests).
 from typing import List, Optional, Union
 
 import torch
@@ -93,6 +93,15 @@ class TimmApiMixin:
     def _taps(self) -> int:
         return len(self.stages) + int(self.stem_tap)
 
+    def _stem_with_tap(self, x: torch.Tensor):
+        """``(tap 0, stem output)``: the same tensor unless the stem reduces after its tap (e.g. a max pool after
+        the stem conv, as ResNet's act1 / maxpool); then override this and :meth:`_prune_stem_after_tap`."""
+        x = self.stem(x)
+        return x, x
+
+    def _prune_stem_after_tap(self) -> None:
+        """Drop what the stem does after tap 0 (called when pruning to tap 0, so forward_features ends there)."""
+
     # ----- timm API -------------------------------------------------------------------------------------------
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False):
@@ -128,10 +137,10 @@ class TimmApiMixin:
         check_image_input(x, self.in_chans, self.min_input_size(), type(self).__name__)
         take_indices, max_index = feature_take_indices(self._taps(), indices)
         intermediates = []
-        x = self.stem(x)
+        tap, x = self._stem_with_tap(x)
         off = int(self.stem_tap)
         if self.stem_tap and 0 in take_indices:
-            intermediates.append(x.flatten(1, 2))
+            intermediates.append(tap.flatten(1, 2))
         last = len(self.stages) if not stop_early else max(0, max_index + 1 - off)
         for i, stage in enumerate(self.stages[:last]):
             x = stage(x)
@@ -155,6 +164,8 @@ class TimmApiMixin:
         """
         take_indices, max_index = feature_take_indices(self._taps(), indices)
         self.stages = self.stages[:max(0, max_index + 1 - int(self.stem_tap))]
+        if self.stem_tap and max_index == 0:
+            self._prune_stem_after_tap()
         tap_chs = self.feature_info[max_index]['num_chs']
         old_features = self.num_features
         if prune_norm:

@@ -183,6 +183,17 @@ class GroupResNet(TimmApiMixin, nn.Module):
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 
+    def _stem_with_tap(self, x: torch.Tensor):
+        # the ImageNet stem's tap is its conv (reduction 2), before the max pool, as timm's ResNet taps act1
+        if isinstance(getattr(self.stem, 'pool', None), GroupMaxPool2d):
+            tap = self.stem.conv(x)
+            return tap, self.stem.pool(tap)
+        return super()._stem_with_tap(x)
+
+    def _prune_stem_after_tap(self) -> None:
+        if isinstance(getattr(self.stem, 'pool', None), GroupMaxPool2d):
+            self.stem.pool = nn.Identity()
+
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False):
         return dict(stem=r'^stem', blocks=r'^stages\.(\d+)' if coarse else [

@@ -306,7 +306,8 @@ def inject_stem(model: nn.Module, stem_module: nn.Module, *, first_conv: Optiona
         traits = getattr(model, '_traits', None)
         if isinstance(traits, dict):
             model._traits = dict(traits, first_conv=new_first)
-    # annotate the feature taps that now read the new stem
+    # annotate the feature taps that now read the new stem; a tap on a replaced module (now nn.Identity, e.g.
+    # ResNet's act1 when the new stem also does the maxpool's reduction) reads the new stem's output at its stride
     fi = getattr(model, 'feature_info', None)
     desc = dict(stem=type(stem_module).__name__, group=getattr(stem_module, 'group_name', None),
                 layout=getattr(stem_module, 'layout', 'planar'))
@@ -315,6 +316,8 @@ def inject_stem(model: nn.Module, stem_module: nn.Module, *, first_conv: Optiona
             if isinstance(f, dict) and (f.get('module') in replaced or any(
                     r.startswith(str(f.get('module')) + '.') for r in replaced)):
                 f.update(desc)
+                if f.get('module') in replaced:
+                    f['reduction'] = stride
     return model
 
 

@@ -229,10 +229,16 @@ class STNFrontEnd(nn.Module):
             self.num_features = self.head_hidden_size = k * nf
             self.head = ClassifierHead(k * nf, num_classes, pool_type=global_pool, drop_rate=drop_rate)
         prefix = 'backbone.' if k == 1 else 'backbones.0.'
+        # reductions are relative to the model's input: a float out_size f samples views of f times its size, so
+        # every backbone level is 1 / f times coarser (a fixed out_size: relative to the sampled view)
+        scale = 1.0 / out_size if isinstance(out_size, float) else 1.0
         self.feature_info = []
         for info in first.feature_info:
             info = dict(info)
             info['num_chs'] = info['num_chs'] * k
+            if scale != 1.0 and 'reduction' in info:
+                r = info['reduction'] * scale
+                info['reduction'] = int(round(r)) if abs(r - round(r)) < 1e-9 else r
             if 'module' in info:
                 info['module'] = prefix + info['module']
             self.feature_info.append(info)
