@@ -74,7 +74,7 @@ def _lr_at(step, steps, lr, warmup):
 
 def train_model(name, data, args, log):
     torch.manual_seed(args.seed)
-    model = timm.create_model(name)
+    model = timm.create_model(name, in_chans=1)  # grayscale landmark canvases (the models default to RGB)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     tr = data.train
     x_all = _norm(tr.images)
@@ -227,7 +227,7 @@ def main(argv=None):
     timing_models = {}
     for _, name in models:
         torch.manual_seed(args.seed)
-        mdl = timm.create_model(name).train()
+        mdl = timm.create_model(name, in_chans=1).train()
         timing_models[name] = (mdl, torch.optim.AdamW(mdl.parameters(), lr=1e-4))
     xb = _norm(data.train.images[:args.batch_size])
     kb, vb = data.train.keypoints[:args.batch_size], data.train.visible[:args.batch_size]

@@ -1,4 +1,7 @@
-"""Keypoint models through timm: registration, the timm model API, num_keypoints, decoding, features_only."""
+"""Keypoint models through timm: registration, the timm model API, num_keypoints, decoding, features_only, and the
+input defaults (a model named after a timm backbone takes the backbone's; gequiv_rcn_paper takes MNIST landmarks').
+
+Most tests here run the MNIST-landmark setting (64x64 grayscale, ``in_chans=1``), as ``gequiv-timm train`` does."""
 import importlib.util
 
 import pytest
@@ -6,6 +9,7 @@ import timm
 import torch
 
 import gequiv_timm  # noqa: F401
+from gequiv_timm import registry
 from gequiv_timm.layers.rcn import decode_heatmaps, heatmap_cross_entropy
 from gequiv_timm.models.rcn import KeypointNet
 
@@ -23,11 +27,48 @@ _CACHE = {}
 
 
 def _model(name):
-    """One eval-mode instance per registered name, shared by the read-only tests."""
+    """One eval-mode instance per registered name (grayscale, as for MNIST landmarks), shared by the read-only
+    tests."""
     if name not in _CACHE:
         torch.manual_seed(0)
-        _CACHE[name] = timm.create_model(name).eval()
+        _CACHE[name] = timm.create_model(name, in_chans=1).eval()
     return _CACHE[name]
+
+
+# ----- input defaults --------------------------------------------------------------------------------------------
+BACKBONE_NAMED = sorted(n for n, e in registry.catalog().items() if e.family == 'rcn' and
+                        e.args.get('backbone') not in (None, 'rcn_paper'))
+
+
+def test_backbone_named_models_are_listed():
+    assert {'gequiv_rcn_resnet18', 'gequiv_sumnet_resnet18', 'gequiv_kpsingle_resnet18', 'gequiv_kpreg_resnet18',
+            'gequiv_rcn_p4_resnet18'} <= set(BACKBONE_NAMED)
+
+
+@pytest.mark.parametrize('name', BACKBONE_NAMED)
+def test_backbone_named_model_takes_the_backbone_defaults(name):
+    """``create_model('gequiv_rcn_resnet18')`` is an RGB model with resnet18's input cfg; in_chans=1 still works."""
+    backbone = registry.get_entry(name).args['backbone']
+    ours, theirs = timm.get_pretrained_cfg(name).to_dict(), timm.get_pretrained_cfg(backbone).to_dict()
+    for key in ('input_size', 'mean', 'std', 'interpolation'):
+        assert ours[key] == theirs[key], f'{name}: cfg {key} {ours[key]} is not {backbone}\'s {theirs[key]}'
+    assert ours['crop_pct'] == 1.0  # a centre crop would cut keypoints near the border away
+    m = timm.create_model(name).eval()
+    assert m.in_chans == 3 and m.num_keypoints == 5
+    with torch.no_grad():
+        out = m(torch.randn(1, 3, 64, 64))
+        assert out.shape[:2] == (1, 5)
+        with pytest.raises(ValueError, match='in_chans=1'):
+            m(torch.randn(1, 1, 64, 64))
+        assert timm.create_model(name, in_chans=1).eval()(torch.randn(1, 1, 64, 64)).shape == out.shape
+
+
+def test_paper_model_is_named_for_its_data():
+    """gequiv_rcn_paper (and its shipped tag, landmarks) keeps the MNIST-landmark input: 64x64 grayscale."""
+    for name in ('gequiv_rcn_paper', 'gequiv_rcn_paper.landmarks'):
+        cfg = timm.get_pretrained_cfg(name).to_dict()
+        assert cfg['input_size'] == (1, 64, 64) and cfg['mean'] == (0.1307,) and cfg['std'] == (0.3081,)
+    assert timm.create_model('gequiv_rcn_paper').in_chans == 1
 
 
 @pytest.mark.parametrize('name', HEATMAP_MODELS)
@@ -45,7 +86,6 @@ def test_heatmap_models_build_and_decode(name, x):
     assert ((xy >= -0.5) & (xy <= 63.5)).all() and ((conf > 0) & (conf <= 1)).all()
     # keypoint names are model config, not timm's PretrainedCfg
     assert 'keypoint_names' not in m.pretrained_cfg
-    assert m.pretrained_cfg['input_size'] == (1, 64, 64)
 
 
 def test_paper_model_is_grayscale_five_levels():
@@ -73,11 +113,11 @@ def test_regression_model(x):
 
 
 def test_num_keypoints_kwarg_and_names(x):
-    m = timm.create_model('gequiv_rcn_resnet18', num_keypoints=7)
+    m = timm.create_model('gequiv_rcn_resnet18', num_keypoints=7, in_chans=1)
     assert m(x).shape[1] == 7 and m.keypoint_names == [f'kp{i}' for i in range(7)] and m.num_classes == 7
-    m = timm.create_model('gequiv_sumnet_resnet18', num_keypoints=3, keypoint_names=['a', 'b', 'c'])
+    m = timm.create_model('gequiv_sumnet_resnet18', num_keypoints=3, keypoint_names=['a', 'b', 'c'], in_chans=1)
     assert m(x).shape[1] == 3 and m.keypoint_names == ['a', 'b', 'c']
-    m = timm.create_model('gequiv_rcn_resnet18', num_classes=2)  # timm's name, an alias
+    m = timm.create_model('gequiv_rcn_resnet18', num_classes=2, in_chans=1)  # timm's name, an alias
     assert m(x).shape[1] == 2
     with pytest.raises(ValueError, match='disagree'):
         timm.create_model('gequiv_rcn_resnet18', num_keypoints=3, num_classes=4)
@@ -86,7 +126,7 @@ def test_num_keypoints_kwarg_and_names(x):
 
 
 def test_output_stride_and_coordinates(x):
-    m = timm.create_model('gequiv_rcn_resnet18', output_stride=4).eval()
+    m = timm.create_model('gequiv_rcn_resnet18', output_stride=4, in_chans=1).eval()
     out = m(x)
     assert out.shape == (2, 5, 16, 16)
     xy, _ = m.predict_keypoints(x, method='argmax')
@@ -107,7 +147,7 @@ def test_loss_is_masked_spatial_cross_entropy(x):
 
 
 def test_features_only_and_intermediates(x):
-    f = timm.create_model('gequiv_rcn_resnet18', features_only=True)
+    f = timm.create_model('gequiv_rcn_resnet18', features_only=True, in_chans=1)
     feats = f(x)
     assert [t.shape[1] for t in feats] == f.feature_info.channels() == [64, 64, 128, 256, 512]
     assert f.feature_info.reduction() == [2, 4, 8, 16, 32]
@@ -125,7 +165,7 @@ def test_features_only_and_intermediates(x):
 
 
 def test_classifier_api(x):
-    m = timm.create_model('gequiv_rcn_resnet18')
+    m = timm.create_model('gequiv_rcn_resnet18', in_chans=1)
     assert m.get_classifier() is m.head.classifier
     m.reset_classifier(3)
     assert m(x).shape == (2, 3, 64, 64) and m.keypoint_names == ['kp0', 'kp1', 'kp2']
@@ -136,14 +176,14 @@ def test_classifier_api(x):
     assert torch.equal(m(x), feats)
     m.reset_classifier(5)  # the recombination branches are kept, only the 1x1 conv is new
     assert m(x).shape == (2, 5, 64, 64) and torch.equal(m.forward_features(x), feats)
-    s = timm.create_model('gequiv_sumnet_resnet18')
+    s = timm.create_model('gequiv_sumnet_resnet18', in_chans=1)
     names = {n for n, _ in s.named_parameters()}
     assert s.no_weight_decay() <= names and 'head.level_weight' in s.no_weight_decay()
     s.reset_classifier(4)
     assert s(x).shape == (2, 4, 64, 64)
     assert s.get_classifier() is s.head.classifiers and len(s.get_classifier()) == 5
     assert s.forward_head(s.forward_features(x), pre_logits=True).shape == (2, s.num_features)
-    r = timm.create_model('gequiv_rcn_resnet18')
+    r = timm.create_model('gequiv_rcn_resnet18', in_chans=1)
     f = r.forward_features(x)
     assert f.shape == (2, r.head.out_channels, 64, 64) == (2, r.num_features, 64, 64)
     assert torch.allclose(r.forward_head(f, pre_logits=True), f.mean((-2, -1)))
@@ -165,7 +205,7 @@ def test_input_errors():
 
 def test_other_timm_backbones(x):
     m = KeypointNet(backbone='resnet10t', head='rcn', num_keypoints=2, branch_channels=16,
-                    upsample='learned').eval()
+                    upsample='learned', in_chans=1).eval()
     assert m(x).shape == (2, 2, 64, 64)
     m = KeypointNet(backbone='mobilenetv3_small_050', head='sumnet', num_keypoints=2, branch_channels=8,
                     in_chans=1).eval()
@@ -174,7 +214,7 @@ def test_other_timm_backbones(x):
 
 @pytest.mark.skipif(not HAS_STEMS, reason='the equivariant stem (issue 3) is not in this checkout')
 def test_rcn_p4_resnet18(x):
-    m = timm.create_model('gequiv_rcn_p4_resnet18').eval()
+    m = timm.create_model('gequiv_rcn_p4_resnet18', in_chans=1).eval()
     assert m(x).shape == (2, 5, 64, 64)
     rec = m.backbone._gequiv_stem
     assert rec['stem_type'] == 'EquivariantStem' and rec['replaced'] == ['conv1', 'bn1', 'act1']
@@ -193,8 +233,8 @@ ALL_MODELS = HEATMAP_MODELS + ['gequiv_kpreg_resnet18']
 
 @pytest.mark.parametrize('name', ALL_MODELS)
 def test_timm_split_and_pool_size(name, x):
-    """forward = forward_head(forward_features); forward_features is one 4-D map of num_features channels, of the
-    cfg's pool_size at the cfg's input size; pre_logits / the headless model pool it."""
+    """forward = forward_head(forward_features); forward_features is one 4-D map of num_features channels;
+    pre_logits / the headless model pool it. (pool_size at the cfg's input size: timm's test_model_default_cfgs.)"""
     m = _model(name)
     with torch.no_grad():
         feats = m.forward_features(x)
@@ -202,7 +242,6 @@ def test_timm_split_and_pool_size(name, x):
         assert torch.allclose(m.forward_head(feats), out, atol=1e-5)  # SumNet's forward sums K-maps instead
         final, inter = m.forward_intermediates(x)
     assert feats.dim() == 4 and feats.shape[1] == m.num_features == m.head_hidden_size
-    assert tuple(feats.shape[-2:]) == tuple(m.pretrained_cfg['pool_size'])
     assert torch.equal(final, feats) and len(inter) == len(m.feature_info)
     assert m.forward_head(feats, pre_logits=True).shape == (2, m.num_features)
     sd = m.state_dict()
@@ -213,11 +252,11 @@ def test_timm_split_and_pool_size(name, x):
 
 @pytest.mark.parametrize('name', ['gequiv_rcn_paper', 'gequiv_kpreg_resnet18'])
 def test_num_classes_is_num_keypoints(name, x):
-    m = timm.create_model(name, num_classes=42).eval()
+    m = timm.create_model(name, num_classes=42, in_chans=1).eval()
     assert m.num_keypoints == m.num_classes == 42 and m(x).shape[1] == 42
-    h = timm.create_model(name, num_classes=0).eval()
+    h = timm.create_model(name, num_classes=0, in_chans=1).eval()
     assert h.num_keypoints == 0 and h(x).shape == (2, h.num_features)
-    h = timm.create_model(name, num_classes=0, global_pool='').eval()
+    h = timm.create_model(name, num_classes=0, global_pool='', in_chans=1).eval()
     assert h(x).shape == h.forward_features(x).shape
     with pytest.raises(RuntimeError, match='num_classes=0'):
         h.predict_keypoints(x)
@@ -239,7 +278,7 @@ def test_factory_device_and_dtype(x):
 def test_integer_input_is_rejected(name):
     if name == 'gequiv_rcn_p4_resnet18' and not HAS_STEMS:
         pytest.skip('the equivariant stem (issue 3) is not in this checkout')
-    m = _model(name) if name != 'gequiv_rcn_p4_resnet18' else timm.create_model(name).eval()
+    m = _model(name) if name != 'gequiv_rcn_p4_resnet18' else timm.create_model(name, in_chans=1).eval()
     with pytest.raises(TypeError, match='floating point'):
         m(torch.zeros(1, 1, 64, 64, dtype=torch.uint8))
     with pytest.raises(ValueError, match=r'\[B, 1, H, W\]'):

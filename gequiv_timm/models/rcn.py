@@ -21,7 +21,9 @@ keypoint maps; ``num_classes=0`` the headless model, whose ``forward`` returns p
 :class:`KeypointNet`).
 
 Backbones: ``backbone`` is any timm model name that supports ``features_only=True`` (random init unless
-``pretrained_backbone=True``), or ``'rcn_paper'`` for :class:`~gequiv_timm.layers.rcn.RCNPaperTrunk`.
+``pretrained_backbone=True``), or ``'rcn_paper'`` for :class:`~gequiv_timm.layers.rcn.RCNPaperTrunk`. A catalog
+model named after a timm backbone (``gequiv_rcn_resnet18``, ...) takes that backbone's input defaults (3 channels,
+224x224, its mean / std); ``gequiv_rcn_paper`` takes the 64x64 grayscale MNIST-landmark canvases it was made for.
 ``equivariant_stem='p4'`` swaps the backbone's stem (``conv1, bn1, act1`` of a ResNet) for a p4
 group-convolution stem pooled over rotations (``mode='invariant'``, random init) through
 :func:`gequiv_timm.models.stems.inject_equivariant_stem`; the rest of the backbone is untouched (so the whole
@@ -100,8 +102,8 @@ class KeypointNet(nn.Module):
         num_classes: timm's name for the number of outputs, an alias of ``num_keypoints`` (they must agree), so
             ``timm.create_model(name, num_classes=42)`` gives 42 keypoint maps and ``num_classes=0`` the headless
             model.
-        in_chans: input channels. drop_rate: dropout on the coarsest level (``Dropout2d``) or before the
-            regression layer.
+        in_chans: input channels (3, as every timm model; 1 for grayscale such as MNIST landmarks).
+        drop_rate: dropout on the coarsest level (``Dropout2d``) or before the regression layer.
         global_pool: pooling of the *headless* output: with ``num_classes=0`` (or ``reset_classifier(0)``)
             ``forward`` returns ``global_pool(forward_features(x))``, ``[B, num_features]`` for ``'avg'`` (the
             default; also ``'max'``, ``'avgmax'``, ``'catavgmax'``) or the map itself for ``''``; so does
@@ -135,17 +137,17 @@ class KeypointNet(nn.Module):
 
     Example:
         >>> import timm, gequiv_timm
-        >>> m = timm.create_model('gequiv_rcn_resnet18').eval()
-        >>> m(torch.randn(2, 1, 64, 64)).shape
+        >>> m = timm.create_model('gequiv_rcn_resnet18').eval()   # resnet18's defaults: RGB, 224x224
+        >>> m(torch.randn(2, 3, 64, 64)).shape                   # any size divisible by 32
         torch.Size([2, 5, 64, 64])
-        >>> xy, conf = m.predict_keypoints(torch.randn(2, 1, 64, 64))
+        >>> xy, conf = m.predict_keypoints(torch.randn(2, 3, 64, 64))
         >>> xy.shape, conf.shape
         (torch.Size([2, 5, 2]), torch.Size([2, 5]))
     """
 
     def __init__(self, backbone: str = 'resnet18', head: str = 'rcn', num_keypoints: Optional[int] = None,
                  keypoint_names: Optional[Sequence[str]] = None, num_classes: Optional[int] = None,
-                 in_chans: int = 1, drop_rate: float = 0.0, global_pool: Optional[str] = 'avg',
+                 in_chans: int = 3, drop_rate: float = 0.0, global_pool: Optional[str] = 'avg',
                  out_indices: Optional[Sequence[int]] = None, branch_channels: Union[int, Sequence[int]] = 64,
                  convs_per_branch: int = 2, upsample: str = 'nearest', output_stride: int = 1,
                  trunk_channels: Sequence[int] = (16, 32, 48, 64, 64), equivariant_stem: Optional[str] = None,
@@ -284,8 +286,9 @@ class KeypointNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         """New keypoint classifier for ``num_classes`` keypoints (names become ``kp0 ...``), on the model's device
-        and dtype; the rest of the head is kept. ``num_classes=0`` removes it: ``forward`` then returns
-        ``global_pool(forward_features(x))`` (``global_pool``: None keeps the current one)."""
+        and dtype and in the head's train / eval mode; the rest of the head is kept. ``num_classes=0`` removes it:
+        ``forward`` then returns ``global_pool(forward_features(x))`` (``global_pool``: None keeps the current
+        one)."""
         if global_pool is not None:
             self._set_pool(global_pool)
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
@@ -295,7 +298,12 @@ class KeypointNet(nn.Module):
                                "prune_intermediate_layers; create the model again to get a head")
         if self.head is not None:
             p = next((p for p in self.parameters() if p.is_floating_point()), None)
+            kept = list(self.head.modules())  # held, so that no new module can reuse an old one's id
             self.head.reset_classifier(num_classes, **({} if p is None else dict(device=p.device, dtype=p.dtype)))
+            old = {id(m) for m in kept}
+            for m in self.head.modules():  # the new classifier takes the head's train / eval mode
+                if id(m) not in old:
+                    m.training = self.head.training
         self.num_classes = self.num_keypoints = num_classes
         self.keypoint_names = [f'kp{i}' for i in range(num_classes)]
 
