@@ -4,14 +4,21 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip -q --disable-pip-version-check
 OUT    ?= results/compare
 STAMP  := $(VENV)/.gequiv-installed
+TIMM_SDIST ?= .cache/timm-sdist
 
-.PHONY: demo test bench install clean-venv
+.PHONY: demo test bench install clean-venv timm-sdist
 
 demo: $(STAMP)
 	$(VENV)/bin/gequiv-timm compare --out $(OUT)
 
-test: $(STAMP)
+test: $(STAMP) timm-sdist
 	$(PY) -m pytest -q
+
+# timm's own tests/test_models.py runs over our models (tests/test_timm_models_upstream.py): fetch the source
+# distribution of the installed timm once into .cache/ (git-ignored)
+timm-sdist: $(STAMP)
+	@v=$$($(PY) -c 'import timm; print(timm.__version__)'); \
+	test -f $(TIMM_SDIST)/timm-$$v.tar.gz || $(PIP) download --no-deps --no-binary :all: timm==$$v -d $(TIMM_SDIST)
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
