@@ -29,10 +29,11 @@ tests and sweeps; jobs run in ``--workers`` processes (default: one per CPU), ea
 (default 1) and ``torch.use_deterministic_algorithms(True)``. The numbers do not depend on the number of workers
 or on the order in which jobs run, so a seeded run repeats bit for bit on the same machine with the same
 ``--threads``; a different thread count changes the order of floating-point sums inside the kernels and so the
-numbers (by about as much as a different seed). Small convolutions at batch 64 gain nothing from a second intra-op
-thread (they lose a lot on a busy machine, where the threads wait on each other), so one thread per process and
-one process per core is also the fastest layout. The report states the thread and worker counts, its wall clock
-and CPU time (user + sys of every process) and per-job times.
+numbers (by about as much as a different seed). On a quiet machine one process with two threads and two
+one-thread processes finish about equally fast; on a busy one the threads of a process wait on each other (a train
+step measured 3.6x slower) and separate processes do not, hence one thread per process, one process per core. The
+report states the thread and worker counts, its wall clock and CPU time (user + sys of every process) and per-job
+times.
 
 Outputs in ``--out`` (stem ``--name``, default ``compare``): ``compare.md`` (table, standings, how it was run, run
 time), ``compare.json`` (everything, per seed and per job), ``compare_accuracy_vs_angle.png`` and
@@ -81,9 +82,9 @@ REFERENCE = 'gequiv_z2cnn'
 CORE_MODELS = ['gequiv_z2cnn', 'gequiv_p4cnn', 'gequiv_p4mcnn']
 ESCNN_MODELS = ['gequiv_escnn_c4cnn', 'gequiv_escnn_c8cnn', 'gequiv_escnn_d4cnn']
 OPTIONAL_MODELS = ['gequiv_stn_cnn_mnist']
-# slower models, kept out of the default ~10-minute run and added by `--models all`: the deeper escnn reference
-# (2.6x the parameters) and the PDE-G-CNN (its pure-PyTorch morphological convolutions make a train step ~16x
-# gequiv_z2cnn's on the CPU)
+# slower models, kept out of the default run (about 12 CPU-minutes: ~6.5 minutes on 2 cores) and added by
+# `--models all`: the deeper escnn reference (2.6x the parameters) and the PDE-G-CNN (its pure-PyTorch morphological
+# convolutions make a train step ~16x gequiv_z2cnn's on the CPU)
 EXTENDED_MODELS = ['gequiv_escnn_c8_wrn', 'gequiv_pde_cnn_rotmnist']
 # like for like: ours and escnn's network of the same shape for the same group, at about the same parameters
 PAIRS = {'gequiv_p4cnn': 'gequiv_escnn_c4cnn', 'gequiv_p4mcnn': 'gequiv_escnn_d4cnn'}
