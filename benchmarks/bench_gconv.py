@@ -16,7 +16,7 @@ from _timing import interleaved, report, verdict  # noqa: E402
 
 import timm  # noqa: E402
 import gequiv_timm  # noqa: E402,F401
-from gequiv_timm.layers import P4ConvP4  # noqa: E402
+from gequiv_timm.layers import P4ConvP4, export_group_convs  # noqa: E402
 
 
 def layer_bench(repeats):
@@ -59,7 +59,7 @@ def layer_bench(repeats):
     x1f = x1.flatten(1, 2)
     bank, bias = conv.expanded_weight().detach(), conv.expanded_bias().detach()
     plain = conv.export().eval()
-    from gequiv_timm.layers.gconv import check_group_input
+    from gequiv_timm.layers import check_group_input
 
     def ours_b1():
         with torch.no_grad():
@@ -112,8 +112,11 @@ def model_bench(repeats):
                 m(x)
         return f
 
-    t = interleaved({'ours': run(ours, x1), 'ref': run(ref, x1)}, repeats=repeats * 5, inner=5)
+    fast = export_group_convs(ours)  # the inference path: frozen plain convs, no filter expansion
+    t = interleaved({'ours': run(ours, x1), 'ours_exported': run(fast, x1), 'ref': run(ref, x1)},
+                    repeats=repeats * 5, inner=5)
     res['model_b1_eval_ratio'] = t['ours'] / t['ref']
+    res['model_b1_eval_exported_ratio'] = t['ours_exported'] / t['ref']
     x64 = torch.randn(64, 1, 28, 28)
     y64 = torch.randint(0, 10, (64,))
     opt_o = torch.optim.SGD(ours.parameters(), lr=0.01)
@@ -135,7 +138,8 @@ def model_bench(repeats):
 
 
 TARGETS = {'layer_train_ratio': 1.05, 'layer_eval_ratio': 1.02, 'layer_b1_eval_ratio_vs_old_cache': 1.10,
-           'layer_b1_eval_ratio_vs_export': 1.10, 'model_b1_eval_ratio': 1.15, 'model_b64_train_ratio': 1.05}
+           'layer_b1_eval_ratio_vs_export': 1.10, 'model_b1_eval_ratio': 1.15, 'model_b1_eval_exported_ratio': 1.15,
+           'model_b64_train_ratio': 1.05}
 
 
 def main():

@@ -291,3 +291,32 @@ def test_groups_are_groups():
                 # the table agrees with composing the tensor operations: (ab).x == a.(b.x)
                 assert torch.equal(G.transform_plane(x, G.mul(a, b)),
                                    G.transform_plane(G.transform_plane(x, b), a))
+
+
+@pytest.mark.parametrize('name', ['gequiv_p4cnn', 'gequiv_p4mcnn', 'gequiv_p4m_resnet44'])
+def test_export_group_convs_same_logits_and_frozen(name):
+    import timm
+    import gequiv_timm  # noqa: F401
+    from gequiv_timm.layers import ExportedGroupConv2d, export_group_convs
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    size = model.pretrained_cfg['input_size']
+    x = torch.randn(2, *size)
+    fast = export_group_convs(model)
+    assert any(isinstance(m, ExportedGroupConv2d) for m in fast.modules())
+    assert not any(isinstance(m, GroupConv2d) for m in fast.modules())
+    assert any(isinstance(m, GroupConv2d) for m in model.modules())  # the original is untouched
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+        # a snapshot: a later write to the original changes the original only
+        for m in model.modules():
+            if isinstance(m, GroupConv2d):
+                m.weight.data.mul_(-1)
+        assert not torch.allclose(fast(x), model(x), atol=1e-3)
+
+
+def test_exported_group_conv_checks_its_input():
+    from gequiv_timm.layers import ExportedGroupConv2d
+    conv = ExportedGroupConv2d.from_group_conv(P4ConvP4(2, 3, 3, padding=1))
+    with pytest.raises(ValueError, match='looks folded'):
+        conv(torch.randn(1, 8, 6, 6))

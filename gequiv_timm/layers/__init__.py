@@ -1,9 +1,9 @@
 """Pure PyTorch building blocks. Nothing in this package imports timm."""
 from .groups import GROUPS, Group, filter_indices, get_group, transform_group_map, transform_plane
 from .gconv import (
-    EquivariantMixin, GroupAvgPool2d, GroupBatchNorm, GroupConv2d, GroupMaxPool2d, GroupPool, P4ConvP4, P4ConvZ2,
-    P4MConvP4M, P4MConvZ2, check_finite, check_group_input, finite_check, fold_group, set_finite_check,
-    stride_is_exact, unfold_group,
+    EquivariantMixin, ExportedGroupConv2d, GroupAvgPool2d, GroupBatchNorm, GroupConv2d, GroupMaxPool2d, GroupPool,
+    P4ConvP4, P4ConvZ2, P4MConvP4M, P4MConvZ2, check_finite, check_group_input, export_group_convs, finite_check,
+    fold_group, set_finite_check, stride_is_exact, unfold_group,
 )
 from .stn import LocalisationCNN, ParallelSpatialTransformer, SpatialTransformer, TRANSFORMS, create_transform
 from .pde import (

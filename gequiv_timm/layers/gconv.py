@@ -45,7 +45,7 @@ __all__ = [
     'GroupConv2d', 'P4ConvZ2', 'P4ConvP4', 'P4MConvZ2', 'P4MConvP4M',
     'GroupPool', 'GroupBatchNorm', 'GroupMaxPool2d', 'GroupAvgPool2d', 'fold_group', 'unfold_group',
     'stride_is_exact', 'EquivariantMixin', 'check_group_input', 'set_finite_check', 'finite_check',
-    'check_finite',
+    'check_finite', 'ExportedGroupConv2d', 'export_group_convs',
 ]
 
 
@@ -353,6 +353,76 @@ class GroupConv2d(EquivariantMixin, nn.Module):
             if self.bias is not None:
                 conv.bias.copy_(self._expand_bias(self.bias))
         return conv
+
+
+class ExportedGroupConv2d(nn.Conv2d):
+    """A group convolution frozen into a plain ``nn.Conv2d`` that keeps the group layout of its input and output.
+
+    Made by :func:`export_group_convs` (or :meth:`from_group_conv`): it holds a *copy* of the expanded filter bank
+    ``[C_out*|G_out|, C_in*|G_in|, k, k]``, so it computes exactly what the group convolution computed when it was
+    exported, at the cost of one ``conv2d``, and never follows later changes of the original layer. It is the
+    inference speed path; train the group layers, not this.
+
+    Shapes: input ``[B, C_in, |G_in|, H, W]`` (``[B, C_in, H, W]`` for a lifting layer), output
+    ``[B, C_out, |G_out|, H', W']``, as the layer it replaces.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, in_order: int, out_order: int,
+                 in_planar: bool, stride: int = 1, padding: int = 0, dilation: int = 1, bias: bool = True):
+        super().__init__(in_channels * in_order, out_channels * out_order, kernel_size, stride, padding, dilation,
+                         bias=bias)
+        self.group_in_channels = in_channels
+        self.group_out_channels = out_channels
+        self.in_order = in_order
+        self.out_order = out_order
+        self.in_planar = in_planar
+
+    @classmethod
+    def from_group_conv(cls, conv: GroupConv2d) -> 'ExportedGroupConv2d':
+        out = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.in_order, conv.out_order,
+                  conv.in_planar, conv.stride, conv.padding, conv.dilation, conv.bias is not None)
+        out = out.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        plain = conv.export()
+        with torch.no_grad():
+            out.weight.copy_(plain.weight)
+            if conv.bias is not None:
+                out.bias.copy_(plain.bias)
+        return out.train(conv.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            check_group_input(x, self.group_in_channels, 0 if self.in_planar else self.in_order,
+                              type(self).__name__)
+        if not self.in_planar:
+            x = x.flatten(1, 2)
+        return super().forward(x).unflatten(1, (self.group_out_channels, self.out_order))
+
+
+def export_group_convs(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Replace every :class:`GroupConv2d` in ``model`` by its :class:`ExportedGroupConv2d` (a frozen plain conv).
+
+    Returns a copy (or ``model`` itself with ``inplace=True``) that computes the same outputs with one ``conv2d``
+    per layer and no filter expansion: the batch-1 inference path (``benchmarks/bench_gconv.py`` measures it).
+    The copy does not follow later writes to the original's weights; export again after changing them.
+
+    Example:
+        >>> net = nn.Sequential(P4ConvZ2(1, 4, 3, padding=1), P4ConvP4(4, 2, 3)).eval()
+        >>> fast = export_group_convs(net)
+        >>> x = torch.randn(1, 1, 9, 9)
+        >>> bool(torch.allclose(fast(x), net(x), atol=1e-6))
+        True
+    """
+    import copy
+    if not inplace:
+        model = copy.deepcopy(model)
+    if isinstance(model, GroupConv2d):
+        return ExportedGroupConv2d.from_group_conv(model)
+    for name, child in list(model.named_children()):
+        if isinstance(child, GroupConv2d):
+            setattr(model, name, ExportedGroupConv2d.from_group_conv(child))
+        else:
+            export_group_convs(child, inplace=True)
+    return model
 
 
 class P4ConvZ2(GroupConv2d):
