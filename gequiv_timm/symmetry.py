@@ -55,6 +55,7 @@ import torch.nn as nn
 from ._resources import registry_dir
 from .layers.gconv import fold_group, unfold_group
 from .layers.groups import Group, get_group
+from .models.stems import stem_output
 from .registry import SYMMETRY_CLAIMS
 
 __all__ = ['CLASSES', 'THRESHOLD', 'TABLE_FILE', 'SymmetryReport', 'measure_symmetry', 'measurement_size',
@@ -143,35 +144,12 @@ def _output_kind(y: Any) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # the stem
 # ----------------------------------------------------------------------------------------------------------------
-class _Stop(Exception):
-    pass
-
-
 def _find_stem(model: nn.Module) -> Optional[nn.Module]:
     for m in model.modules():
         rec = getattr(m, '_gequiv_stem', None)
         if rec:
             return m.get_submodule(rec['path'])
     return None
-
-
-def _stem_out(model: nn.Module, stem: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    box = {}
-
-    def hook(m, i, o):
-        box['y'] = o
-        raise _Stop
-
-    h = stem.register_forward_hook(hook)
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        h.remove()
-    if 'y' not in box:
-        raise RuntimeError(f"measure_symmetry: the injected stem {type(stem).__name__} was not called by forward()")
-    return box['y']
 
 
 def _stem_action(stem: nn.Module, group: Group) -> Callable[[torch.Tensor, int], torch.Tensor]:
@@ -313,9 +291,9 @@ def measure_symmetry(name_or_model: Union[str, nn.Module], group: Union[str, Gro
     stem_err = None
     if stem is not None:
         act = _stem_action(stem, grp)
-        sx = _stem_out(model, stem, x)
+        sx = stem_output(model, x, stem)
         sref = sx - sx.roll(1, 0)
-        stem_err = max(_rel(_stem_out(model, stem, grp.transform_plane(x, g)), act(sx, g), sref)
+        stem_err = max(_rel(stem_output(model, grp.transform_plane(x, g), stem), act(sx, g), sref)
                        for g in grp.elements())
     if err <= threshold:
         cls = 'invariant' if kind == 'logits' else 'equivariant'

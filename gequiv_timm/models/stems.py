@@ -329,9 +329,11 @@ def get_stem(model: nn.Module) -> nn.Module:
     return model.get_submodule(rec['path'])
 
 
-def stem_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The output of the (injected) stem inside a forward pass of ``model`` on ``x`` (captured by a hook)."""
-    stem = get_stem(model)
+def stem_output(model: nn.Module, x: torch.Tensor, stem: Optional[nn.Module] = None) -> torch.Tensor:
+    """The output of the (injected) stem inside a forward pass of ``model`` on ``x`` (captured by a hook; the rest
+    of the forward is not run). ``stem`` defaults to ``get_stem(model)``; pass it when the stem was injected into a
+    submodule of ``model`` (e.g. the backbone of a keypoint model)."""
+    stem = get_stem(model) if stem is None else stem
     box = {}
 
     def hook(m, i, o):
@@ -345,6 +347,8 @@ def stem_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         pass
     finally:
         h.remove()
+    if 'out' not in box:
+        raise StemError(f"{_model_name(model)}: the stem {type(stem).__name__} was not called by forward()")
     return box['out']
 
 
