@@ -320,3 +320,17 @@ def test_exported_group_conv_checks_its_input():
     conv = ExportedGroupConv2d.from_group_conv(P4ConvP4(2, 3, 3, padding=1))
     with pytest.raises(ValueError, match='looks folded'):
         conv(torch.randn(1, 8, 6, 6))
+
+
+def test_meta_device_build_does_not_poison_later_cpu_layers():
+    """Regression (the filter-index table is cached per (groups, k)): a layer built under torch.device('meta'), as
+    timm's default-cfg test builds models, must not leave a meta table for the next CPU layer."""
+    with torch.device('meta'):
+        first = P4MConvP4M(2, 3, 5, padding=2)
+        lift = P4ConvZ2(1, 2, 3)
+    assert first.weight.device.type == 'meta' and lift.weight.device.type == 'meta'
+    conv = P4MConvP4M(2, 3, 5, padding=2)
+    assert conv.filter_idx.device.type == 'cpu'
+    x = torch.randn(1, 2, 8, 9, 9)
+    assert conv(x).shape == (1, 3, 8, 9, 9)
+    assert P4ConvZ2(1, 2, 3)(torch.randn(1, 1, 7, 7)).shape == (1, 2, 4, 5, 5)
