@@ -325,6 +325,8 @@ def test_exported_group_conv_checks_its_input():
 def test_meta_device_build_does_not_poison_later_cpu_layers():
     """Regression (the filter-index table is cached per (groups, k)): a layer built under torch.device('meta'), as
     timm's default-cfg test builds models, must not leave a meta table for the next CPU layer."""
+    from gequiv_timm.layers import groups
+    groups._filter_indices.cache_clear()  # the first build of each table happens under the meta device
     with torch.device('meta'):
         first = P4MConvP4M(2, 3, 5, padding=2)
         lift = P4ConvZ2(1, 2, 3)
