@@ -12,11 +12,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import interleaved, report, verdict  # noqa: E402
+from common import report, verdict  # noqa: E402
 
 import timm  # noqa: E402
 import gequiv_timm  # noqa: E402,F401
 from gequiv_timm.layers import P4ConvP4, export_group_convs  # noqa: E402
+from gequiv_timm.measure import time_round_robin  # noqa: E402
 
 
 def layer_bench(repeats):
@@ -36,7 +37,7 @@ def layer_bench(repeats):
         F.conv2d(xf, w, b, 1, 1).sum().backward()
 
     conv.train()
-    t = interleaved({'ours': ours_train, 'floor': floor_train}, repeats=repeats)
+    t = time_round_robin({'ours': ours_train, 'floor': floor_train}, reps=repeats, warmup=5)
     res = {'layer_train_ratio': t['ours'] / t['floor']}
     conv.eval()
     wd, bd = w.detach(), b.detach()
@@ -49,7 +50,7 @@ def layer_bench(repeats):
         with torch.no_grad():
             F.conv2d(xf, wd, bd, 1, 1)
 
-    t = interleaved({'ours': ours_eval, 'floor': floor_eval}, repeats=repeats)
+    t = time_round_robin({'ours': ours_eval, 'floor': floor_eval}, reps=repeats, warmup=5)
     res['layer_eval_ratio'] = t['ours'] / t['floor']
 
     # batch 1, eval: the layer expands its bank from the current weights on every call (no cache since issue 13);
@@ -74,7 +75,8 @@ def layer_bench(repeats):
         with torch.no_grad():
             plain(x1f)
 
-    t = interleaved({'ours': ours_b1, 'cached': cached_b1, 'export': export_b1}, repeats=repeats * 5, inner=10)
+    t = time_round_robin({'ours': ours_b1, 'cached': cached_b1, 'export': export_b1}, reps=repeats * 5, inner=10,
+                         warmup=5)
     res['layer_b1_eval_ratio_vs_old_cache'] = t['ours'] / t['cached']
     res['layer_b1_eval_ratio_vs_export'] = t['ours'] / t['export']
     return res
@@ -113,8 +115,8 @@ def model_bench(repeats):
         return f
 
     fast = export_group_convs(ours)  # the inference path: frozen plain convs, no filter expansion
-    t = interleaved({'ours': run(ours, x1), 'ours_exported': run(fast, x1), 'ref': run(ref, x1)},
-                    repeats=repeats * 5, inner=5)
+    t = time_round_robin({'ours': run(ours, x1), 'ours_exported': run(fast, x1), 'ref': run(ref, x1)},
+                         reps=repeats * 5, inner=5, warmup=5)
     res['model_b1_eval_ratio'] = t['ours'] / t['ref']
     res['model_b1_eval_exported_ratio'] = t['ours_exported'] / t['ref']
     x64 = torch.randn(64, 1, 28, 28)
@@ -130,7 +132,7 @@ def model_bench(repeats):
             opt.step()
         return f
 
-    t = interleaved({'ours': step(ours, opt_o), 'ref': step(ref, opt_r)}, repeats=repeats)
+    t = time_round_robin({'ours': step(ours, opt_o), 'ref': step(ref, opt_r)}, reps=repeats, warmup=5)
     res['model_b64_train_ratio'] = t['ours'] / t['ref']
     res['params_ours'] = sum(p.numel() for p in ours.parameters())
     res['params_planar_same_width'] = sum(p.numel() for p in ref.parameters())

@@ -4,7 +4,7 @@ already expanded filter bank of the same shape), in train mode (forward + backwa
 from the weights every call) and eval mode (no grad; both libraries cache the expanded filter), batch 1 and 32.
 
 Ratios only (the machine is shared and noisy): medians of round-robin rounds whose order rotates every round
-(:func:`gequiv_timm.compare.time_round_robin`).
+(:func:`gequiv_timm.measure.time_round_robin`).
 
 Run: .venv/bin/python benchmarks/bench_layers_escnn.py [--fields 16] [--size 28] [--threads 1]
          [--out benchmarks/results/escnn_layers.md]
@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import report  # noqa: E402
+from common import report  # noqa: E402
 
-from gequiv_timm.compare import time_round_robin  # noqa: E402
+from gequiv_timm.measure import time_round_robin  # noqa: E402
 from gequiv_timm.layers import P4ConvP4, P4MConvP4M  # noqa: E402
 from gequiv_timm.models.escnn_baselines import import_escnn  # noqa: E402
 

@@ -2,7 +2,7 @@
 parameters matched): construction time, train step (batch 64, forward + backward + AdamW), batch-1 latency
 (eval, after ``export()`` where the model has one) and memory, as ratios ours / escnn.
 
-Memory is the accounting of :func:`gequiv_timm.compare.train_memory_bytes`: parameters, gradients, AdamW state
+Memory is the accounting of :func:`gequiv_timm.measure.train_memory_bytes`: parameters, gradients, AdamW state
 and the tensors autograd saves for backward at one train step (deterministic; a CPU has no allocator peak
 counter, and process RSS is dominated by escnn's basis construction, not by training).
 
@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import report  # noqa: E402
+from common import report  # noqa: E402
 
 import timm  # noqa: E402
 
 import gequiv_timm  # noqa: E402,F401
-from gequiv_timm.compare import count_macs, time_round_robin, train_memory_bytes  # noqa: E402
+from gequiv_timm.measure import count_macs, time_round_robin, train_memory_bytes  # noqa: E402
 
 
 def build_time(name, reps):

@@ -32,11 +32,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import interleaved, verdict  # noqa: E402
+from common import verdict  # noqa: E402
 
 import timm  # noqa: E402
 
 import gequiv_timm  # noqa: E402,F401
+from gequiv_timm.measure import peak_rss_bytes, time_round_robin  # noqa: E402
 from gequiv_timm.layers.pde import (  # noqa: E402
     _morph_forward, _morph_reference, m2_morphological_kernel, morphological_convolution_m2,
 )
@@ -45,39 +46,6 @@ TIME_TARGET = 3.0
 MEM_TARGET = 3.0
 PARAM_TARGET = 0.25
 ERROR_TARGET = 0.01
-
-
-# ----- memory: the process's peak resident set, reset before each measurement (Linux clear_refs) ----------------
-def _rss_now() -> int:
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith('VmRSS:'):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError('no VmRSS')
-
-
-def _rss_peak() -> int:
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith('VmHWM:'):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError('no VmHWM')
-
-
-def peak_extra_bytes(fn) -> int:
-    """Peak resident bytes above the level before ``fn`` (``/proc/self/clear_refs`` resets the high-water mark).
-
-    Meaningful only in a process started with ``MALLOC_MMAP_THRESHOLD_`` set (see :func:`measure_memory`): then
-    every large tensor is its own mmap, freed memory goes back to the OS at once, and the peak is ``fn``'s own."""
-    import gc
-    gc.collect()
-    with open('/proc/self/clear_refs', 'w') as f:
-        f.write('5')
-    base = _rss_now()
-    keep = fn()
-    peak = _rss_peak()
-    del keep
-    return peak - base
 
 
 def depthwise_m2(x, weight):
@@ -101,9 +69,9 @@ def bench_morphology(shape, kernel_size, repeats):
     with torch.no_grad():
         # 'before': the inference path this replaced (all offsets' candidates of a block, then one amax), still the
         # forward of the autograd path; timed in the same interleaved rounds
-        t = interleaved({'morph': lambda: morphological_convolution_m2(x, kernel),
-                         'before': lambda: _morph_forward(x, kernel, False, need_index=False)[0],
-                         'depthwise': lambda: depthwise_m2(x, weight)}, repeats=repeats, warmup=2)
+        t = time_round_robin({'morph': lambda: morphological_convolution_m2(x, kernel),
+                              'before': lambda: _morph_forward(x, kernel, False, need_index=False)[0],
+                              'depthwise': lambda: depthwise_m2(x, weight)}, reps=repeats, warmup=2)
     res['infer_ms'] = {k: 1e3 * v for k, v in t.items()}
     res['infer_ratio'] = t['morph'] / t['depthwise']
     res['infer_ratio_before'] = t['before'] / t['depthwise']
@@ -118,7 +86,7 @@ def bench_morphology(shape, kernel_size, repeats):
         y = depthwise_m2(xg, wg)
         y.backward(torch.ones_like(y))
 
-    t = interleaved({'morph': train_morph, 'depthwise': train_dw}, repeats=max(3, repeats // 2), warmup=1)
+    t = time_round_robin({'morph': train_morph, 'depthwise': train_dw}, reps=max(3, repeats // 2), warmup=1)
     res['train_ms'] = {k: 1e3 * v for k, v in t.items()}
     res['train_ratio'] = t['morph'] / t['depthwise']
 
@@ -137,13 +105,13 @@ def _memory_child(shape, kernel_size):
     weight = torch.randn(c, 1, *kernel_size)
     with torch.no_grad():
         morphological_convolution_m2(x, kernel), depthwise_m2(x, weight)  # warm up (lazy init, caches)
-        mem = {'morph': peak_extra_bytes(lambda: morphological_convolution_m2(x, kernel)),
-               'depthwise': peak_extra_bytes(lambda: depthwise_m2(x, weight))}
+        mem = {'morph': peak_rss_bytes(lambda: morphological_convolution_m2(x, kernel)),
+               'depthwise': peak_rss_bytes(lambda: depthwise_m2(x, weight))}
         if x.numel() * int(torch.tensor(kernel_size).prod()) * 4 <= 2 ** 30:
-            mem['unfold_reference'] = peak_extra_bytes(lambda: _morph_reference(x, kernel))
+            mem['unfold_reference'] = peak_rss_bytes(lambda: _morph_reference(x, kernel))
     # with autograd: the forward's output plus what it keeps for backward (a uint8 arg-max index)
     xg, kg = x.clone().requires_grad_(), kernel.clone().requires_grad_()
-    mem['morph_grad_forward'] = peak_extra_bytes(lambda: morphological_convolution_m2(xg, kg))
+    mem['morph_grad_forward'] = peak_rss_bytes(lambda: morphological_convolution_m2(xg, kg))
     return mem
 
 

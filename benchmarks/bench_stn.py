@@ -14,7 +14,8 @@ Same seed, same data order (one seeded generator each, same seed), same optimize
 decay 1e-4), same number of epochs; the ST-CNN's transformer learns at ``--loc-lr-mult`` times the rate (through
 ``model.param_groups()``). Reported: test error of both, wall time per training step of both (measured in the same
 run), and the STN's share of the ST-CNN step time ``1 - t_CNN / t_ST-CNN`` — from the training loop itself and from an
-interleaved micro-benchmark of single steps (``_timing.interleaved``). One thread (``torch.set_num_threads(1)``).
+interleaved micro-benchmark of single steps (:func:`gequiv_timm.measure.time_round_robin`). One thread
+(``torch.set_num_threads(1)``).
 
 Run: nice -n 10 .venv/bin/python benchmarks/bench_stn.py [--epochs 6] [--seed 0] [--loc-lr-mult 1.0]
      [--out benchmarks/results/stn_rts]   (writes stn_rts.md and stn_rts.json)
@@ -33,12 +34,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import interleaved  # noqa: E402
 
 import timm  # noqa: E402
 
 import gequiv_timm  # noqa: E402,F401
 from gequiv_timm.data.distorted import distorted_mnist  # noqa: E402
+from gequiv_timm.measure import time_round_robin  # noqa: E402
 
 
 def _models(seed: int, loc_lr_mult: float):
@@ -143,8 +144,8 @@ def main(argv=None) -> int:
     x, y = train.tensors[0][:args.batch_size], train.tensors[1][:args.batch_size]
     cnn.train()
     st.train()
-    med = interleaved({'CNN': _step_fn(cnn, x, y, cnn.parameters()),
-                       'ST-CNN': _step_fn(st, x, y, st.param_groups(lr=1e-6))}, repeats=20, warmup=3)
+    med = time_round_robin({'CNN': _step_fn(cnn, x, y, cnn.parameters()),
+                            'ST-CNN': _step_fn(st, x, y, st.param_groups(lr=1e-6))}, reps=20, warmup=3)
     share_train = 1 - res['CNN']['step_seconds'] / res['ST-CNN']['step_seconds']
     share_micro = 1 - med['CNN'] / med['ST-CNN']
     out = dict(
