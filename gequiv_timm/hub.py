@@ -18,7 +18,6 @@ import importlib
 import json
 import math
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -351,7 +350,7 @@ def _is_measure(k: str, v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and not _is_run_key(k)
 
 
-def _fmt(v) -> str:
+def format_metric(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
@@ -401,7 +400,7 @@ def model_card(name: str, tag: str, entry: Mapping[str, Any], config: Mapping[st
     scalars = {k: v for k, v in metrics.items() if _is_measure(k, v)}
     context = {k: v for k, v in metrics.items() if k not in scalars and not _is_run_key(k)}
     if scalars:
-        lines += ['| metric | value |', '|---|---|'] + [f'| {k} | {_fmt(v)} |' for k, v in scalars.items()]
+        lines += ['| metric | value |', '|---|---|'] + [f'| {k} | {format_metric(v)} |' for k, v in scalars.items()]
         if context:
             lines.append('')
             lines += [f"- **{k.replace('_', ' ').capitalize()}:** {v}" for k, v in context.items()]
@@ -670,58 +669,6 @@ def write_cards(names: Optional[Sequence[str]] = None, folder=None) -> List[Path
     return out
 
 
-# ----- CLI -----------------------------------------------------------------------------------------------------
-def add_export_arguments(p) -> None:
-    p.add_argument('model', help='NAME.TAG (shipped weights) or NAME with --checkpoint')
-    p.add_argument('dir', help='output folder (created); receives config.json, model.safetensors, README.md')
-    p.add_argument('--checkpoint', help='a .safetensors file to export instead of the shipped weights')
-    p.add_argument('--repo', help='Hub repo id used in the model card (default: the manifest hf_hub_id)')
-    p.add_argument('--card-only', action='store_true', help='write only README.md (the model card)')
-    _add_model_arg(p)
-
-
-def _add_model_arg(p) -> None:
-    p.add_argument('--model-arg', action='append', default=[], metavar='KEY=VALUE',
-                   help='model argument the checkpoint was trained with, over the catalog default (VALUE is '
-                        'JSON, e.g. num_classes=7); repeatable')
-
-
-def _model_args(items: Sequence[str]) -> Dict[str, Any]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition('=')
-        if not sep or not key.isidentifier():
-            raise ValueError(f"--model-arg expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def run_export(args) -> int:
-    try:
-        res = export(args.model, args.dir, checkpoint=args.checkpoint, repo_id=args.repo, card_only=args.card_only,
-                     model_args=_model_args(args.model_arg))
-    except (WeightsError, ChecksumError, KeyError, FileNotFoundError, ValueError) as e:
-        print(f"gequiv-timm export: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 1
-    print(f"wrote {', '.join(res.files)} to {res.dir}" + ('' if args.card_only else
-          f" (model.safetensors sha256={res.sha256}, {res.size:,} bytes)"))
-    return 0
-
-
-def add_push_arguments(p) -> None:
-    p.add_argument('model', help='NAME.TAG (shipped weights) or NAME with --checkpoint')
-    p.add_argument('--repo', help="Hub repo id ORG/NAME (created if needed); default: the tag's hf_hub_id")
-    p.add_argument('--private', action='store_true', help='create the repo private (ignored if it exists)')
-    p.add_argument('--dry-run', action='store_true', help='export and verify only; upload nothing')
-    p.add_argument('--checkpoint', help='a .safetensors file to push instead of the shipped weights')
-    p.add_argument('--export-dir', help='export here and keep it (default: a temporary folder)')
-    p.add_argument('--message', help='commit message')
-    _add_model_arg(p)
-
-
 def default_repo(name_tag: str) -> Optional[str]:
     """The Hub repo of a registered tag: the catalog tag's ``hf_hub_id``, else the manifest's."""
     from . import registry
@@ -732,56 +679,3 @@ def default_repo(name_tag: str) -> Optional[str]:
         return None
     return (cat.tags.get(tag, {}).get('hf_hub_id') or (registry.manifest_entry(name_tag) or {}).get('hf_hub_id')
             if tag else None)
-
-
-def run_push(args) -> int:
-    repo = args.repo or default_repo(args.model)
-    if not repo:
-        print(f"gequiv-timm push: {args.model} has no hf_hub_id in the catalog; give --repo ORG/NAME", file=sys.stderr)
-        return 2
-    try:
-        push(args.model, repo, private=args.private, dry_run=args.dry_run, checkpoint=args.checkpoint,
-             export_dir=args.export_dir, commit_message=args.message, model_args=_model_args(args.model_arg))
-    except (WeightsError, ChecksumError, PushError, KeyError, ValueError, FileNotFoundError) as e:
-        print(f"gequiv-timm push: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def add_check_arguments(p) -> None:
-    p.add_argument('names', nargs='*', help='NAME.TAG entries to check (default: every manifest entry)')
-    p.add_argument('--metrics', action='store_true', help="also re-measure each metric with the entry's evaluator")
-    p.add_argument('--manifest', help='manifest JSON (default: the package weights/manifest.json)')
-    p.add_argument('--write-cards', action='store_true',
-                   help='(re)write weights/cards/NAME.TAG.md, the model cards of the shipped tags, then check')
-
-
-def run_check(args) -> int:
-    from . import registry
-    man = registry.load_manifest(Path(args.manifest)) if args.manifest else registry.manifest()
-    folder = Path(args.manifest).parent if args.manifest else None
-    names = args.names or sorted(man)
-    bad = 0
-    if args.write_cards:
-        if args.manifest:
-            print("gequiv-timm check: --write-cards works on the package manifest only", file=sys.stderr)
-            return 2
-        for p in write_cards([n for n in names if n in man]):
-            print(f"wrote {p}")
-    for n in names:
-        if n not in man:
-            print(f"{n}: not in the manifest (entries: {sorted(man)})", file=sys.stderr)
-            bad += 1
-            continue
-        try:
-            res = check_entry(n, man[n], folder=folder, metrics=args.metrics)
-        except (WeightsError, ChecksumError, ImportError, AttributeError) as e:
-            print(f"FAIL {n}: {e}", file=sys.stderr)
-            bad += 1
-            continue
-        measured = ', '.join(f"{k}={_fmt(v)}" for k, v in res['measured'].items()
-                             if isinstance(v, (int, float)) and not isinstance(v, bool))
-        print(f"ok   {n}: {res['file']}" + (f"  [{measured}]" if measured else ''))
-    if not names:
-        print("the manifest lists no checkpoints")
-    return 1 if bad else 0

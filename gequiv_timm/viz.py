@@ -1,4 +1,4 @@
-"""``gequiv-timm stn-viz``: a PNG of spatial-transformer inputs beside their rectified outputs, with the sampling grid.
+"""A PNG of spatial-transformer inputs beside their rectified outputs, with the sampling grid.
 
 Each row is one test image: the input with the transformer's sampling grid drawn on it (where a coarse lattice of
 output pixels reads the input; the red outline is the border of the output), then the rectified output(s) handed to
@@ -11,27 +11,12 @@ Examples::
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ['add_arguments', 'run', 'plot_stn']
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('--model', default='gequiv_stn_cnn_mnist', help='a registered STN model (gequiv_stn_*)')
-    parser.add_argument('--checkpoint', default=None, help='safetensors weights to load (e.g. from gequiv-timm train)')
-    parser.add_argument('--protocol', default='RTS', choices=['R', 'RTS', 'P', 'E'],
-                        help='distorted-MNIST protocol of the test images (default RTS)')
-    parser.add_argument('--num', type=int, default=8, help='number of test images (rows)')
-    parser.add_argument('--grid', type=int, default=7, help='grid lines per side drawn on each input')
-    parser.add_argument('--fit-epochs', type=int, default=0,
-                        help='first train the model this many epochs on the protocol (AdamW, cosine; 0 = no)')
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--out', default='stn.png', help='PNG file to write')
+__all__ = ['render_stn', 'plot_stn', 'StnVizError']
 
 
 def _images(model, protocol: str, seed: int, split: str):
@@ -51,7 +36,7 @@ def _images(model, protocol: str, seed: int, split: str):
     return (x - mean) / std, part.labels, mean, std
 
 
-def _fit(model, x, y, epochs: int, seed: int) -> None:
+def _fit(model, x, y, epochs: int, seed: int, log=print) -> None:
     import math
     gen = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64, shuffle=True,
@@ -75,7 +60,7 @@ def _fit(model, x, y, epochs: int, seed: int) -> None:
             opt.step()
             step += 1
             tot, n = tot + loss.item() * len(yb), n + len(yb)
-        print(f"fit epoch {ep + 1}/{epochs}: loss {tot / n:.4f}", flush=True)
+        log(f"fit epoch {ep + 1}/{epochs}: loss {tot / n:.4f}")
 
 
 def _to_pixels(g: torch.Tensor, h: int, w: int, align_corners: bool):
@@ -147,44 +132,38 @@ def plot_stn(model, x: torch.Tensor, out: str, mean=None, std=None, grid: int = 
     return path
 
 
-def run(args) -> int:
+class StnVizError(ValueError):
+    """The model cannot be created or has no spatial transformer to draw."""
+
+
+def render_stn(model_name: str, out, checkpoint=None, protocol: str = 'RTS', num: int = 8, grid: int = 7,
+               fit_epochs: int = 0, seed: int = 0, log=print) -> Path:
+    """Create ``model_name`` (loading ``checkpoint``, or first fitting it ``fit_epochs`` epochs on ``protocol``),
+    then draw ``num`` test images of distorted MNIST ``protocol`` with their rectified views into the PNG ``out``.
+
+    Raises :class:`StnVizError` (before any work) when the model cannot be created or has no spatial transformer.
+    """
     import timm
 
-    import gequiv_timm  # noqa: F401  (registers the models)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     try:
-        model = timm.create_model(args.model, pretrained=False)
+        model = timm.create_model(model_name, pretrained=False)
     except RuntimeError as e:
-        print(f"stn-viz: cannot create {args.model!r}: {e}")
-        return 2
+        raise StnVizError(f"cannot create {model_name!r}: {e}") from None
     if not hasattr(model, 'stn') or not hasattr(model, 'rectify'):
-        print(f"stn-viz: {args.model!r} has no spatial transformer; use one of "
-              f"{timm.list_models('gequiv_stn*')}")
-        return 2
-    if args.checkpoint:
+        raise StnVizError(f"{model_name!r} has no spatial transformer; use one of {timm.list_models('gequiv_stn*')}")
+    if checkpoint:
         from .hub import load_weights
-        load_weights(model, args.checkpoint, architecture=args.model)
-    if args.fit_epochs > 0:
-        xt, yt, _, _ = _images(model, args.protocol, args.seed, 'train')
-        _fit(model, xt, yt, args.fit_epochs, args.seed)
-    x, y, mean, std = _images(model, args.protocol, args.seed, 'test')
-    g = torch.Generator().manual_seed(args.seed)
-    idx = torch.randperm(len(x), generator=g)[:args.num]
+        load_weights(model, checkpoint, architecture=model_name)
+    if fit_epochs > 0:
+        xt, yt, _, _ = _images(model, protocol, seed, 'train')
+        _fit(model, xt, yt, fit_epochs, seed, log=log)
+    x, y, mean, std = _images(model, protocol, seed, 'test')
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(x), generator=g)[:num]
     x, y = x[idx], y[idx]
     with torch.no_grad():
         model.eval()
         pred = model(x).argmax(1)
     titles = [f"label {int(a)} / pred {int(b)}" for a, b in zip(y, pred)]
-    path = plot_stn(model, x, args.out, mean[0], std[0], grid=args.grid, titles=titles)
-    print(f"wrote {path}")
-    return 0
-
-
-def main(argv: Optional[list] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
-
-if __name__ == '__main__':
-    raise SystemExit(main())
+    return plot_stn(model, x, out, mean[0], std[0], grid=grid, titles=titles)

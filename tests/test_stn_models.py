@@ -189,11 +189,12 @@ def test_stn_viz_writes_png(tmp_path):
     import argparse
 
     from gequiv_timm import viz
+    from gequiv_timm.cli import stn_viz
     p = argparse.ArgumentParser()
-    viz.add_arguments(p)
+    stn_viz.add_arguments(p)
     out = tmp_path / 'stn.png'
     args = p.parse_args(['--num', '2', '--out', str(out), '--protocol', 'RTS'])
-    assert viz.run(args) == 0
+    assert stn_viz.run(args) == 0
     data = out.read_bytes()
     assert data[:8] == b'\x89PNG\r\n\x1a\n' and len(data) > 5000
     # a parallel model: one rectified column per transformer
@@ -203,5 +204,5 @@ def test_stn_viz_writes_png(tmp_path):
     path = viz.plot_stn(model, torch.rand(2, 1, 24, 24), str(tmp_path / 'two.png'))
     assert path.read_bytes()[:4] == b'\x89PNG'
     args = p.parse_args(['--model', 'gequiv_z2cnn', '--out', str(tmp_path / 'x.png')])
-    assert viz.run(args) == 2  # not an STN model: a clear message, no file
+    assert stn_viz.run(args) == 2  # not an STN model: a clear message, no file
     assert not (tmp_path / 'x.png').exists()

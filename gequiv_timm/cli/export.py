@@ -1,0 +1,35 @@
+"""Write a model in the Hub layout.
+
+``gequiv-timm export NAME.TAG DIR``: ``config.json``, ``model.safetensors`` and ``README.md`` (the model card) as
+timm's ``hf-hub:`` / ``local-dir:`` loading reads them (:func:`gequiv_timm.hub.export`).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ._common import add_model_arg, model_args
+
+__all__ = ['add_arguments', 'run']
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument('model', help='NAME.TAG (shipped weights) or NAME with --checkpoint')
+    p.add_argument('dir', help='output folder (created); receives config.json, model.safetensors, README.md')
+    p.add_argument('--checkpoint', help='a .safetensors file to export instead of the shipped weights')
+    p.add_argument('--repo', help='Hub repo id used in the model card (default: the manifest hf_hub_id)')
+    p.add_argument('--card-only', action='store_true', help='write only README.md (the model card)')
+    add_model_arg(p)
+
+
+def run(args) -> int:
+    from ..hub import ChecksumError, WeightsError, export
+    try:
+        res = export(args.model, args.dir, checkpoint=args.checkpoint, repo_id=args.repo, card_only=args.card_only,
+                     model_args=model_args(args.model_arg))
+    except (WeightsError, ChecksumError, KeyError, FileNotFoundError, ValueError) as e:
+        print(f"gequiv-timm export: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 1
+    print(f"wrote {', '.join(res.files)} to {res.dir}" + ('' if args.card_only else
+          f" (model.safetensors sha256={res.sha256}, {res.size:,} bytes)"))
+    return 0
