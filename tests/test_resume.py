@@ -26,14 +26,14 @@ EVERY = 3
 
 _KILLER = f"""
 import os, signal, sys
-import gequiv_timm.train as T
-_train = T.train
+import gequiv_timm.training.recipe as R
+_train = R.train
 def train(*a, **k):
     def on_step(step, rec):
         if step == {KILL_AT}:
             os.kill(os.getpid(), signal.SIGKILL)
     return _train(*a, on_step=on_step, **k)
-T.train = train
+R.train = train
 from gequiv_timm.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -95,10 +95,11 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, unint
             raise OSError(28, 'No space left on device (simulated)')
         return real(path, state)
 
-    monkeypatch.setattr(T, 'save_state', failing)
+    import gequiv_timm.training.checkpoint as C
+    monkeypatch.setattr(C, 'save_state', failing)
     with pytest.raises(OSError, match='simulated'):
         main(args)
-    monkeypatch.setattr(T, 'save_state', real)
+    monkeypatch.setattr(C, 'save_state', real)
     mgr = T.CheckpointManager(ck)
     assert mgr.latest().name == 'step_00000003'
     assert (ck / 'step_00000006.tmp').exists()  # the half-written one never became a checkpoint

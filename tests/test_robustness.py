@@ -401,19 +401,22 @@ def _valid(argv):
 @given(st.one_of(train_argv(), st.lists(words, max_size=3),
                  st.tuples(st.just('list'), words).map(list)))
 def test_cli_fuzz_never_crashes(monkeypatch, capsys, argv):
-    import gequiv_timm.train as T
+    import gequiv_timm.cli.train as C
+    import gequiv_timm.training.recipe as R
     from gequiv_timm.cli import main
+    from gequiv_timm.data.catalog import DATASETS, DataBundle
+    from gequiv_timm.training import DistInfo
 
     def reached(*a, **k):
         raise _Reached()
 
     def tiny(*a, **k):
-        return T.DataBundle(torch.utils.data.TensorDataset(torch.zeros(4, 1, 28, 28), torch.zeros(4).long()), None)
+        return DataBundle(torch.utils.data.TensorDataset(torch.zeros(4, 1, 28, 28), torch.zeros(4).long()), None)
 
-    monkeypatch.setattr(T, 'train', reached)
-    monkeypatch.setattr(T, 'load_data', lambda name, **k: tiny() if name.lower() in T._builtin_sets()
+    monkeypatch.setattr(R, 'train', reached)
+    monkeypatch.setattr(R, 'load_data', lambda name, **k: tiny() if name.lower() in DATASETS
                         else (_ for _ in ()).throw(ValueError(f'--data {name!r} is neither a built-in set')))
-    monkeypatch.setattr(T, 'init_distributed', lambda device=None: T.DistInfo())
+    monkeypatch.setattr(C, 'init_distributed', lambda device=None: DistInfo())
     threads = torch.get_num_threads()
     try:
         rc = main(argv)

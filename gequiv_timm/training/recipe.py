@@ -1,0 +1,160 @@
+"""A training run as ``gequiv-timm train`` describes it, from plain values: data from the catalog, the model from
+timm, :func:`~.trainer.train`, the metrics report and the outputs (weights file, manifest entry). Also the
+re-measurement of a shipped checkpoint's metric (:func:`measure_checkpoint`), chosen by the data-set catalog.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import torch.nn as nn
+
+from ..data.catalog import IMAGE_FOLDER, DATASETS, DataBundle, dataset_of_recipe, load_data
+from ..hub import load_weights, save_weights, update_manifest
+from .distributed import DistInfo
+from .loop import evaluate, seed_everything
+from .trainer import TrainConfig, TrainResult, train
+
+__all__ = ['TrainJob', 'run_job', 'measure_checkpoint', 'evaluate_pretrained']
+
+HUB_ORG = 'gequiv-timm'
+
+
+@dataclass
+class TrainJob:
+    """What ``gequiv-timm train`` asks for: model and data by name, the :class:`TrainConfig` and the outputs."""
+
+    model: str
+    config: TrainConfig
+    data: str = 'rotmnist'
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    pretrained: bool = False
+    initial_checkpoint: Optional[str] = None
+    num_classes: Optional[int] = None
+    augment: bool = True
+    hflip: float = 0.5
+    limit_train: Optional[int] = None
+    limit_eval: Optional[int] = None
+    out: Optional[str] = None
+    tag: str = ''
+    manifest: Optional[str] = None
+    command: str = ''
+
+    @property
+    def recipe(self) -> str:
+        c = self.config
+        data = self.data.lower() if self.data.lower() in DATASETS else IMAGE_FOLDER
+        return f'{data}/{c.opt}-{c.sched}/lr{c.lr}/bs{{gbatch}}/ep{c.epochs}/seed{c.seed}'
+
+    def fingerprint(self, num_classes: int) -> Dict[str, Any]:
+        c = self.config
+        return {'model': self.model, 'model_kwargs': json.dumps(self.model_kwargs, sort_keys=True),
+                'data': self.data, 'seed': c.seed, 'epochs': c.epochs, 'opt': c.opt, 'lr': c.lr, 'sched': c.sched,
+                'limit_train': self.limit_train, 'num_classes': num_classes}
+
+
+def _data(job: TrainJob):
+    """``(data bundle, the model's pretrained cfg)``; the data config is the model's (``resolve_data_config``)."""
+    from timm.data import resolve_data_config
+    from timm.models import get_pretrained_cfg
+    pcfg = get_pretrained_cfg(job.model)
+    data_config = resolve_data_config(args={}, pretrained_cfg=pcfg.to_dict() if pcfg is not None else None)
+    if 'in_chans' in job.model_kwargs:
+        data_config['input_size'] = (int(job.model_kwargs['in_chans']),) + tuple(data_config['input_size'][1:])
+    data = load_data(job.data, seed=job.config.seed, data_config=data_config, augment=job.augment, hflip=job.hflip,
+                     limit_train=job.limit_train, limit_eval=job.limit_eval)
+    return data, pcfg
+
+
+def _num_classes(job: TrainJob, data: DataBundle, pcfg) -> int:
+    if data.task == 'keypoints' and not job.num_classes and pcfg is not None and \
+            getattr(pcfg, 'num_classes', None) == data.num_keypoints:
+        return data.num_keypoints  # a keypoint model: one heatmap (or point) per keypoint
+    return job.num_classes or data.num_classes
+
+
+def _model(job: TrainJob, num_classes: int, data: DataBundle) -> nn.Module:
+    import timm
+    kw = dict(job.model_kwargs)
+    kw.setdefault('in_chans', data.in_chans)
+    seed_everything(job.config.seed)
+    model = timm.create_model(job.model, pretrained=job.pretrained, num_classes=num_classes, **kw)
+    if job.initial_checkpoint:
+        load_weights(model, job.initial_checkpoint)
+    return model
+
+
+def _metrics(job: TrainJob, data: DataBundle, res: TrainResult, dist: DistInfo) -> Dict[str, Any]:
+    c = job.config
+    metrics: Dict[str, Any] = {}
+    if res.eval:
+        key = 'error' if data.task == 'classify' else 'nme'
+        metrics['test_error' if data.task == 'classify' else 'test_nme'] = round(res.eval[key], 4)
+    epochs_done = int(res.epochs_done) if float(res.epochs_done).is_integer() else round(res.epochs_done, 3)
+    metrics.update({'test_split': f'{job.data} seed {c.seed} ({res.eval.get("n", 0):,} held-out samples)',
+                    'seed': c.seed, 'epochs': epochs_done, 'steps': res.steps,
+                    'train_seconds': round(res.seconds, 1)})
+    if dist.world_size > 1:
+        metrics['processes'] = dist.world_size
+    return metrics
+
+
+def _write(job: TrainJob, model: nn.Module, metrics: Dict[str, Any], res: TrainResult, dist: DistInfo) -> None:
+    recipe = job.recipe.format(gbatch=job.config.batch_size * dist.world_size)
+    info = save_weights(model, job.out, job.model, job.tag, recipe, extra={'metrics': metrics})
+    print(f"wrote {job.out} sha256={info['sha256']}")
+    if not (job.manifest and job.tag):
+        return
+    entry = {'file': info['file'], 'sha256': info['sha256'], 'size': info['size'], 'metrics': metrics,
+             'recipe': recipe, 'command': job.command, 'budget': f'{res.epochs_done:g} epochs, {res.seconds:.0f} s',
+             'hf_hub_id': f'{HUB_ORG}/{job.model}.{job.tag}'}
+    if dataset_of_recipe(recipe) is not None:
+        entry['evaluator'] = 'gequiv_timm.train:evaluate_pretrained'
+    update_manifest(job.manifest, f'{job.model}.{job.tag}', entry)
+
+
+def run_job(job: TrainJob, dist: DistInfo, verbose: bool = True) -> Dict[str, Any]:
+    """Run ``job`` in this process (one rank of ``dist``): build data and model, train, print the metrics as one
+    JSON line and write the outputs (rank 0). Returns the metrics (empty on the other ranks)."""
+    seed_everything(job.config.seed)
+    data, pcfg = _data(job)
+    num_classes = _num_classes(job, data, pcfg)
+    model = _model(job, num_classes, data)
+    job.config.fingerprint = job.fingerprint(num_classes)
+    job.config.architecture = job.model
+    if dist.is_main and verbose:
+        print(f"{job.model} on {data.description}; {dist.world_size} process(es) x batch {job.config.batch_size} "
+              f"on {dist.device}", file=sys.stderr)
+    res = train(model, data, job.config, dist)
+    if not dist.is_main:
+        return {}
+    metrics = _metrics(job, data, res, dist)
+    print(json.dumps({'model': job.model, **metrics}))
+    if job.out:
+        _write(job, model, metrics, res, dist)
+    return metrics
+
+
+def measure_checkpoint(model: nn.Module, entry: Dict[str, Any]) -> Dict[str, float]:
+    """Re-measure the metric of a checkpoint written by ``gequiv-timm train`` on a built-in set.
+
+    The set is the one the recipe id names (:func:`gequiv_timm.data.catalog.dataset_of_recipe`); its catalog entry
+    fixes the task and the metric. The held-out split is rebuilt with the recorded seed and standardised from the
+    model's ``pretrained_cfg`` as the training run did. Returns ``{'test_error', 'n'}`` or ``{'test_nme', 'n'}``.
+    """
+    from timm.data import resolve_data_config
+    ds = dataset_of_recipe(entry.get('recipe', ''))
+    if ds is None:
+        raise ValueError(f"measure_checkpoint: recipe {entry.get('recipe')!r} does not start with a built-in set "
+                         f"({', '.join(DATASETS)})")
+    seed = int(entry.get('metrics', {}).get('seed', 0))
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    data = load_data(ds.name, seed=seed, data_config=resolve_data_config(args={}, pretrained_cfg=dict(cfg)),
+                     augment=False)
+    ev = evaluate(model, data.eval, ds.task, batch_size=256, num_keypoints=data.num_keypoints)
+    return {ds.metric: ev['error' if ds.task == 'classify' else 'nme'], 'n': ev['n']}
+
+
+evaluate_pretrained = measure_checkpoint  # the name the manifest's 'evaluator' field uses
