@@ -18,7 +18,7 @@ __all__ = ['COMMANDS', 'build_parser', 'main']
 COMMANDS = {
     'list': 'gequiv_timm.cli.list',
     'compare': 'gequiv_timm.cli._old_compare',
-    'train': 'gequiv_timm.cli._old_train',
+    'train': 'gequiv_timm.cli.train',
     'export': 'gequiv_timm.cli.export',
     'push': 'gequiv_timm.cli.push',
     'check': 'gequiv_timm.cli.check',
