@@ -32,15 +32,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timm  # noqa: E402
 from common import verdict  # noqa: E402
 
-import timm  # noqa: E402
-
 import gequiv_timm  # noqa: E402,F401
-from gequiv_timm.measure import peak_rss_bytes, time_round_robin  # noqa: E402
-from gequiv_timm.layers.pde import (  # noqa: E402
-    _morph_forward, _morph_reference, m2_morphological_kernel, morphological_convolution_m2,
+from gequiv_timm.layers.morphology import (  # noqa: E402
+    morphological_convolution_m2,
+    morphological_convolution_m2_blocks,
+    morphological_convolution_m2_reference,
 )
+from gequiv_timm.layers.pde import m2_morphological_kernel  # noqa: E402
+from gequiv_timm.measure import peak_rss_bytes, time_round_robin  # noqa: E402
 
 TIME_TARGET = 3.0
 MEM_TARGET = 3.0
@@ -70,7 +72,7 @@ def bench_morphology(shape, kernel_size, repeats):
         # 'before': the inference path this replaced (all offsets' candidates of a block, then one amax), still the
         # forward of the autograd path; timed in the same interleaved rounds
         t = time_round_robin({'morph': lambda: morphological_convolution_m2(x, kernel),
-                              'before': lambda: _morph_forward(x, kernel, False, need_index=False)[0],
+                              'before': lambda: morphological_convolution_m2_blocks(x, kernel),
                               'depthwise': lambda: depthwise_m2(x, weight)}, reps=repeats, warmup=2)
     res['infer_ms'] = {k: 1e3 * v for k, v in t.items()}
     res['infer_ratio'] = t['morph'] / t['depthwise']
@@ -108,7 +110,7 @@ def _memory_child(shape, kernel_size):
         mem = {'morph': peak_rss_bytes(lambda: morphological_convolution_m2(x, kernel)),
                'depthwise': peak_rss_bytes(lambda: depthwise_m2(x, weight))}
         if x.numel() * int(torch.tensor(kernel_size).prod()) * 4 <= 2 ** 30:
-            mem['unfold_reference'] = peak_rss_bytes(lambda: _morph_reference(x, kernel))
+            mem['unfold_reference'] = peak_rss_bytes(lambda: morphological_convolution_m2_reference(x, kernel))
     # with autograd: the forward's output plus what it keeps for backward (a uint8 arg-max index)
     xg, kg = x.clone().requires_grad_(), kernel.clone().requires_grad_()
     mem['morph_grad_forward'] = peak_rss_bytes(lambda: morphological_convolution_m2(xg, kg))

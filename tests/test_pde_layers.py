@@ -6,9 +6,21 @@ import pytest
 import torch
 import torch.nn as nn
 
+from gequiv_timm.layers.morphology import morphological_convolution_m2_blocks, morphological_convolution_m2_reference
 from gequiv_timm.layers.pde import (
-    CDEPdeLayerM2, ConvectionM2, DilationM2, ErosionM2, LiftM2Cartesian, LinearM2, MaxProjectM2, PDEStem,
-    ReflectionPadM2, SumProjectM2, _morph_reference, convection_m2, m2_log_coordinates, m2_morphological_kernel,
+    CDEPdeLayerM2,
+    ConvectionM2,
+    DilationM2,
+    ErosionM2,
+    LiftM2Cartesian,
+    LinearM2,
+    MaxProjectM2,
+    PDEStem,
+    ReflectionPadM2,
+    SumProjectM2,
+    convection_m2,
+    m2_log_coordinates,
+    m2_morphological_kernel,
     morphological_convolution_m2,
 )
 
@@ -110,7 +122,7 @@ def test_morphological_convolution_matches_brute_force(shape, ksize, erosion):
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     kernel = (torch.rand(shape[1], shape[2], *ksize, dtype=torch.float64) * 2).requires_grad_()
     y = morphological_convolution_m2(x, kernel, erosion)
-    ref = _morph_reference(x, kernel, erosion)
+    ref = morphological_convolution_m2_reference(x, kernel, erosion)
     assert torch.equal(y, ref)
     g = torch.randn_like(y)
     gx, gk = torch.autograd.grad(y, (x, kernel), g)
@@ -119,16 +131,19 @@ def test_morphological_convolution_matches_brute_force(shape, ksize, erosion):
     torch.testing.assert_close(gk, rk)
     with torch.no_grad():  # the index-free inference path gives the same values
         assert torch.equal(morphological_convolution_m2(x, kernel, erosion), ref)
+    # and so does the vectorised path of the training forward, without its index
+    assert torch.equal(morphological_convolution_m2_blocks(x, kernel, erosion), ref)
 
 
 @pytest.mark.parametrize('erosion', [False, True])
 @pytest.mark.parametrize('block', [10 ** 6, 2500, 800, 120])  # all; 2 samples; 2 channels; 2 orientations
 def test_inference_loop_blocks_match_brute_force(block, erosion):
-    from gequiv_timm.layers.pde import _morph_forward_loop
+    from gequiv_timm.layers.morphology import _morph_forward_loop
     torch.manual_seed(9)
     x = torch.randn(3, 3, 8, 5, 6)
     kernel = torch.rand(3, 8, 3, 3, 5) * 2
-    assert torch.equal(_morph_forward_loop(x, kernel, erosion, block=block), _morph_reference(x, kernel, erosion))
+    assert torch.equal(_morph_forward_loop(x, kernel, erosion, block=block),
+                       morphological_convolution_m2_reference(x, kernel, erosion))
 
 
 def test_morphological_gradcheck():
@@ -158,7 +173,7 @@ def test_dilation_layer_gradients_match_reference():
     layer = DilationM2(2, (3, 3, 3), alpha=0.7).double()
     x = torch.randn(2, 2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
     y = layer(x)
-    ref = _morph_reference(x, layer.kernel(4), False)
+    ref = morphological_convolution_m2_reference(x, layer.kernel(4), False)
     torch.testing.assert_close(y, ref)
     gy = torch.autograd.grad(y.square().sum(), (x, layer.metric_params))
     gr = torch.autograd.grad(ref.square().sum(), (x, layer.metric_params))
@@ -233,7 +248,7 @@ def test_zero_and_negative_metric_are_finite(cls):
     y.sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all() and torch.isfinite(layer.metric_params.grad).all()
     # a zero metric is a flat kernel: a plain max (min) filter over the support
-    ref = _morph_reference(x.detach(), torch.zeros(2, 4, 3, 3, 3), cls is ErosionM2)
+    ref = morphological_convolution_m2_reference(x.detach(), torch.zeros(2, 4, 3, 3, 3), cls is ErosionM2)
     torch.testing.assert_close(y.detach(), ref)
     # the metric is w^2: negative scales equal positive ones
     with torch.no_grad():
