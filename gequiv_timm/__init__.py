@@ -3,7 +3,7 @@
 ``import gequiv_timm`` registers every catalog entry (``registry/*.toml``) with timm, so
 ``timm.create_model('gequiv_p4cnn', pretrained=True)`` works.
 """
-__version__ = '0.1.0'
+from ._version import __version__  # noqa: F401
 
 from . import layers  # noqa: F401  (pure torch)
 from .registry import register_all as _register_all

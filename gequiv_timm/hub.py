@@ -1,7 +1,7 @@
-"""Weights at the edge: safetensors files with metadata, the weights manifest, the Hub layout, model cards, push.
+"""The Hub at the edge: the Hub layout, model cards, push, and checks of shipped weights against the manifest.
 
-* :func:`save_weights` / :func:`load_weights` / :func:`read_metadata` / :func:`update_manifest`: the safetensors
-  files the trainer writes and the manifest (``weights/manifest.json``) that lists them.
+* :func:`save_weights` / :func:`load_weights` / :func:`read_metadata` / :func:`update_manifest`: re-exported from
+  :mod:`gequiv_timm.weights` (safetensors files with metadata, the manifest), where they live.
 * :func:`export`: the folder layout timm reads (``config.json``, ``model.safetensors``, ``README.md``) for
   ``timm.create_model('hf-hub:ORG/REPO')`` and ``timm.create_model('local-dir:DIR')``.
 * :func:`push`: export to a folder, reload it through timm and compare outputs with the source model, then upload
@@ -21,14 +21,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .models._helpers import ChecksumError, sha256_file
+from ._version import __version__
+from .weights import (  # save_weights ... update_manifest: re-exported, users import them from here
+    ChecksumError, WeightsError, check_state_dict, load_weights, read_metadata, save_weights, sha256_file,
+    update_manifest, verify_checksum,
+)
 
 __all__ = ['save_weights', 'load_weights', 'read_metadata', 'update_manifest', 'WeightsError', 'ChecksumError',
            'check_state_dict', 'export', 'ExportResult', 'build_config', 'model_card', 'verify_export', 'push',
@@ -38,111 +39,6 @@ CONFIG_NAME = 'config.json'
 WEIGHTS_NAME = 'model.safetensors'  # timm's HF_SAFE_WEIGHTS_NAME: what `hf-hub:` / `local-dir:` loading looks for
 CARD_NAME = 'README.md'
 EXPORT_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
-
-
-class WeightsError(ValueError):
-    """A weights file that cannot be used: unreadable, for another architecture, or with mismatched keys."""
-
-
-# ----- files ---------------------------------------------------------------------------------------------------
-def save_weights(model: torch.nn.Module, path, architecture: str, tag: str = '', recipe: str = '',
-                 extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Save ``model.state_dict()`` as safetensors with metadata; returns ``{file, sha256, size, metadata}``.
-
-    Metadata (all strings): ``architecture``, ``tag``, ``gequiv_timm_version``, ``recipe``, ``format='pt'`` and
-    any ``extra`` items (JSON-encoded when not strings).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {'format': 'pt', 'architecture': architecture, 'tag': tag, 'gequiv_timm_version': __version__,
-            'recipe': recipe}
-    for k, v in (extra or {}).items():
-        meta[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata=meta)
-    _readable(path)
-    return {'file': path.name, 'sha256': sha256_file(path), 'size': path.stat().st_size, 'metadata': meta}
-
-
-def _readable(path) -> None:
-    """safetensors writes files owner-only (0600); weights are meant to be shared (they ship in the wheel), so
-    give them the usual mode for a new file under the process umask (0644 under umask 022)."""
-    import os
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def read_metadata(path) -> Dict[str, str]:
-    """The metadata header of a safetensors file (raises :class:`WeightsError` naming the file)."""
-    from safetensors import safe_open
-    if not Path(path).is_file():
-        raise WeightsError(f"{path}: no such weights file")
-    try:
-        with safe_open(str(path), framework='pt') as f:
-            return dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as e:
-        raise WeightsError(f"{path}: not a readable safetensors file ({e}); it is truncated or corrupted. "
-                           f"Delete it and export / download it again.") from None
-
-
-def _read_state(path) -> Dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise WeightsError(f"{path}: not a readable safetensors file ({e}); it is truncated or corrupted. "
-                           f"Delete it and export / download it again.") from None
-
-
-def check_state_dict(state: Mapping[str, torch.Tensor], model: torch.nn.Module, source, strict: bool = True,
-                     ignore: Iterable[str] = ()) -> Tuple[List[str], List[str]]:
-    """Compare a state dict with ``model``'s: raise :class:`WeightsError` naming ``source`` and the keys.
-
-    Wrong shapes always fail; missing / unexpected keys fail when ``strict``. Keys in ``ignore`` (e.g. a
-    classifier timm is about to drop because ``num_classes`` changed) are left out of the comparison.
-    Returns ``(missing, unexpected)``.
-    """
-    ignore = set(ignore)
-    own = {k: v for k, v in model.state_dict().items() if k not in ignore}
-    got = {k: v for k, v in state.items() if k not in ignore}
-    missing = sorted(set(own) - set(got))
-    unexpected = sorted(set(got) - set(own))
-    wrong = sorted(f"{k}: file {tuple(got[k].shape)} vs model {tuple(own[k].shape)}"
-                   for k in set(own) & set(got) if tuple(own[k].shape) != tuple(got[k].shape))
-    if wrong or (strict and (missing or unexpected)):
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        if wrong:
-            parts.append(f"wrong shapes {wrong}")
-        raise WeightsError(f"{source}: does not fit {type(model).__name__}: " + '; '.join(parts) +
-                           ". Use the checkpoint with the architecture and arguments it was trained with.")
-    return missing, unexpected
-
-
-def load_weights(model: torch.nn.Module, path, architecture: Optional[str] = None, strict: bool = True):
-    """Load a safetensors file into ``model``; check architecture, names and shapes first.
-
-    Nothing is copied into the model unless every check passes, so a failure never leaves it half-loaded.
-    Returns ``(missing, unexpected)`` key lists (empty when ``strict``).
-    """
-    meta = read_metadata(path)
-    if architecture and meta.get('architecture') and meta['architecture'] != architecture:
-        raise WeightsError(f"{path}: weights are for {meta['architecture']!r}, not {architecture!r}")
-    state = _read_state(path)
-    missing, unexpected = check_state_dict(state, model, path, strict=strict)
-    model.load_state_dict(state, strict=strict)
-    return missing, unexpected
-
-
-def update_manifest(manifest_path, key: str, entry: Dict[str, Any]) -> None:
-    """Insert/replace ``key`` (``name.tag``) in the JSON manifest, keeping it sorted and stable."""
-    p = Path(manifest_path)
-    data = json.loads(p.read_text()) if p.exists() else {}
-    data[key] = entry
-    p.write_text(json.dumps(dict(sorted(data.items())), indent=2, sort_keys=False) + '\n')
 
 
 # ----- resolving what to export --------------------------------------------------------------------------------
@@ -191,7 +87,6 @@ def _load_source(name_tag: str, checkpoint=None, model_args: Optional[Mapping[st
             raise WeightsError(f"{name_tag}: no local weights file (manifest entry: {entry.get('file')!r}); train it "
                                f"with `gequiv-timm train {name} --tag {tag} --out weights/{name_tag}.safetensors "
                                f"--manifest weights/manifest.json`, or pass --checkpoint FILE")
-        from .models._helpers import verify_checksum
         verify_checksum(path, entry.get('sha256'), name_tag)
     else:
         path = Path(checkpoint)
@@ -605,7 +500,6 @@ def check_entry(name_tag: str, entry: Mapping[str, Any], folder=None, metrics: b
     if entry.get('size') is not None and path.stat().st_size != entry['size']:
         raise ChecksumError(f"{path}: size {path.stat().st_size} does not match the manifest's {entry['size']} for "
                             f"{name_tag}; the file is truncated or was replaced")
-    from .models._helpers import verify_checksum
     verify_checksum(path, entry.get('sha256'), name_tag)
     meta = read_metadata(path)
     name, tag = _split(name_tag)

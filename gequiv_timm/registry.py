@@ -31,13 +31,13 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
-import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ._resources import registry_dir, weights_dir
+from .weights import read_manifest
 
 __all__ = ['CatalogError', 'CatalogEntry', 'load_catalog', 'load_manifest', 'register_all', 'get_entry',
            'catalog', 'manifest_entry', 'EXTRAS']
@@ -206,16 +206,7 @@ def load_catalog(path: Optional[Path] = None) -> Dict[str, CatalogEntry]:
 
 def load_manifest(path: Optional[Path] = None) -> Dict[str, Dict[str, Any]]:
     """The weights manifest (``weights/manifest.json``): ``{"name.tag": {file, sha256, size, metrics, ...}}``."""
-    p = Path(path) if path is not None else weights_dir() / 'manifest.json'
-    if not p.exists():
-        return {}
-    try:
-        data = json.loads(p.read_text(encoding='utf-8'))
-    except json.JSONDecodeError as e:
-        raise CatalogError(f"{p}: not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise CatalogError(f"{p}: expected a JSON object mapping 'name.tag' to entries")
-    return data
+    return read_manifest(Path(path) if path is not None else weights_dir() / 'manifest.json')
 
 
 _CATALOG: Optional[Dict[str, CatalogEntry]] = None

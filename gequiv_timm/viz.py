@@ -153,7 +153,7 @@ def render_stn(model_name: str, out, checkpoint=None, protocol: str = 'RTS', num
     if not hasattr(model, 'stn') or not hasattr(model, 'rectify'):
         raise StnVizError(f"{model_name!r} has no spatial transformer; use one of {timm.list_models('gequiv_stn*')}")
     if checkpoint:
-        from .hub import load_weights
+        from .weights import load_weights
         load_weights(model, checkpoint, architecture=model_name)
     if fit_epochs > 0:
         xt, yt, _, _ = _images(model, protocol, seed, 'train')

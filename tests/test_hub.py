@@ -17,7 +17,7 @@ import gequiv_timm  # noqa: F401
 import timm
 from gequiv_timm import hub, registry
 from gequiv_timm.cli import main as cli_main
-from gequiv_timm.models._helpers import ChecksumError, sha256_file
+from gequiv_timm.weights import ChecksumError, sha256_file
 
 torch.set_num_threads(1)
 NAME, TAG = 'gequiv_p4cnn', 'rotmnist'

@@ -1,14 +1,15 @@
 """Shared plumbing for the timm-facing recipes: building through ``build_model_with_cfg`` and pretrained checks."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 import torch
 from timm.models import build_model_with_cfg
 
-__all__ = ['create_gequiv_model', 'adapt_input_conv_nd', 'sha256_file', 'verify_checksum', 'ChecksumError']
+from ..weights import WeightsError, check_state_dict, read_metadata, verify_checksum
+
+__all__ = ['create_gequiv_model', 'adapt_input_conv_nd']
 
 
 def _register_fx_leaves() -> None:
@@ -31,28 +32,6 @@ def _register_fx_leaves() -> None:
 
 
 _register_fx_leaves()
-
-
-class ChecksumError(RuntimeError):
-    """A weights file whose sha256 does not match the manifest."""
-
-
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(chunk), b''):
-            h.update(block)
-    return h.hexdigest()
-
-
-def verify_checksum(path, expected: Optional[str], what: str = '') -> None:
-    """Raise :class:`ChecksumError` naming the file when its sha256 is not ``expected`` (None: skip)."""
-    if not expected:
-        return
-    got = sha256_file(path)
-    if got != expected:
-        raise ChecksumError(f"{path}: sha256 {got} does not match the manifest's {expected}{' for ' + what if what else ''}"
-                            f"; the file is corrupted or was replaced. Delete it and reinstall / re-download.")
 
 
 def adapt_input_conv_nd(in_chans: int, weight: torch.Tensor) -> torch.Tensor:
@@ -119,20 +98,15 @@ def _fetch_from_hub(hub_id: str, filename: Optional[str], cache_dir) -> Path:
     repo, revision = hf_split(hub_id)
     filename = filename or 'model.safetensors'
     if not filename.endswith('.safetensors'):
-        raise _weights_error()(f"hf-hub:{hub_id}: file {filename!r} is not safetensors; gequiv_timm loads "
-                               f"safetensors only (it never unpickles). Publish model.safetensors.")
+        raise WeightsError(f"hf-hub:{hub_id}: file {filename!r} is not safetensors; gequiv_timm loads "
+                           f"safetensors only (it never unpickles). Publish model.safetensors.")
     from huggingface_hub.errors import EntryNotFoundError
     try:
         return Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir,
                                     library_name='gequiv_timm'))
     except EntryNotFoundError:
-        raise _weights_error()(f"hf-hub:{hub_id}: the repo has no {filename}; gequiv_timm loads safetensors only "
-                               f"(it never unpickles). Publish it with `gequiv-timm push`.") from None
-
-
-def _weights_error():
-    from ..hub import WeightsError
-    return WeightsError
+        raise WeightsError(f"hf-hub:{hub_id}: the repo has no {filename}; gequiv_timm loads safetensors only "
+                           f"(it never unpickles). Publish it with `gequiv-timm push`.") from None
 
 
 def _check_pretrained_file(variant: str, kwargs: Dict[str, Any]) -> Optional[str]:
@@ -142,7 +116,8 @@ def _check_pretrained_file(variant: str, kwargs: Dict[str, Any]) -> Optional[str
     Hugging Face cache first (timm then finds it there). The file must be readable safetensors (no pickle, ever),
     its metadata must name ``variant`` when it names an architecture, and when the manifest lists the file (the
     shipped copy, or the same bytes on the tag's Hub repo) its sha256 must match. Returns the file's path, used to
-    name it in later errors; raises :class:`~gequiv_timm.hub.WeightsError` / :class:`ChecksumError` naming it.
+    name it in later errors; raises :class:`~gequiv_timm.weights.WeightsError` /
+    :class:`~gequiv_timm.weights.ChecksumError` naming it.
     """
     from .. import registry
     cfg = _resolve_cfg(variant, kwargs)
@@ -155,8 +130,8 @@ def _check_pretrained_file(variant: str, kwargs: Dict[str, Any]) -> Optional[str
         folder = Path(cfg.get('file') or '')
         path = folder / 'model.safetensors'
         if not path.is_file():
-            raise _weights_error()(f"local-dir:{folder}: no model.safetensors there; gequiv_timm loads safetensors "
-                                   f"only. Write the folder with `gequiv-timm export`.")
+            raise WeightsError(f"local-dir:{folder}: no model.safetensors there; gequiv_timm loads safetensors "
+                               f"only. Write the folder with `gequiv-timm export`.")
     elif source == 'hf-hub' or (not cfg.get('file') and not cfg.get('state_dict') and cfg.get('hf_hub_id')):
         hub_id = cfg.get('hf_hub_id')
         path = _fetch_from_hub(hub_id, cfg.get('hf_hub_filename'), kwargs.get('cache_dir'))
@@ -167,8 +142,8 @@ def _check_pretrained_file(variant: str, kwargs: Dict[str, Any]) -> Optional[str
         if 'file' not in overlay and entry and path.name == entry.get('file'):
             expected = entry.get('sha256')
         if not path.is_file():
-            raise _weights_error()(f"{path}: weights file not found for {variant}{'.' + tag if tag else ''}; "
-                                   f"reinstall the package or pass pretrained_cfg_overlay=dict(file=...)")
+            raise WeightsError(f"{path}: weights file not found for {variant}{'.' + tag if tag else ''}; "
+                               f"reinstall the package or pass pretrained_cfg_overlay=dict(file=...)")
     elif cfg.get('url') or cfg.get('state_dict') is not None:
         return None  # url / state_dict: timm's business
     else:
@@ -176,19 +151,18 @@ def _check_pretrained_file(variant: str, kwargs: Dict[str, Any]) -> Optional[str
         import timm
         tagged = [n for n in timm.list_pretrained(f'{variant}.*')]
         hint = f"pretrained tags: {', '.join(tagged)}" if tagged else 'this model has no pretrained weights yet'
-        raise _weights_error()(f"{variant}{'.' + tag if tag else ''}: pretrained=True but no weights are known for it "
-                               f"({hint}). Pass pretrained_cfg_overlay=dict(file='weights.safetensors') or "
-                               f"pretrained=False.")
+        raise WeightsError(f"{variant}{'.' + tag if tag else ''}: pretrained=True but no weights are known for it "
+                           f"({hint}). Pass pretrained_cfg_overlay=dict(file='weights.safetensors') or "
+                           f"pretrained=False.")
     if path.suffix != '.safetensors':
-        raise _weights_error()(f"{path}: not a .safetensors file; gequiv_timm loads safetensors only (it never "
-                               f"unpickles). Convert the checkpoint with safetensors.torch.save_file.")
+        raise WeightsError(f"{path}: not a .safetensors file; gequiv_timm loads safetensors only (it never "
+                           f"unpickles). Convert the checkpoint with safetensors.torch.save_file.")
     verify_checksum(path, expected, f'{variant}.{tag}')
-    from ..hub import read_metadata
     meta = read_metadata(path)
     arch = meta.get('architecture')
     if arch and arch != variant:
-        raise _weights_error()(f"{path}: weights are for {arch!r}, not {variant!r}; create {arch!r} instead, or "
-                               f"load a checkpoint trained for {variant!r}")
+        raise WeightsError(f"{path}: weights are for {arch!r}, not {variant!r}; create {arch!r} instead, or "
+                           f"load a checkpoint trained for {variant!r}")
     return str(path)
 
 
@@ -197,7 +171,6 @@ def _check_state_dict_fits(state_dict, model, source: Optional[str], kwargs: Dic
 
     The classifier is left out when timm is about to drop it (``num_classes`` differs, or ``features_only``).
     """
-    from ..hub import check_state_dict
     cfg = getattr(model, 'pretrained_cfg', {}) or {}
     ignore = set()
     classifiers = cfg.get('classifier')
