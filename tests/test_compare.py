@@ -4,22 +4,23 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 
 import pytest
 import timm
-import torch
 from torch import nn
 
 from gequiv_timm import compare, registry
+from gequiv_timm.cli import compare as compare_cli
 
 pytest.importorskip('mlxtend')
 
 
 def make_args(tmp_path, **kw):
     p = argparse.ArgumentParser()
-    compare.add_arguments(p)
+    compare_cli.add_arguments(p)
     argv = ['--models', 'gequiv_p4cnn', '--budget', '1', '--train-digits', '96', '--sweep-digits', '20',
             '--timing-reps', '1', '--threads', '1', '--workers', '1', '--no-progress', '--out', str(tmp_path / 'out')]
     for k, v in kw.items():
@@ -41,7 +42,7 @@ def make_args(tmp_path, **kw):
 def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('cmp')
     args = make_args(tmp)
-    rc = compare.run(args)
+    rc = compare_cli.run(args)
     return rc, tmp / 'out'
 
 
@@ -81,7 +82,7 @@ def test_same_seed_reproduces(tiny_run, tmp_path):
     _, out = tiny_run
     first = json.loads((out / 'compare.json').read_text())
     args = make_args(tmp_path, no_plots=True, protocols='rotated', name='again')
-    assert compare.run(args) == 0
+    assert compare_cli.run(args) == 0
     assert not (tmp_path / 'out' / 'compare.json').exists()
     second = json.loads((tmp_path / 'out' / 'again.json').read_text())
     assert 'upright_error_mean' not in second['models']['gequiv_p4cnn']
@@ -108,7 +109,7 @@ def test_fresh_processes_repeat_bit_for_bit_whatever_the_worker_count(tmp_path):
     pytest.importorskip('escnn')
     reps = []
     for workers in (1, 2):
-        cmd = [sys.executable, '-m', 'gequiv_timm.compare', '--models', 'gequiv_p4cnn,gequiv_escnn_c4cnn',
+        cmd = [sys.executable, '-m', 'gequiv_timm.cli', 'compare', '--models', 'gequiv_p4cnn,gequiv_escnn_c4cnn',
                '--protocols', 'rotated', '--budget', '1', '--train-digits', '128', '--sweep-digits', '12',
                '--timing-reps', '1', '--workers', str(workers), '--no-plots', '--no-progress',
                '--out', str(tmp_path), '--name', f'w{workers}']
@@ -179,7 +180,7 @@ def test_standings_pick_our_best_per_protocol():
 
 
 def test_unknown_model_exits_2(tmp_path, capsys):
-    assert compare.run(make_args(tmp_path, models='gequiv_p4cnn,gequiv_nope')) == 2
+    assert compare_cli.run(make_args(tmp_path, models='gequiv_p4cnn,gequiv_nope')) == 2
     err = capsys.readouterr().err
     assert "unknown model(s) ['gequiv_nope']" in err and 'gequiv_p4cnn' in err
 
@@ -194,7 +195,7 @@ def test_model_that_cannot_classify_digits_exits_2(tmp_path, capsys, monkeypatch
         return real(name, seed)
 
     monkeypatch.setattr(compare, '_fresh', fake)
-    assert compare.run(make_args(tmp_path)) == 2
+    assert compare_cli.run(make_args(tmp_path)) == 2
     err = capsys.readouterr().err
     assert 'gequiv_p4cnn cannot be compared here' in err and '(2, 3)' in err
 
@@ -202,20 +203,20 @@ def test_model_that_cannot_classify_digits_exits_2(tmp_path, capsys, monkeypatch
 def test_unwritable_out_exits_2(tmp_path, capsys):
     blocker = tmp_path / 'a_file'
     blocker.write_text('x')
-    assert compare.run(make_args(tmp_path, out=str(blocker / 'sub'))) == 2
+    assert compare_cli.run(make_args(tmp_path, out=str(blocker / 'sub'))) == 2
     assert 'cannot write to the output directory' in capsys.readouterr().err
 
 
 def test_missing_extra_exits_2(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(registry.EXTRAS, 'escnn', 'escnn_not_installed_xyz')
-    assert compare.run(make_args(tmp_path, models='gequiv_escnn_c4cnn')) == 2
+    assert compare_cli.run(make_args(tmp_path, models='gequiv_escnn_c4cnn')) == 2
     assert "pip install 'gequiv_timm[escnn]'" in capsys.readouterr().err
 
 
 def test_bad_numbers_exit_2(tmp_path, capsys):
-    assert compare.run(make_args(tmp_path, budget=0)) == 2
-    assert compare.run(make_args(tmp_path, protocols='sideways')) == 2
-    assert compare.run(make_args(tmp_path, name='../x')) == 2
+    assert compare_cli.run(make_args(tmp_path, budget=0)) == 2
+    assert compare_cli.run(make_args(tmp_path, protocols='sideways')) == 2
+    assert compare_cli.run(make_args(tmp_path, name='../x')) == 2
     err = capsys.readouterr().err
     assert '--budget must be at least 1' in err and '--protocols' in err and '--name' in err
 
@@ -239,21 +240,6 @@ def test_default_models_follow_the_registry():
 
 
 # ----- helpers ------------------------------------------------------------------------------------------------
-def test_count_macs_of_a_conv_and_a_linear():
-    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
-    assert compare.count_macs(m) == 4 * 9 * 26 * 26 + 4 * 26 * 26 * 10
-
-
-def test_train_memory_grows_with_batch():
-    m = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 26 * 26, 10))
-    small = compare.train_memory_bytes(m, torch.randn(2, 1, 28, 28), torch.zeros(2, dtype=torch.long))
-    big = compare.train_memory_bytes(m, torch.randn(8, 1, 28, 28), torch.zeros(8, dtype=torch.long))
-    n = sum(p.numel() for p in m.parameters()) * 4
-    assert small['params'] == big['params'] == n
-    # the ReLU output (8x26x26 floats per image) is saved for backward: at least that much per extra image
-    assert big['activations'] - small['activations'] >= 6 * 8 * 26 * 26 * 4
-
-
 def test_spread_and_tie_rule():
     assert math.isclose(compare.spread([0.1], 1000), math.sqrt(0.1 * 0.9 / 1000))
     assert math.isclose(compare.spread([0.1, 0.12, 0.11], 1000), 0.01)
@@ -265,7 +251,22 @@ def test_spread_and_tie_rule():
     assert compare.standing(0.189, 0.012, 0.063, 0.008) == 'loss'
 
 
-def test_round_robin_timing_orders_slow_and_fast():
-    import time
-    t = compare.time_round_robin({'fast': lambda: None, 'slow': lambda: time.sleep(0.01)}, reps=3, warmup=0)
-    assert t['slow'] > t['fast'] and t['slow'] >= 0.009
+
+def test_library_takes_plain_arguments(tmp_path):
+    """The library runs from a CompareConfig (no argparse); sequences and comma-separated strings are the same."""
+    cfg = compare.CompareConfig(models=['gequiv_p4cnn', 'gequiv_p4mcnn'], protocols=('rotated',), out=tmp_path)
+    assert cfg == compare.CompareConfig(models='gequiv_p4cnn,gequiv_p4mcnn', protocols='rotated', out=tmp_path)
+    assert cfg.check() == ['rotated']
+    with pytest.raises(compare.CompareError, match='--budget must be at least 1'):
+        compare.run_comparison(compare.CompareConfig(budget=0, out=tmp_path))
+    assert not any(tmp_path.iterdir())  # checked before any work
+
+
+def test_report_command_parses_back_to_the_same_config(tmp_path):
+    args = make_args(tmp_path, seeds=3, lr=0.01, name='x', no_plots=True)
+    cfg = compare_cli.config_from_args(args)
+    argv = shlex.split(cfg.command())[2:]  # drop 'gequiv-timm compare'
+    p = argparse.ArgumentParser()
+    compare_cli.add_arguments(p)
+    again = compare_cli.config_from_args(p.parse_args(argv + ['--no-plots', '--no-progress']))
+    assert again == cfg

@@ -17,7 +17,7 @@ __all__ = ['COMMANDS', 'build_parser', 'main']
 # command name -> module providing add_arguments(parser) and run(args) -> int
 COMMANDS = {
     'list': 'gequiv_timm.cli.list',
-    'compare': 'gequiv_timm.cli._old_compare',
+    'compare': 'gequiv_timm.cli.compare',
     'train': 'gequiv_timm.cli.train',
     'export': 'gequiv_timm.cli.export',
     'push': 'gequiv_timm.cli.push',
