@@ -1,14 +1,13 @@
 """gequiv_timm: geometric deep learning for timm.
 
-``import gequiv_timm`` registers every catalog entry (``registry/*.toml``) with timm, so
-``timm.create_model('gequiv_p4cnn', pretrained=True)`` works.
+``import gequiv_timm`` registers every model with timm (the ``@register_model`` builders of
+``gequiv_timm.models``; their catalog data in ``registry/*.toml``), so ``timm.create_model('gequiv_p4cnn',
+pretrained=True)`` works.
 """
 from ._version import __version__  # noqa: F401
 
 from . import layers  # noqa: F401  (pure torch)
-from .registry import register_all as _register_all
-
-_register_all()
+from . import models  # noqa: F401  (registers the builders with timm)
 
 from .layers import (  # noqa: E402,F401
     GroupBatchNorm, GroupConv2d, GroupMaxPool2d, GroupPool, P4ConvP4, P4ConvZ2, P4MConvP4M, P4MConvZ2,

@@ -116,15 +116,15 @@ def build_config(model: torch.nn.Module, name: str, tag: str = '', entry: Option
                  ) -> Dict[str, Any]:
     """timm's ``config.json`` for ``model`` (written by timm's own ``save_config_for_hf``).
 
-    ``model_args`` holds the catalog's arguments (updated with the model's own), so the Hub folder rebuilds the
-    same network even if the catalog defaults change later; labels come from the training data of the recipe.
+    ``model_args`` holds the arguments the model was built with (its builder's, updated with the caller's;
+    recorded by the build), so the Hub folder rebuilds the same network even if the builder's defaults change
+    later; labels come from the training data of the recipe.
     """
     from timm.models._hub import save_config_for_hf
 
     from . import registry
-    cat = registry.get_entry(name)
-    args = {k: v for k, v in cat.args.items()}
-    args.update(getattr(model, '_model_args', {}))
+    registry.get_entry(name)  # KeyError with the known names
+    args = dict(getattr(model, '_model_args', {}))
     model_config: Dict[str, Any] = {'pretrained_cfg': {'architecture': name}}
     if tag:
         model_config['pretrained_cfg']['tag'] = tag

@@ -1,35 +1,31 @@
-"""The model catalog (``registry/*.toml``) and its registration with timm.
+"""The model catalog (``registry/*.toml``): what is data about each model.
 
 Each TOML file in ``registry/`` holds one family. Every top-level table is one model::
 
     [gequiv_p4cnn]
-    family = "gcnn"                  # recipe module: gequiv_timm.models.gcnn, which provides _create()
+    family = "gcnn"                  # the module whose builder registers it: gequiv_timm.models.gcnn
     summary = "P4CNN of Cohen & Welling (2016) for rotated MNIST"
     paper = "Cohen & Welling, Group Equivariant Convolutional Networks, ICML 2016"   # optional
     requires = []                    # optional: extras needed (e.g. ["escnn"])
     symmetry = {group = "p4", claim = "invariant"}   # optional: the claimed symmetry, checked against the
                                      # measurement (gequiv_timm.symmetry, tests/test_symmetry.py)
 
-    [gequiv_p4cnn.args]              # default keyword arguments of the model (users may override)
-    group = "p4"
+    [gequiv_p4cnn.tags.rotmnist]     # pretrained tags, the first one is the default: the published repo, its
+    hf_hub_id = "gequiv-timm/gequiv_p4cnn.rotmnist"   # description (any PretrainedCfg field of that checkpoint)
+    description = "Trained on rotated MNIST ..."
 
-    [gequiv_p4cnn.cfg]               # timm PretrainedCfg fields shared by every tag
-    input_size = [1, 28, 28]
-
-    [gequiv_p4cnn.tags.rotmnist]     # pretrained tags, the first one is the default; PretrainedCfg overrides
-    hf_hub_id = "gequiv-timm/gequiv_p4cnn.rotmnist"
+The recipe itself is code, as in timm: the model's arguments are set by its visible builder
+``@register_model def gequiv_p4cnn(pretrained=False, **kwargs)`` at the bottom of its family module, and its
+PretrainedCfg by that module's ``default_cfgs = generate_default_cfgs(tagged_cfgs({...}))`` (:func:`tagged_cfgs`
+adds the catalog's tags, paper and the shipped weights file to the family's own cfgs).
 
 A tag's weights file, checksum and metrics live in ``weights/manifest.json`` under ``"name.tag"``. When the
 file is present locally it is what ``pretrained=True`` loads (no network needed); otherwise the tag's
 ``hf_hub_id`` is used.
-
-:func:`register_all` (called on ``import gequiv_timm``) generates one builder ``fn(pretrained=False, **kwargs)``
-per entry, publishes the family's ``default_cfgs`` and registers the builder with ``timm.models.register_model``.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import importlib.util
 import tomllib
 from dataclasses import dataclass, field
@@ -39,13 +35,15 @@ from typing import Any, Dict, List, Optional
 from ._resources import registry_dir, weights_dir
 from .weights import read_manifest
 
-__all__ = ['CatalogError', 'CatalogEntry', 'load_catalog', 'load_manifest', 'register_all', 'get_entry',
+__all__ = ['CatalogError', 'CatalogEntry', 'load_catalog', 'load_manifest', 'tagged_cfgs', 'get_entry',
            'catalog', 'manifest_entry', 'EXTRAS']
 
 PREFIX = 'gequiv_'
 # extra name -> python module that must be importable
 EXTRAS = {'escnn': 'escnn'}
-_ENTRY_KEYS = {'family', 'summary', 'paper', 'requires', 'symmetry', 'args', 'cfg', 'tags'}
+_ENTRY_KEYS = {'family', 'summary', 'paper', 'requires', 'symmetry', 'tags'}
+# fields that used to be data here and are now the builder's (gequiv_timm/models/<family>.py)
+_CODE_KEYS = {'args', 'cfg'}
 # what a model can claim in its `symmetry` field (gequiv_timm.symmetry measures it)
 SYMMETRY_CLAIMS = ('invariant', 'equivariant', 'equivariant stem', 'none')
 
@@ -63,8 +61,6 @@ class CatalogEntry:
     paper: str = ''
     requires: List[str] = field(default_factory=list)
     symmetry: Dict[str, str] = field(default_factory=dict)
-    args: Dict[str, Any] = field(default_factory=dict)
-    cfg: Dict[str, Any] = field(default_factory=dict)
     tags: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -140,6 +136,12 @@ def _parse_entry(name: str, raw: Any, source: str, cfg_fields: set) -> CatalogEn
         raise CatalogError(f"{where}: model names must start with {PREFIX!r}")
     if not name.isidentifier():
         raise CatalogError(f"{where}: the name must be a python identifier (letters, digits, underscores)")
+    code = set(raw) & _CODE_KEYS
+    if code:
+        raise CatalogError(f"{where}: field(s) {sorted(code)} are not catalog data: a model's arguments and its "
+                           f"PretrainedCfg are set by its builder (def {name}(pretrained=False, **kwargs) and "
+                           f"default_cfgs in gequiv_timm/models/<family>.py); keep summary, paper, requires, "
+                           f"symmetry and tags here")
     unknown = set(raw) - _ENTRY_KEYS
     if unknown:
         raise CatalogError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(_ENTRY_KEYS)}")
@@ -158,15 +160,8 @@ def _parse_entry(name: str, raw: Any, source: str, cfg_fields: set) -> CatalogEn
         raise CatalogError(f"{where}: field 'requires' names unknown extra(s) {unknown_extras}; "
                            f"known extras: {sorted(EXTRAS)}")
     symmetry = _check_symmetry(raw.get('symmetry', {}), where)
-    for key in ('args', 'cfg', 'tags'):
-        if not isinstance(raw.get(key, {}), dict):
-            raise CatalogError(f"{where}: field {key!r} must be a table")
-    cfg = dict(raw.get('cfg', {}))
-    bad = set(cfg) - cfg_fields
-    if bad:
-        raise CatalogError(f"{where}: field 'cfg' has key(s) {sorted(bad)} that timm's PretrainedCfg does not "
-                           f"know; put model settings in 'args'")
-    _check_cfg_values(cfg, f"{where}: field 'cfg'")
+    if not isinstance(raw.get('tags', {}), dict):
+        raise CatalogError(f"{where}: field 'tags' must be a table")
     tags = {}
     for tag, tcfg in raw.get('tags', {}).items():
         if not isinstance(tcfg, dict):
@@ -176,12 +171,10 @@ def _parse_entry(name: str, raw: Any, source: str, cfg_fields: set) -> CatalogEn
         bad = set(tcfg) - cfg_fields
         if bad:
             raise CatalogError(f"{where}: field 'tags.{tag}' has key(s) {sorted(bad)} unknown to PretrainedCfg")
-        _check_cfg_values({**cfg, **tcfg}, f"{where}: field 'tags.{tag}'")
+        _check_cfg_values(tcfg, f"{where}: field 'tags.{tag}'")
         tags[tag] = dict(tcfg)
     return CatalogEntry(name=name, family=raw['family'], summary=raw['summary'], source=source,
-                        paper=raw.get('paper', ''), requires=list(requires), symmetry=symmetry,
-                        args=dict(raw.get('args', {})),
-                        cfg=cfg, tags=tags)
+                        paper=raw.get('paper', ''), requires=list(requires), symmetry=symmetry, tags=tags)
 
 
 def load_catalog(path: Optional[Path] = None) -> Dict[str, CatalogEntry]:
@@ -244,83 +237,37 @@ def _to_cfg_value(v):
     return tuple(v) if isinstance(v, list) else v
 
 
-def pretrained_cfgs(entry: CatalogEntry) -> Dict[str, Dict[str, Any]]:
-    """``{'name.tag': cfg_dict}`` for every tag (``'name'`` alone when the entry has no tags)."""
-    base = {'license': 'apache-2.0'}
-    base.update({k: _to_cfg_value(v) for k, v in entry.cfg.items()})
-    if entry.paper and 'paper_name' not in base:
-        base['paper_name'] = entry.paper
-    if not entry.tags:
-        return {entry.name: base}
-    out = {}
-    for tag, over in entry.tags.items():
-        cfg = dict(base)
-        cfg.update({k: _to_cfg_value(v) for k, v in over.items()})
-        m = manifest_entry(f'{entry.name}.{tag}')
-        if m and m.get('file'):
-            try:
-                f = weights_dir() / m['file']
-            except FileNotFoundError:
-                f = None
-            if f is not None and f.exists():
-                cfg['file'] = str(f)
-            if m.get('hf_hub_id') and 'hf_hub_id' not in over:
-                cfg['hf_hub_id'] = m['hf_hub_id']
-        out[f'{entry.name}.{tag}'] = cfg
+def tagged_cfgs(cfgs: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """A family's cfgs with the catalog's data added, for ``generate_default_cfgs``.
+
+    ``cfgs`` maps a model name to its PretrainedCfg dict (the family's ``_cfg(...)``), or to a function
+    ``tag -> dict`` when the cfg depends on the tag (a stem model takes the cfg of the backbone checkpoint the tag
+    names). Returns ``{'name.tag': cfg}`` for each of the catalog's tags of ``name`` (``{'name': cfg}`` when it has
+    none), each with the catalog's paper (``paper_name``), the tag's fields (``hf_hub_id``, ``description``, ...)
+    and, when the manifest lists a shipped file that is present, its path (``file``). Raises
+    :class:`CatalogError` for a name the catalog does not have.
+    """
+    out: Dict[str, Dict[str, Any]] = {}
+    for name, cfg in cfgs.items():
+        if name not in catalog():
+            raise CatalogError(f"the builder {name} has no catalog entry; add [{name}] (summary, paper, symmetry, "
+                               f"tags) to the family's registry/*.toml")
+        entry = catalog()[name]
+        for tag in (entry.tags or {'': {}}):
+            base = dict(cfg(tag) if callable(cfg) else cfg)
+            base.setdefault('license', 'apache-2.0')
+            if entry.paper:
+                base.setdefault('paper_name', entry.paper)
+            base.update({k: _to_cfg_value(v) for k, v in entry.tags.get(tag, {}).items()})
+            m = manifest_entry(f'{name}.{tag}') if tag else None
+            if m and m.get('file'):
+                try:
+                    f = weights_dir() / m['file']
+                except FileNotFoundError:
+                    f = None
+                if f is not None and f.exists():
+                    base['file'] = str(f)
+                if m.get('hf_hub_id') and 'hf_hub_id' not in entry.tags.get(tag, {}):
+                    base['hf_hub_id'] = m['hf_hub_id']
+            out[f'{name}.{tag}' if tag else name] = base
     return out
-
-
-def _make_builder(entry: CatalogEntry, module_name: str):
-    def builder(pretrained: bool = False, **kwargs):
-        missing = entry.missing_extras()
-        if missing:
-            extras = ','.join(missing)
-            raise ImportError(f"{entry.name} needs the optional extra(s) {missing}: "
-                              f"pip install 'gequiv_timm[{extras}]'")
-        mod = importlib.import_module(module_name)
-        args = dict(entry.args)
-        args.update(kwargs)
-        return mod._create(entry.name, pretrained=pretrained, **args)
-
-    builder.__name__ = builder.__qualname__ = entry.name
-    builder.__module__ = module_name
-    builder.__doc__ = f"{entry.summary}\n\nCatalog: registry/{entry.source}. " + (
-        f"Paper: {entry.paper}." if entry.paper else '')
-    return builder
-
-
-_REGISTERED: List[str] = []
-
-
-def register_all() -> List[str]:
-    """Register every catalog entry with timm (idempotent). Returns the registered names."""
-    if _REGISTERED:
-        return list(_REGISTERED)
-    from timm.models import generate_default_cfgs, register_model
-    by_family: Dict[str, List[CatalogEntry]] = {}
-    for e in catalog().values():
-        by_family.setdefault(e.family, []).append(e)
-    for family, entries in by_family.items():
-        module_name = f'gequiv_timm.models.{family}'
-        try:
-            mod = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name == module_name:
-                raise CatalogError(f"{entries[0].source}: family {family!r} has no module {module_name}") from None
-            raise
-        if not hasattr(mod, '_create'):
-            raise CatalogError(f"{entries[0].source}: module {module_name} has no _create(variant, pretrained, ...)")
-        cfgs = {}
-        for e in entries:
-            cfgs.update(pretrained_cfgs(e))
-        default_cfgs = getattr(mod, 'default_cfgs', None)
-        if default_cfgs is None:
-            default_cfgs = {}
-            mod.default_cfgs = default_cfgs
-        default_cfgs.update(generate_default_cfgs(cfgs))
-        for e in entries:
-            fn = _make_builder(e, module_name)
-            setattr(mod, e.name, fn)
-            register_model(fn)
-            _REGISTERED.append(e.name)
-    return list(_REGISTERED)

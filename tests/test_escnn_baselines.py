@@ -144,7 +144,7 @@ def test_missing_escnn_names_the_extra(monkeypatch):
     for mod in [k for k in sys.modules if k == 'escnn' or k.startswith('escnn.')]:
         monkeypatch.setitem(sys.modules, mod, None)
     with pytest.raises(ImportError, match=r"gequiv_timm\[escnn\]"):
-        eb._create('gequiv_escnn_c4cnn')
+        eb.gequiv_escnn_c4cnn()
     assert not eb.escnn_available()
 
 

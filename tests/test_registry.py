@@ -20,6 +20,26 @@ def test_every_catalog_entry_is_registered_with_prefix():
         assert fn.__name__ == name and fn.__module__ == entry.module
 
 
+def test_builders_are_written_out_in_their_family_module():
+    """timm's idiom: a visible ``def gequiv_x(pretrained=False, **kwargs)`` in the family module (not generated),
+    and the module's ``default_cfgs`` holds its cfgs."""
+    import importlib
+    import inspect
+    for name, entry in registry.catalog().items():
+        mod = importlib.import_module(entry.module)
+        src = inspect.getsource(mod)
+        assert f'@register_model\ndef {name}(pretrained: bool = False, **kwargs)' in src, name
+        assert name in mod.default_cfgs, name
+
+
+def test_stem_cfg_is_timms_cfg_of_the_backbone_checkpoint():
+    ours = timm.models.get_pretrained_cfg('gequiv_p4_resnet18.a1_in1k').to_dict()
+    theirs = timm.models.get_pretrained_cfg('resnet18.a1_in1k').to_dict()
+    for key in ('hf_hub_id', 'input_size', 'crop_pct', 'mean', 'std', 'interpolation', 'classifier', 'pool_size'):
+        assert ours[key] == theirs[key], key
+    assert ours['first_conv'] == theirs['first_conv'] + '.lift' and 'url' not in ours
+
+
 def test_pretrained_tags_and_cfg():
     cfg = timm.models.get_pretrained_cfg('gequiv_p4cnn.rotmnist')
     assert cfg.architecture == 'gequiv_p4cnn' and cfg.tag == 'rotmnist'
@@ -39,8 +59,13 @@ def test_builder_signature():
 
 
 def test_bad_catalog_names_entry_and_field(tmp_path):
-    (tmp_path / 'x.toml').write_text('[gequiv_bad]\nfamily = "gcnn"\nsummary = "x"\n[gequiv_bad.cfg]\nfoo = 1\n')
-    with pytest.raises(registry.CatalogError, match=r"x.toml: entry \[gequiv_bad\]: field 'cfg' has key\(s\) \['foo'\]"):
+    (tmp_path / 'x.toml').write_text('[gequiv_bad]\nfamily = "gcnn"\nsummary = "x"\n[gequiv_bad.tags.t]\nfoo = 1\n')
+    with pytest.raises(registry.CatalogError,
+                       match=r"x.toml: entry \[gequiv_bad\]: field 'tags.t' has key\(s\) \['foo'\]"):
+        registry.load_catalog(tmp_path)
+    # a recipe is code: arguments and cfgs belong to the builder, not the catalog
+    (tmp_path / 'x.toml').write_text('[gequiv_bad]\nfamily = "gcnn"\nsummary = "x"\n[gequiv_bad.args]\ngroup = "p4"\n')
+    with pytest.raises(registry.CatalogError, match=r"field\(s\) \['args'\] are not catalog data.*def gequiv_bad"):
         registry.load_catalog(tmp_path)
     (tmp_path / 'x.toml').write_text('[plain_name]\nfamily = "gcnn"\nsummary = "x"\n')
     with pytest.raises(registry.CatalogError, match="must start with 'gequiv_'"):
@@ -64,8 +89,8 @@ def test_import_registers_in_fresh_process():
 
 @pytest.mark.parametrize('body, msg', [
     ('[gequiv_a]\nfamily = "gcnn"\nsummary = "x"\n[gequiv_a.tags."é"]\n', 'must be ASCII'),
-    ('[gequiv_a]\nfamily = "gcnn"\nsummary = "x"\n[gequiv_a.cfg]\ninput_size = [1, 28]\n', 'input_size must be'),
-    ('[gequiv_a]\nfamily = "gcnn"\nsummary = "x"\n[gequiv_a.cfg]\ninput_size = [1, 28, 28]\nmean = [0.1, 0.2]\n',
+    ('[gequiv_a]\nfamily = "gcnn"\nsummary = "x"\n[gequiv_a.tags.t]\ninput_size = [1, 28]\n', 'input_size must be'),
+    ('[gequiv_a]\nfamily = "gcnn"\nsummary = "x"\n[gequiv_a.tags.t]\ninput_size = [1, 28, 28]\nmean = [0.1, 0.2]\n',
      'mean has 2 values but input_size has 1'),
     ('[gequiv_a]\nfamily = "gcnn"\nsummary = "x"\n[gequiv_a.tags.t]\ncrop_pct = 1.5\n', 'crop_pct'),
     ('[gequiv_a]\nfamily = "gcnn"\nsummary = "x"\nrequires = ["nope"]\n', "unknown extra"),

@@ -1,1 +1,26 @@
-"""timm-facing recipes, one module per family. Builders are generated from the catalog by gequiv_timm.registry."""
+"""timm-facing recipes, one module per family, each ending with its visible ``@register_model`` builders and its
+``default_cfgs``. Importing this package registers every model with timm; the catalog (``registry/*.toml``) holds
+what is data about them (summary, paper, extras, symmetry claim, tags), and the two must name the same models."""
+from .. import registry as _registry
+from . import escnn_baselines, gcnn, gresnet, pde, rcn, stems, stn  # noqa: F401  (registers the builders)
+
+FAMILIES = ('escnn_baselines', 'gcnn', 'gresnet', 'pde', 'rcn', 'stems', 'stn')
+
+
+def _check_catalog_matches_builders() -> None:
+    """Every catalog entry has a builder in the module its ``family`` names, and every builder a catalog entry."""
+    import sys
+    builders = {n: f for fam in FAMILIES for n in getattr(sys.modules[f'{__name__}.{fam}'], '__all__', ())
+                if n.startswith(_registry.PREFIX) and callable(f := getattr(sys.modules[f'{__name__}.{fam}'], n))}
+    for name, entry in _registry.catalog().items():
+        fn = builders.get(name)
+        if fn is None or fn.__module__ != entry.module:
+            raise _registry.CatalogError(
+                f"{entry.source}: entry [{name}] has no builder `def {name}(pretrained=False, **kwargs)` in "
+                f"{entry.module}; write it there (family = {entry.family!r}) or remove the entry")
+    extra = sorted(set(builders) - set(_registry.catalog()))
+    if extra:
+        raise _registry.CatalogError(f"builders {extra} have no catalog entry in registry/*.toml")
+
+
+_check_catalog_matches_builders()

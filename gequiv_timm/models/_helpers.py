@@ -54,6 +54,16 @@ def adapt_input_conv_nd(in_chans: int, weight: torch.Tensor) -> torch.Tensor:
     return w.to(dtype)
 
 
+def require_extras(variant: str) -> None:
+    """Raise an ImportError naming the pip extra when the catalog entry of ``variant`` needs one that is missing
+    (``requires = ["escnn"]``), before anything is built."""
+    from .. import registry
+    missing = registry.get_entry(variant).missing_extras()
+    if missing:
+        raise ImportError(f"{variant} needs the optional extra(s) {missing}: pip install "
+                          f"'gequiv_timm[{','.join(missing)}]'")
+
+
 def create_gequiv_model(model_cls, variant: str, pretrained: bool = False, *,
                         first_conv: Optional[str] = None, feature_cfg: Optional[Dict[str, Any]] = None,
                         pretrained_filter_fn: Optional[Callable] = None, **kwargs):
@@ -63,8 +73,10 @@ def create_gequiv_model(model_cls, variant: str, pretrained: bool = False, *,
       works for every model;
     * ``first_conv`` names a first layer whose weight may be 5-D (GrouPy layout): its input channels are adapted
       to ``in_chans`` here (timm's own adaptation only handles 4-D weights);
-    * a local weights file is checked against the manifest's sha256 before it is read.
+    * a local weights file is checked against the manifest's sha256 before it is read;
+    * the extras the catalog entry requires are checked first (:func:`require_extras`).
     """
+    require_extras(variant)
     feature_cfg = dict(feature_cls='getter', **(feature_cfg or {}))
     in_chans = kwargs.get('in_chans', None)
 
@@ -80,8 +92,42 @@ def create_gequiv_model(model_cls, variant: str, pretrained: bool = False, *,
         _check_state_dict_fits(state_dict, model, source, kwargs)
         return state_dict
 
-    return build_model_with_cfg(model_cls, variant, pretrained, feature_cfg=feature_cfg,
-                                pretrained_filter_fn=_filter, **kwargs)
+    model = build_model_with_cfg(model_cls, variant, pretrained, feature_cfg=feature_cfg,
+                                 pretrained_filter_fn=_filter, **kwargs)
+    # the arguments that rebuild this network (the builder's with the user's), for config.json on export
+    skip = _BUILD_ONLY_KEYS | (_FEATURE_KEYS if kwargs.get('features_only') else set())
+    model._model_args = {k: v for k, v in kwargs.items() if k not in skip}
+    return model
+
+
+# keys of create_model / build_model_with_cfg that configure the build, not the network
+_BUILD_ONLY_KEYS = {'pretrained_cfg', 'pretrained_cfg_overlay', 'pretrained_strict', 'cache_dir', 'device', 'dtype',
+                    'features_only', 'feature_cfg'}
+_FEATURE_KEYS = {'out_indices', 'feature_cls'}  # moved into feature_cfg by timm when features_only
+
+
+def backbone_cfg(backbone: str, tag: str = '', keys: Optional[tuple] = None, **overrides) -> Dict[str, Any]:
+    """timm's own PretrainedCfg of ``backbone`` (``backbone.tag``; the default tag when ``tag`` is empty), as a
+    dict for a family's ``default_cfgs``, with ``overrides`` applied.
+
+    ``keys`` keeps only those fields (e.g. the input settings a keypoint model inherits); by default every field
+    of the checkpoint's cfg is kept except what names the backbone itself (architecture, tag, paper, notes), so
+    that a model built on the backbone and loading its checkpoint preprocesses as timm does for it.
+    """
+    from timm.models import get_pretrained_cfg
+    name = f'{backbone}.{tag}' if tag else backbone
+    cfg = get_pretrained_cfg(name, allow_unregistered=False)
+    if cfg is None:
+        raise ValueError(f"{name}: timm has no pretrained cfg for it; check the backbone name and tag")
+    src = cfg.to_dict()
+    if keys is not None:
+        src = {k: src[k] for k in keys if k in src}
+    else:
+        # url: timm's legacy (pickled .pth) location; gequiv_timm loads safetensors only, from hf_hub_id
+        for k in ('architecture', 'tag', 'url', 'paper_name', 'paper_ids', 'origin_url', 'notes', 'description'):
+            src.pop(k, None)
+    src.update(overrides)
+    return src
 
 
 def _resolve_cfg(variant: str, kwargs: Dict[str, Any]):

@@ -27,12 +27,15 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Dict
 
 import torch
 from timm.layers import get_device_dtype, register_notrace_module
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
+from ..registry import tagged_cfgs
+from ._helpers import create_gequiv_model, require_extras
 from ._timm_api import check_image_input
 
 __all__ = ['ESCNN_EXTRA_HINT', 'GROUPS', 'EscnnCNN', 'EscnnWideResNet', 'escnn_available', 'import_escnn']
@@ -558,10 +561,10 @@ class EscnnWideResNet(_EscnnBase):
 _MODEL_CLASSES = {'cnn': EscnnCNN, 'wrn': EscnnWideResNet}
 
 
-def _create(variant: str, pretrained: bool = False, arch: str = 'cnn', **kwargs) -> _EscnnBase:
-    """Build a catalog entry (``registry/escnn.toml``): ``arch`` picks the recipe (``'cnn'`` or ``'wrn'``)."""
-    import_escnn()  # the clear ImportError naming the extra, before timm gets involved
-    from ._helpers import create_gequiv_model
+def _create_escnn(variant: str, pretrained: bool = False, arch: str = 'cnn', **kwargs) -> _EscnnBase:
+    """Build an escnn baseline: ``arch`` picks the recipe (``'cnn'`` or ``'wrn'``)."""
+    require_extras(variant)  # the catalog's requires = ["escnn"]: an ImportError naming the extra
+    import_escnn()  # the same when the extra is listed as installed but escnn cannot be imported
     if arch not in _MODEL_CLASSES:
         raise ValueError(f"{variant}: arch must be one of {sorted(_MODEL_CLASSES)}, got {arch!r}")
     if pretrained:
@@ -570,3 +573,62 @@ def _create(variant: str, pretrained: bool = False, arch: str = 'cnn', **kwargs)
     n_stages = len(kwargs.get('widths', ())) or 5
     feature_cfg = dict(out_indices=tuple(range(min(n_stages, 5))))
     return create_gequiv_model(_MODEL_CLASSES[arch], variant, pretrained, feature_cfg=feature_cfg, **kwargs)
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    """28x28 grayscale digits (MNIST mean / std), no crop. No first_conv: R2Conv holds basis coefficients, not a
+    ``.weight`` timm could adapt to another in_chans (a listed departure, tests/timm_departures.py)."""
+    return {
+        'num_classes': 10, 'input_size': (1, 28, 28), 'pool_size': (2, 2), 'crop_pct': 1.0,
+        'interpolation': 'bilinear', 'mean': (0.1307,), 'std': (0.3081,), 'classifier': 'head.fc',
+        'paper_ids': 'arXiv:1911.08251', **kwargs,
+    }
+
+
+# papers, descriptions and the extra they need (requires = ["escnn"]): registry/escnn.toml. The builders are
+# registered with or without escnn installed (listed by timm.list_models); creating one without it raises an
+# ImportError naming the extra.
+default_cfgs = generate_default_cfgs(tagged_cfgs({
+    'gequiv_escnn_c4cnn': _cfg(),
+    'gequiv_escnn_c8cnn': _cfg(),
+    'gequiv_escnn_d4cnn': _cfg(),
+    'gequiv_escnn_c8_wrn': _cfg(pool_size=(7, 7)),
+}))
+
+# The P4CNN-shaped ones copy gequiv_p4cnn's layout (seven unpadded 3x3 convs, 2x2 max pool after the second,
+# avg-pooled classifier) with widths (regular fields per layer) chosen to match its 21,940 parameters:
+# gequiv_escnn_c4cnn 22,004; gequiv_escnn_c8cnn 22,346; gequiv_escnn_d4cnn 22,346 (num_classes=10). escnn
+# parametrises a 3x3 kernel in a band-limited steerable basis (C4 regular->regular: 24 weights per field pair
+# instead of the 36 of a free p4 filter), which is why its widths are larger at the same parameter count.
+
+
+@register_model
+def gequiv_escnn_c4cnn(pretrained: bool = False, **kwargs) -> EscnnCNN:
+    """escnn C4 steerable CNN shaped like P4CNN (7 R2Conv 3x3, regular fields), widths matched to gequiv_p4cnn."""
+    model_args = dict(arch='cnn', group='c4', widths=(13, 13, 12, 12, 12, 12, 12), kernel_size=3, padding=0,
+                      pool_after=(1,), in_chans=1, num_classes=10)
+    return _create_escnn('gequiv_escnn_c4cnn', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gequiv_escnn_c8cnn(pretrained: bool = False, **kwargs) -> EscnnCNN:
+    """escnn C8 steerable CNN shaped like P4CNN (7 R2Conv 3x3, regular fields), widths matched to gequiv_p4cnn."""
+    model_args = dict(arch='cnn', group='c8', widths=(9, 9, 9, 9, 9, 8, 8), kernel_size=3, padding=0,
+                      pool_after=(1,), in_chans=1, num_classes=10)
+    return _create_escnn('gequiv_escnn_c8cnn', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gequiv_escnn_d4cnn(pretrained: bool = False, **kwargs) -> EscnnCNN:
+    """escnn D4 steerable CNN (rotations and mirrors) shaped like P4CNN, widths matched to gequiv_p4cnn."""
+    model_args = dict(arch='cnn', group='d4', widths=(9, 9, 9, 9, 9, 8, 8), kernel_size=3, padding=0,
+                      pool_after=(1,), in_chans=1, num_classes=10)
+    return _create_escnn('gequiv_escnn_d4cnn', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gequiv_escnn_c8_wrn(pretrained: bool = False, **kwargs) -> EscnnWideResNet:
+    """escnn C8 wide ResNet (pre-activation, regular fields, 3 stages): the deeper steerable reference."""
+    model_args = dict(arch='wrn', group='c8', stem_width=6, widths=(6, 12, 24), depth=1, kernel_size=3, in_chans=1,
+                      num_classes=10)
+    return _create_escnn('gequiv_escnn_c8_wrn', pretrained, **dict(model_args, **kwargs))

@@ -9,17 +9,20 @@ Exactness: every convolution is unpadded (``padding=0``, "valid") or symmetrical
 spatial max pool is 2x2 on an even map, so the invariance is exact (float rounding) for 28x28 input, and for any
 input whose map is even-sized where it is pooled (:meth:`GroupCNN.exact_input_sizes` checks a size).
 
-Catalog entries: ``registry/gcnn.toml``.
+Builders at the bottom (``gequiv_p4cnn``, ``gequiv_p4mcnn``, ``gequiv_z2cnn``); their tags, papers and
+descriptions: ``registry/gcnn.toml``.
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from timm.models import generate_default_cfgs, register_model
 
 from ..layers.gconv import GroupBatchNorm, GroupConv2d, GroupMaxPool2d, GroupPool, stride_is_exact
 from ..layers.groups import get_group
+from ..registry import tagged_cfgs
 from ._helpers import create_gequiv_model
 from ._timm_api import TimmApiMixin
 
@@ -123,6 +126,46 @@ class GroupCNN(TimmApiMixin, nn.Module):
         return dict(stem=r'^stages\.0\.', blocks=r'^stages\.(\d+)')
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> GroupCNN:
+def _create_gcnn(variant: str, pretrained: bool = False, **kwargs) -> GroupCNN:
     return create_gequiv_model(GroupCNN, variant, pretrained, first_conv='stages.0.conv', **kwargs)
 
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    """28x28 grayscale digits (MNIST mean / std), no crop."""
+    return {
+        'num_classes': 10, 'input_size': (1, 28, 28), 'pool_size': (2, 2), 'crop_pct': 1.0,
+        'interpolation': 'bilinear', 'mean': (0.1307,), 'std': (0.3081,),
+        'first_conv': 'stages.0.conv', 'classifier': 'head.fc', 'paper_ids': 'arXiv:1602.07576', **kwargs,
+    }
+
+
+# tags, hub repos and descriptions: registry/gcnn.toml
+default_cfgs = generate_default_cfgs(tagged_cfgs({
+    'gequiv_p4cnn': _cfg(),
+    'gequiv_p4mcnn': _cfg(),
+    'gequiv_z2cnn': _cfg(),
+}))
+
+
+@register_model
+def gequiv_p4cnn(pretrained: bool = False, **kwargs) -> GroupCNN:
+    """P4CNN (Cohen & Welling 2016) for rotated MNIST: 7 p4 convolutions 3x3, 10 fields, rotation pooling."""
+    model_args = dict(group='p4', widths=(10,) * 7, kernel_size=3, padding=0, pool_after=(1,), in_chans=1,
+                      num_classes=10)
+    return _create_gcnn('gequiv_p4cnn', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gequiv_p4mcnn(pretrained: bool = False, **kwargs) -> GroupCNN:
+    """P4MCNN: the P4CNN layout on p4m (rotations and mirrors), 7 fields to match P4CNN's parameters."""
+    model_args = dict(group='p4m', widths=(7,) * 7, kernel_size=3, padding=0, pool_after=(1,), in_chans=1,
+                      num_classes=10)
+    return _create_gcnn('gequiv_p4mcnn', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gequiv_z2cnn(pretrained: bool = False, **kwargs) -> GroupCNN:
+    """Z2CNN (Cohen & Welling 2016): the planar counterpart of P4CNN, 7 convolutions 3x3, 20 channels."""
+    model_args = dict(group='z2', widths=(20,) * 7, kernel_size=3, padding=0, pool_after=(1,), in_chans=1,
+                      num_classes=10)
+    return _create_gcnn('gequiv_z2cnn', pretrained, **dict(model_args, **kwargs))

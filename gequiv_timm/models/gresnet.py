@@ -22,17 +22,20 @@ References: Cohen & Welling, "Group Equivariant Convolutional Networks", ICML 20
 "Deep Residual Learning for Image Recognition", CVPR 2016; Springenberg et al., "Striving for Simplicity: The All
 Convolutional Net", ICLR 2015 workshop.
 
-Catalog entries: ``registry/gresnet.toml``.
+Builders at the bottom; papers and descriptions: ``registry/gresnet.toml``.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import generate_default_cfgs, register_model
 
 from ..layers.gconv import GroupAvgPool2d, GroupBatchNorm, GroupConv2d, GroupMaxPool2d, GroupPool
 from ..layers.groups import get_group
+from ..registry import tagged_cfgs
 from ._helpers import create_gequiv_model
 from ._timm_api import TimmApiMixin
 
@@ -250,7 +253,8 @@ class GroupAllCNN(TimmApiMixin, nn.Module):
 _CLASSES = {'GroupResNet': GroupResNet, 'GroupAllCNN': GroupAllCNN}
 
 
-def _create(variant: str, pretrained: bool = False, *, arch: str = 'GroupResNet', **kwargs):
+def _create_gresnet(variant: str, pretrained: bool = False, *, arch: str = 'GroupResNet', **kwargs):
+    """Build a :class:`GroupResNet` or :class:`GroupAllCNN` (``arch``) through timm's ``build_model_with_cfg``."""
     if arch not in _CLASSES:
         raise ValueError(f"{variant}: unknown arch {arch!r}; expected one of {sorted(_CLASSES)}")
     cls = _CLASSES[arch]
@@ -259,3 +263,53 @@ def _create(variant: str, pretrained: bool = False, *, arch: str = 'GroupResNet'
         'stem.conv.conv' if cls is GroupResNet else 'stages.0.0')
     return create_gequiv_model(cls, variant, pretrained, first_conv=first_conv,
                                feature_cfg=dict(out_indices=tuple(range(n_taps))), **kwargs)
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    """CIFAR-10: 32x32 RGB, CIFAR mean / std, no crop."""
+    return {
+        'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': (8, 8), 'crop_pct': 1.0,
+        'interpolation': 'bilinear', 'mean': (0.4914, 0.4822, 0.4465), 'std': (0.2470, 0.2435, 0.2616),
+        'first_conv': 'stem.conv', 'classifier': 'head.fc', 'paper_ids': 'arXiv:1602.07576', **kwargs,
+    }
+
+
+# papers and descriptions: registry/gresnet.toml (no pretrained tags yet)
+default_cfgs = generate_default_cfgs(tagged_cfgs({
+    'gequiv_p4m_resnet44': _cfg(),
+    'gequiv_p4m_resnet18': _cfg(
+        num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875, interpolation='bicubic',
+        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv='stem.conv.conv'),
+    'gequiv_p4_allcnnc': _cfg(pool_size=(6, 6), first_conv='stages.0.0'),
+    'gequiv_p4m_allcnnc': _cfg(pool_size=(6, 6), first_conv='stages.0.0'),
+}))
+
+
+@register_model
+def gequiv_p4m_resnet44(pretrained: bool = False, **kwargs) -> GroupResNet:
+    """p4m-ResNet44 (Cohen & Welling 2016, CIFAR): 3 stages x 7 group basic blocks, 11/23/45 fields."""
+    model_args = dict(arch='GroupResNet', group='p4m', layers=(7, 7, 7), widths=(11, 23, 45), stem_type='cifar',
+                      num_classes=10)
+    return _create_gresnet('gequiv_p4m_resnet44', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gequiv_p4m_resnet18(pretrained: bool = False, **kwargs) -> GroupResNet:
+    """p4m-ResNet18 (ImageNet layout): 4 stages x 2 group basic blocks, 23/45/91/181 fields."""
+    model_args = dict(arch='GroupResNet', group='p4m', layers=(2, 2, 2, 2), widths=(23, 45, 91, 181),
+                      stem_type='imagenet', num_classes=1000)
+    return _create_gresnet('gequiv_p4m_resnet18', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gequiv_p4_allcnnc(pretrained: bool = False, **kwargs) -> GroupAllCNN:
+    """p4-All-CNN-C (Cohen & Welling 2016, CIFAR): All-CNN-C on p4, 48/96 fields."""
+    model_args = dict(arch='GroupAllCNN', group='p4', widths=(48, 96), num_classes=10)
+    return _create_gresnet('gequiv_p4_allcnnc', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gequiv_p4m_allcnnc(pretrained: bool = False, **kwargs) -> GroupAllCNN:
+    """p4m-All-CNN-C (Cohen & Welling 2016, CIFAR): All-CNN-C on p4m, 34/68 fields."""
+    model_args = dict(arch='GroupAllCNN', group='p4m', widths=(34, 68), num_classes=10)
+    return _create_gresnet('gequiv_p4m_allcnnc', pretrained, **dict(model_args, **kwargs))

@@ -13,7 +13,7 @@ that rotates with the input, so the globally pooled logits are invariant to 90-d
 stem through :func:`gequiv_timm.models.stems.inject_stem`; ``pretrained=True`` loads the *plain* backbone's
 checkpoint into every non-stem layer (the PDE stem starts from its initialisation).
 
-Catalog entries: ``registry/pde.toml``.
+Builders at the bottom; tags, papers and descriptions: ``registry/pde.toml``.
 """
 from __future__ import annotations
 
@@ -24,13 +24,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models import generate_default_cfgs, register_model
 
 from ..layers.pde import (
     BatchNormM2, CDEPdeLayerM2, ConvectionM2, DilationM2, ErosionM2, LiftM2Cartesian, LinearM2, MaxProjectM2, PDEStem,
     SumProjectM2,
 )
+from ..registry import tagged_cfgs
 from ._helpers import create_gequiv_model
 from ._timm_api import TimmApiMixin
+from .stems import _pretrained_filter, find_stem, inject_stem, stem_cfg
 
 __all__ = ['PDEGCNN', 'PDEStage', 'PDELiftStage', 'PDEStem', 'create_pde_stem_model']
 
@@ -221,7 +224,6 @@ def create_pde_stem_model(backbone: str, stem_width: int = 16, stem_orientations
     """``timm.create_model(backbone, **kwargs)`` with its stem (first conv and the norm / act / pool after it)
     replaced by a :class:`PDEStem` of the same output channels and stride, via ``inject_stem``."""
     import timm
-    from .stems import find_stem, inject_stem
     model = timm.create_model(backbone, pretrained=False, **kwargs)
     info = find_stem(model)
     in_chs, out_chs, stride = _stem_geometry(model, info)
@@ -243,13 +245,12 @@ def _stem_no_weight_decay(model: nn.Module):
     return names | (set(own(model)) if callable(own) else set())
 
 
-def _create(variant: str, pretrained: bool = False, *, backbone: Optional[str] = None, **kwargs) -> nn.Module:
-    """Build a catalog entry (``registry/pde.toml``): a :class:`PDEGCNN`, or with ``backbone`` a timm backbone
+def _create_pde(variant: str, pretrained: bool = False, *, backbone: Optional[str] = None, **kwargs) -> nn.Module:
+    """Build a :class:`PDEGCNN`, or with ``backbone`` a timm backbone
     with a :class:`PDEStem` (``pretrained=True`` then loads the plain backbone's checkpoint into the non-stem
     layers)."""
     if backbone is None:
         return create_gequiv_model(PDEGCNN, variant, pretrained, first_conv='stages.0.lift', **kwargs)
-    from .stems import _pretrained_filter
     stem_keys = ('stem_width', 'stem_orientations', 'stem_depth', 'stem_kernel_size', 'stem_pde_kernel_size',
                  'stem_alpha')
     stem_args: Dict[str, Any] = {k: kwargs.pop(k) for k in stem_keys if k in kwargs}
@@ -258,3 +259,35 @@ def _create(variant: str, pretrained: bool = False, *, backbone: Optional[str] =
     builder = partial(create_pde_stem_model, backbone, **stem_args)
     return create_gequiv_model(builder, variant, pretrained,
                                pretrained_filter_fn=partial(_pretrained_filter, warm_start=False), **kwargs)
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    """28x28 grayscale digits (MNIST mean / std), no crop."""
+    return {
+        'num_classes': 10, 'input_size': (1, 28, 28), 'pool_size': (6, 6), 'crop_pct': 1.0,
+        'interpolation': 'bilinear', 'mean': (0.1307,), 'std': (0.3081,),
+        'first_conv': 'stages.0.lift', 'classifier': 'head.fc', 'paper_ids': 'arXiv:2001.09046', **kwargs,
+    }
+
+
+# tags, hub repos and descriptions: registry/pde.toml
+default_cfgs = generate_default_cfgs(tagged_cfgs({
+    'gequiv_pde_cnn_rotmnist': _cfg(),
+    'gequiv_pde_resnet18': stem_cfg('resnet18', PDEStem.first_conv),
+}))
+
+
+@register_model
+def gequiv_pde_cnn_rotmnist(pretrained: bool = False, **kwargs) -> PDEGCNN:
+    """PDE-G-CNN for rotated MNIST: lifting to M2 (8 orientations), 5 CDE layers, max projection, linear head."""
+    model_args = dict(widths=(24,) * 6, orientations=8, lift_kernel_size=5, lift_padding=0, kernel_size=(3, 5, 5),
+                      alpha=0.65, iterations=1, pool_after=(0, 3), coef_lr_mult=10.0, in_chans=1, num_classes=10)
+    return _create_pde('gequiv_pde_cnn_rotmnist', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gequiv_pde_resnet18(pretrained: bool = False, **kwargs) -> nn.Module:
+    """ResNet-18 (timm's resnet18) with a p4-equivariant stem of PDE layers in place of conv1, bn1, act1, maxpool."""
+    model_args = dict(backbone='resnet18', stem_width=16, stem_orientations=8, stem_depth=1, stem_kernel_size=5,
+                      stem_pde_kernel_size=(3, 3, 3))
+    return _create_pde('gequiv_pde_resnet18', pretrained, **dict(model_args, **kwargs))

@@ -30,16 +30,17 @@ group-convolution stem pooled over rotations (``mode='invariant'``, random init)
 model is *not* rotation-equivariant, only its stem is).
 
 Keypoint names are model configuration (``keypoint_names=`` / ``model.keypoint_names``), never timm
-``PretrainedCfg`` fields. Catalog entries: ``registry/rcn.toml``.
+``PretrainedCfg`` fields. Builders at the bottom; tags, papers and descriptions: ``registry/rcn.toml``.
 """
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.layers import SelectAdaptivePool2d, register_notrace_function
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import FeatureDictNet, FeatureInfo, feature_take_indices
 
 from ..layers.rcn import (
@@ -52,7 +53,8 @@ from ..layers.rcn import (
     decode_heatmaps,
     heatmap_cross_entropy,
 )
-from ._helpers import create_gequiv_model
+from ..registry import tagged_cfgs
+from ._helpers import backbone_cfg, create_gequiv_model
 
 __all__ = ['KeypointNet', 'HEADS']
 
@@ -450,8 +452,12 @@ class KeypointNet(nn.Module):
         return decode_heatmaps(out, method, self.output_stride, window)
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> KeypointNet:
-    # the catalog's keypoint_names describe its default keypoints; a user asking for another count gets generic
+# the MNIST-landmark keypoints (gequiv_timm/data/landmarks.py) every catalog model predicts by default
+LANDMARK_NAMES = ('top', 'bottom', 'left', 'right', 'centroid')
+
+
+def _create_keypoint_net(variant: str, pretrained: bool = False, **kwargs) -> KeypointNet:
+    # the builders' keypoint_names describe their default keypoints; a user asking for another count gets generic
     # names unless they pass their own
     k = kwargs.get('num_keypoints', None)
     if k is None and kwargs.get('num_classes') is not None and 'keypoint_names' in kwargs:
@@ -459,7 +465,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> KeypointNet:
     if k is not None:
         kwargs.setdefault('num_classes', k)  # keeps timm from injecting the cfg's num_classes
         names = kwargs.get('keypoint_names')
-        if names is not None and len(names) != k and _is_catalog_default(variant, 'keypoint_names', names):
+        if names is not None and len(names) != k and tuple(names) == LANDMARK_NAMES:
             kwargs['keypoint_names'] = None
     elif kwargs.get('keypoint_names') is not None:
         kwargs.setdefault('num_classes', len(kwargs['keypoint_names']))
@@ -469,10 +475,72 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> KeypointNet:
     return create_gequiv_model(KeypointNet, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
 
 
-def _is_catalog_default(variant: str, key: str, value) -> bool:
-    from .. import registry
-    try:
-        entry = registry.get_entry(variant)
-    except KeyError:
-        return False
-    return list(entry.args.get(key, []) or []) == list(value)
+def _cfg(**kwargs) -> Dict[str, Any]:
+    """A keypoint model named after a timm backbone takes the backbone's input settings (3 channels, its size,
+    mean / std, interpolation; timm's own cfg) with crop_pct 1.0, so that no keypoint is cropped away."""
+    return {
+        **backbone_cfg('resnet18', keys=('input_size', 'mean', 'std', 'interpolation')),
+        'num_classes': 5, 'crop_pct': 1.0, 'pool_size': (224, 224), 'first_conv': 'backbone.conv1',
+        'classifier': 'head.classifier', 'paper_ids': 'arXiv:1511.07356', **kwargs,
+    }
+
+
+# tags, hub repos and descriptions: registry/rcn.toml
+default_cfgs = generate_default_cfgs(tagged_cfgs({
+    # named for the paper and its data: 64x64 grayscale MNIST-landmark canvases
+    'gequiv_rcn_paper': _cfg(input_size=(1, 64, 64), mean=(0.1307,), std=(0.3081,), interpolation='bilinear',
+                             pool_size=(64, 64), first_conv='backbone.stages.0.0.0'),
+    'gequiv_rcn_resnet18': _cfg(),
+    'gequiv_sumnet_resnet18': _cfg(classifier=tuple(f'head.classifiers.{i}' for i in range(5))),
+    'gequiv_kpsingle_resnet18': _cfg(pool_size=(7, 7), paper_ids=None),
+    'gequiv_kpreg_resnet18': _cfg(pool_size=(7, 7), classifier='head.fc', paper_ids=None),
+    'gequiv_rcn_p4_resnet18': _cfg(first_conv='backbone.conv1.lift'),
+}))
+
+
+@register_model
+def gequiv_rcn_paper(pretrained: bool = False, **kwargs) -> KeypointNet:
+    """Recombinator Network with the paper-style trunk: grayscale, 5 resolution levels (strides 1..16)."""
+    model_args = dict(backbone='rcn_paper', head='rcn', trunk_channels=(16, 32, 48, 64, 64),
+                      branch_channels=(16, 32, 48, 64, 64), convs_per_branch=2, upsample='nearest', in_chans=1,
+                      keypoint_names=LANDMARK_NAMES)
+    return _create_keypoint_net('gequiv_rcn_paper', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gequiv_rcn_resnet18(pretrained: bool = False, **kwargs) -> KeypointNet:
+    """Recombinator keypoint head on a timm resnet18 pyramid (5 levels, strides 2..32), heatmaps at input size."""
+    model_args = dict(backbone='resnet18', head='rcn', branch_channels=(32, 48, 64, 96, 128), convs_per_branch=2,
+                      upsample='nearest', keypoint_names=LANDMARK_NAMES)
+    return _create_keypoint_net('gequiv_rcn_resnet18', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gequiv_sumnet_resnet18(pretrained: bool = False, **kwargs) -> KeypointNet:
+    """SumNet baseline on a timm resnet18 pyramid: per-level keypoint maps summed with learned weights."""
+    model_args = dict(backbone='resnet18', head='sumnet', branch_channels=(32, 48, 64, 96, 128), convs_per_branch=1,
+                      upsample='bilinear', keypoint_names=LANDMARK_NAMES)
+    return _create_keypoint_net('gequiv_sumnet_resnet18', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gequiv_kpsingle_resnet18(pretrained: bool = False, **kwargs) -> KeypointNet:
+    """Single-scale keypoint baseline: resnet18's last level predicts keypoint maps, bilinearly upsampled."""
+    model_args = dict(backbone='resnet18', head='single', branch_channels=128, convs_per_branch=1,
+                      upsample='bilinear', keypoint_names=LANDMARK_NAMES)
+    return _create_keypoint_net('gequiv_kpsingle_resnet18', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gequiv_kpreg_resnet18(pretrained: bool = False, **kwargs) -> KeypointNet:
+    """Direct coordinate regression baseline: a linear layer on resnet18's pooled last level."""
+    model_args = dict(backbone='resnet18', head='regression', keypoint_names=LANDMARK_NAMES)
+    return _create_keypoint_net('gequiv_kpreg_resnet18', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gequiv_rcn_p4_resnet18(pretrained: bool = False, **kwargs) -> KeypointNet:
+    """Recombinator keypoint head on resnet18 with a p4-equivariant stem pooled over rotations."""
+    model_args = dict(backbone='resnet18', head='rcn', equivariant_stem='p4', branch_channels=(32, 48, 64, 96, 128),
+                      convs_per_branch=2, upsample='nearest', keypoint_names=LANDMARK_NAMES)
+    return _create_keypoint_net('gequiv_rcn_p4_resnet18', pretrained, **dict(model_args, **kwargs))

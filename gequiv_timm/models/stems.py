@@ -28,7 +28,8 @@ centre; exact when ``H`` and ``W`` are multiples of the stem's stride):
 Loading a plain backbone checkpoint (say ``resnet18``'s) into the stem-injected model: every non-stem weight is
 loaded and equals the source, the stem keeps its initialisation (or is warm-started from the source's first
 conv), and :func:`adapt_backbone_state_dict` returns a report of what was and was not loaded. The registered
-models (``registry/stems.toml``: ``gequiv_p4_resnet18`` ...) do this through timm's ``pretrained=True`` path, so
+models (builders ``gequiv_p4_resnet18`` ... at the bottom, cfgs derived from timm's cfg of the backbone; catalog
+data in ``registry/stems.toml``) do this through timm's ``pretrained=True`` path, so
 ``pretrained_cfg_overlay=dict(file='resnet18.safetensors')`` or the Hub (the plain backbone's ``hf_hub_id``)
 both work.
 
@@ -44,10 +45,12 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models import generate_default_cfgs, register_model
 
 from ..layers.gconv import GroupBatchNorm, GroupConv2d, GroupPool, _check_float, fold_group, unfold_group
 from ..layers.groups import get_group
-from ._helpers import adapt_input_conv_nd, create_gequiv_model
+from ..registry import tagged_cfgs
+from ._helpers import adapt_input_conv_nd, backbone_cfg, create_gequiv_model
 
 __all__ = ['StemError', 'StemInfo', 'EquivariantStem', 'find_stem', 'inject_stem', 'inject_equivariant_stem',
            'adapt_backbone_state_dict', 'load_backbone_checkpoint', 'get_stem', 'stem_output']
@@ -657,7 +660,7 @@ def _pretrained_filter(state_dict, model, warm_start: bool = True):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# registered models (registry/stems.toml)
+# registered models (catalog data: registry/stems.toml)
 # ----------------------------------------------------------------------------------------------------------------
 def _build(backbone: str, group: str, mode: str, stem_args: Dict[str, Any], **kwargs):
     import timm
@@ -665,7 +668,7 @@ def _build(backbone: str, group: str, mode: str, stem_args: Dict[str, Any], **kw
     return inject_equivariant_stem(model, group, mode, warm_start=False, **stem_args)
 
 
-def _create(variant: str, pretrained: bool = False, *, backbone: str, group: str = 'p4', mode: str = 'invariant',
+def _create_stem_model(variant: str, pretrained: bool = False, *, backbone: str, group: str = 'p4', mode: str = 'invariant',
             stem_width: Optional[int] = None, stem_kernel_size: Optional[int] = None, stem_depth: int = 1,
             stem_stride: Optional[int] = None, stem_group_pool: str = 'max', warm_start: bool = True, **kwargs):
     """Build ``backbone`` with an equivariant stem; ``pretrained=True`` loads the *plain backbone's* checkpoint
@@ -681,3 +684,58 @@ def _create(variant: str, pretrained: bool = False, *, backbone: str, group: str
         feature_cfg = dict(out_indices=tuple(range(n)))
     return create_gequiv_model(builder, variant, pretrained, feature_cfg=feature_cfg,
                                pretrained_filter_fn=partial(_pretrained_filter, warm_start=warm_start), **kwargs)
+
+
+def stem_cfg(backbone: str, stem_first_conv: str = EquivariantStem.first_conv):
+    """The cfg of a stem model on ``backbone``, per tag: timm's own cfg of the backbone checkpoint the tag names
+    (``backbone.tag``: its hub repo, input size, crop, mean / std, classifier), with ``first_conv`` pointed at the
+    new stem's first layer (the stem sits where the backbone's first conv was)."""
+    def cfg(tag: str) -> Dict[str, Any]:
+        src = backbone_cfg(backbone, tag)
+        return dict(src, first_conv=f"{src['first_conv']}.{stem_first_conv}")
+    return cfg
+
+
+# the tags name the backbone checkpoints whose non-stem weights pretrained=True loads: registry/stems.toml
+default_cfgs = generate_default_cfgs(tagged_cfgs({
+    'gequiv_p4_resnet18': stem_cfg('resnet18'),
+    'gequiv_p4m_resnet50': stem_cfg('resnet50'),
+    'gequiv_p4_convnext_tiny': stem_cfg('convnext_tiny'),
+    'gequiv_p4m_efficientnet_b0': stem_cfg('efficientnet_b0'),
+    'gequiv_p4_regnety_016': stem_cfg('regnety_016'),
+}))
+
+
+@register_model
+def gequiv_p4_resnet18(pretrained: bool = False, **kwargs) -> nn.Module:
+    """ResNet-18 (timm's resnet18) with a p4-equivariant stem pooled over rotations."""
+    model_args = dict(backbone='resnet18', group='p4', mode='invariant')
+    return _create_stem_model('gequiv_p4_resnet18', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gequiv_p4m_resnet50(pretrained: bool = False, **kwargs) -> nn.Module:
+    """ResNet-50 (timm's resnet50) with a p4m-equivariant stem pooled over rotations and mirrors."""
+    model_args = dict(backbone='resnet50', group='p4m', mode='invariant')
+    return _create_stem_model('gequiv_p4m_resnet50', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gequiv_p4_convnext_tiny(pretrained: bool = False, **kwargs) -> nn.Module:
+    """ConvNeXt-Tiny (timm's convnext_tiny) with a p4-equivariant stem pooled over rotations."""
+    model_args = dict(backbone='convnext_tiny', group='p4', mode='invariant')
+    return _create_stem_model('gequiv_p4_convnext_tiny', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gequiv_p4m_efficientnet_b0(pretrained: bool = False, **kwargs) -> nn.Module:
+    """EfficientNet-B0 (timm's efficientnet_b0) with a p4m-equivariant stem pooled over rotations and mirrors."""
+    model_args = dict(backbone='efficientnet_b0', group='p4m', mode='invariant')
+    return _create_stem_model('gequiv_p4m_efficientnet_b0', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gequiv_p4_regnety_016(pretrained: bool = False, **kwargs) -> nn.Module:
+    """RegNetY-1.6GF (timm's regnety_016) with a p4-equivariant stem pooled over rotations."""
+    model_args = dict(backbone='regnety_016', group='p4', mode='invariant')
+    return _create_stem_model('gequiv_p4_regnety_016', pretrained, **dict(model_args, **kwargs))

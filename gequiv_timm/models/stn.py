@@ -22,7 +22,8 @@ The forward is not a plain sequence of stages, so ``features_only=True`` goes th
 task loss. The classifier sees the rectified image: for a digit on a black background use
 ``padding_mode='border'`` (zero padding in *normalised* space would be grey, not black).
 
-Catalog entries: ``registry/stn.toml``.
+Builders at the bottom; tags, papers and descriptions: ``registry/stn.toml``. The transformer starts at the
+identity (the model first behaves exactly as its backbone).
 """
 from __future__ import annotations
 
@@ -31,9 +32,12 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, register_notrace_module
+from timm.models import generate_default_cfgs, register_model
 
 from ..layers.stn import LocalisationCNN, ParallelSpatialTransformer, SpatialTransformer
+from ..registry import tagged_cfgs
 from ._helpers import create_gequiv_model
 
 __all__ = ['STNFrontEnd']
@@ -389,8 +393,68 @@ class STNFrontEnd(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> STNFrontEnd:
-    first_conv = None
+def _create_stn(variant: str, pretrained: bool = False, **kwargs) -> STNFrontEnd:
     feature_cfg = dict(out_indices=None)  # every level the backbone has (timm's default assumes 5)
-    return create_gequiv_model(STNFrontEnd, variant, pretrained, first_conv=first_conv, feature_cfg=feature_cfg,
+    return create_gequiv_model(STNFrontEnd, variant, pretrained, first_conv=None, feature_cfg=feature_cfg,
                                **kwargs)
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    """An ImageNet backbone behind the transformer (resnet18's a1 preprocessing); the localisation net needs 64x64."""
+    return {
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'min_input_size': (3, 64, 64), 'pool_size': (7, 7),
+        'crop_pct': 0.95, 'interpolation': 'bicubic', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'backbone.conv1', 'classifier': 'backbone.fc', 'paper_ids': 'arXiv:1506.02025', **kwargs,
+    }
+
+
+# tags, hub repos and descriptions: registry/stn.toml
+default_cfgs = generate_default_cfgs(tagged_cfgs({
+    'gequiv_stn_cnn_mnist': _cfg(
+        num_classes=10, input_size=(1, 42, 42), min_input_size=None, pool_size=(10, 10), crop_pct=1.0,
+        interpolation='bilinear', mean=(0.1307,), std=(0.3081,), first_conv='backbone.stages.0.conv',
+        classifier='backbone.head.fc'),
+    'gequiv_stn_resnet18': _cfg(),
+    'gequiv_stn_tps_resnet18': _cfg(),
+    'gequiv_stn2x_resnet50': _cfg(
+        input_size=(3, 448, 448), min_input_size=(3, 128, 128), crop_pct=1.0, first_conv='backbones.0.conv1',
+        classifier='head.fc'),
+}))
+
+
+@register_model
+def gequiv_stn_cnn_mnist(pretrained: bool = False, **kwargs) -> STNFrontEnd:
+    """ST-CNN for 42x42 distorted MNIST: affine spatial transformer (small CNN localisation net) + a 3-layer CNN
+    (gequiv_z2cnn 16-32-32, 5x5)."""
+    # on this small problem the transformer learns at the full rate: with 0.1 x (the paper's CUB setting) it barely
+    # left the identity in 6 epochs (benchmarks/results/stn_rts*.md: mean |theta - I| 0.014 against 0.095)
+    model_args = dict(backbone='gequiv_z2cnn',
+                      backbone_kwargs=dict(widths=(16, 32, 32), kernel_size=5, padding=2, pool_after=(0, 1)),
+                      transform='affine', loc_kwargs=dict(channels=(20, 20), kernel_size=5, hidden=50, pool_size=2),
+                      padding_mode='border', loc_lr_mult=1.0, in_chans=1, num_classes=10)
+    return _create_stn('gequiv_stn_cnn_mnist', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gequiv_stn_resnet18(pretrained: bool = False, **kwargs) -> STNFrontEnd:
+    """ResNet-18 (timm's resnet18) behind an affine spatial transformer that sees a 64x64 copy of the input."""
+    model_args = dict(backbone='resnet18', transform='affine', loc_input_size=64)
+    return _create_stn('gequiv_stn_resnet18', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gequiv_stn_tps_resnet18(pretrained: bool = False, **kwargs) -> STNFrontEnd:
+    """ResNet-18 behind a thin-plate-spline spatial transformer (4x4 control points, offsets bounded to 0.5)."""
+    model_args = dict(backbone='resnet18', transform='tps', transform_kwargs=dict(grid_size=4, max_offset=0.5),
+                      loc_input_size=64)
+    return _create_stn('gequiv_stn_tps_resnet18', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gequiv_stn2x_resnet50(pretrained: bool = False, **kwargs) -> STNFrontEnd:
+    """2x ST-CNN on ResNet-50: two attention transformers crop 224x224 views of a 448x448 image, one ResNet-50 per
+    view, features concatenated."""
+    model_args = dict(backbone='resnet50', transform='attention',
+                      transform_kwargs=dict(scale_range=(0.25, 1.1), max_translation=1.0), num_transforms=2,
+                      out_size=0.5, loc_input_size=112)
+    return _create_stn('gequiv_stn2x_resnet50', pretrained, **dict(model_args, **kwargs))
