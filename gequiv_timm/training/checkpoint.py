@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional
 
 import torch.nn as nn
 
-from ..hub import load_weights, save_weights
+from ..weights import load_weights, save_weights
 from .distributed import DistInfo
 from .state import CHECKPOINT_FORMAT, load_state, rng_state, save_state, set_rng_state
 
@@ -17,7 +17,7 @@ __all__ = ['CheckpointManager', 'find_checkpoint', 'read_checkpoint', 'restore_r
 
 class CheckpointManager:
     """Checkpoints in ``root/step_00000100/`` with ``model.safetensors`` (the weights, loadable on their own by
-    :func:`gequiv_timm.hub.load_weights` or ``timm.create_model(..., pretrained_cfg_overlay=dict(file=...))``),
+    :func:`gequiv_timm.weights.load_weights` or ``timm.create_model(..., pretrained_cfg_overlay=dict(file=...))``),
     ``state.safetensors`` (optimizer, scheduler, AMP scaler, progress, config) and ``rng-rank{r}.safetensors``
     (python / numpy / torch RNG of every rank).
 

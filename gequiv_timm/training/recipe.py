@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional
 import torch.nn as nn
 
 from ..data.catalog import IMAGE_FOLDER, DATASETS, DataBundle, dataset_of_recipe, load_data
-from ..hub import load_weights, save_weights, update_manifest
+from ..weights import load_weights, save_weights, update_manifest
 from .distributed import DistInfo
 from .loop import evaluate, seed_everything
 from .trainer import TrainConfig, TrainResult, train
