@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .training.loop import fit
+
 __all__ = ['render_stn', 'plot_stn', 'StnVizError']
 
 
@@ -37,30 +39,9 @@ def _images(model, protocol: str, seed: int, split: str):
 
 
 def _fit(model, x, y, epochs: int, seed: int, log=print) -> None:
-    import math
-    gen = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64, shuffle=True,
-                                         generator=gen)
-    groups = model.param_groups(lr=3e-3, weight_decay=1e-4) if hasattr(model, 'param_groups') else \
-        model.parameters()
-    opt = torch.optim.AdamW(groups, lr=3e-3, weight_decay=1e-4)
-    base = [g['lr'] for g in opt.param_groups]
-    total, step = epochs * len(loader), 0
-    model.train()
-    for ep in range(epochs):
-        tot, n = 0.0, 0
-        for xb, yb in loader:
-            for g, b in zip(opt.param_groups, base):
-                g['lr'] = b * 0.5 * (1 + math.cos(math.pi * step / total))
-            loss = F.cross_entropy(model(xb), yb)
-            if hasattr(model, 'transform_loss'):
-                loss = loss + model.transform_loss()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            tot, n = tot + loss.item() * len(yb), n + len(yb)
-        log(f"fit epoch {ep + 1}/{epochs}: loss {tot / n:.4f}")
+    """Train on ``(x, y)`` with the package's one loop (:func:`gequiv_timm.training.fit`: AdamW, per-step cosine)."""
+    fit(model, torch.utils.data.TensorDataset(x, y), epochs=epochs, batch_size=64, lr=3e-3, weight_decay=1e-4,
+        seed=seed, log=lambda rec: log(f"fit epoch {rec['epoch']}/{epochs}: loss {rec['loss']:.4f}"))
 
 
 def _to_pixels(g: torch.Tensor, h: int, w: int, align_corners: bool):
