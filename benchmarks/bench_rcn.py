@@ -38,6 +38,7 @@ from gequiv_timm.layers.rcn import (
     joint_log_probs,
     keypoints_to_onehot,
 )
+from gequiv_timm.measure import time_round_robin
 from gequiv_timm.metrics import keypoint_metrics, per_sample_nme
 
 RESULTS = Path(__file__).resolve().parent / 'results'
@@ -231,18 +232,19 @@ def main(argv=None):
         timing_models[name] = (mdl, torch.optim.AdamW(mdl.parameters(), lr=1e-4))
     xb = _norm(data.train.images[:args.batch_size])
     kb, vb = data.train.keypoints[:args.batch_size], data.train.visible[:args.batch_size]
-    step_times = {name: [] for name in timing_models}
-    for rnd in range(args.timing_rounds + 1):
-        for name, (mdl, opt) in timing_models.items():
-            t = time.perf_counter()
+    def train_step(mdl, opt):
+        def step():
             loss = mdl.loss(mdl(xb), kb, vb, image_size=(64, 64))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if rnd:  # round 0 is warm-up
-                step_times[name].append(time.perf_counter() - t)
+        return step
+
+    # one warm-up round, then medians of timing_rounds rounds whose order rotates every round
+    step_s = time_round_robin({name: train_step(mdl, opt) for name, (mdl, opt) in timing_models.items()},
+                              reps=args.timing_rounds, warmup=1)
     for row in rows:
-        row['step_s_interleaved'] = statistics.median(step_times[row['model']])
+        row['step_s_interleaved'] = step_s[row['model']]
     base = next((r['step_s_interleaved'] for r in rows if r['model'] == 'gequiv_kpsingle_resnet18'), None)
     for row in rows:
         row['step_time_vs_single'] = row['step_s_interleaved'] / base if base else None

@@ -78,12 +78,11 @@ def _stepper(model, x, y):
 
 def speed(name: str, batch: int = 64, reps: int = 15) -> dict:
     """Median step time of eager / channels_last / inductor, the variants interleaved step by step (so that the
-    load of a shared machine hits them alike)."""
-    import statistics
-
+    load of a shared machine hits them alike: :func:`gequiv_timm.measure.time_round_robin`)."""
     import timm
     from torch._dynamo.utils import counters
 
+    from gequiv_timm.measure import time_round_robin
     from gequiv_timm.train import to_channels_last
     x = torch.randn(batch, 1, 28, 28)
     y = torch.randint(0, 10, (batch,))
@@ -103,14 +102,8 @@ def speed(name: str, batch: int = 64, reps: int = 15) -> dict:
         for f in variants.values():
             f()
     out['warmup_s'] = round(time.perf_counter() - t, 1)
-    times = {k: [] for k in variants}
-    for _ in range(reps):
-        for k, f in variants.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    for k, v in times.items():
-        out[f'{k}_s'] = statistics.median(v)
+    for k, v in time_round_robin(variants, reps=reps, warmup=0).items():
+        out[f'{k}_s'] = v
     out['dynamo_graphs'] = int(counters['stats'].get('unique_graphs', 0))
     out['dynamo_graph_breaks'] = int(sum(counters['graph_break'].values()))
     return out
