@@ -258,7 +258,7 @@ def model_card(name: str, tag: str, entry: Mapping[str, Any], config: Mapping[st
     pcfg = config.get('pretrained_cfg', {})
     licence = pcfg.get('license', 'apache-2.0')
     name_tag = f"{name}.{tag}" if tag else name
-    repo_id = repo_id or entry.get('hf_hub_id') or f"gequiv-timm/{name_tag}"
+    repo_id = repo_id or (registry.hub_id(name_tag) if tag else f"{registry.HUB_ORG}/{name}")
     recipe = entry.get('recipe', '')
     ds = dataset_of_recipe(recipe)  # the training data's catalog entry (None: an image folder)
     metrics = dict(entry.get('metrics') or {})
@@ -559,12 +559,13 @@ def write_cards(names: Optional[Sequence[str]] = None, folder=None) -> List[Path
 
 
 def default_repo(name_tag: str) -> Optional[str]:
-    """The Hub repo of a registered tag: the catalog tag's ``hf_hub_id``, else the manifest's."""
+    """Where ``push`` uploads a registered tag by default: the tag's ``hf_hub_id`` when it is ours
+    (:func:`gequiv_timm.registry.hub_id`); None for a tag that loads someone else's checkpoint (a stem model's
+    backbone on timm's repo) or no tag."""
+    import timm
+
     from . import registry
     name, tag = _split(name_tag)
-    try:
-        cat = registry.get_entry(name)
-    except KeyError:
-        return None
-    return (cat.tags.get(tag, {}).get('hf_hub_id') or (registry.manifest_entry(name_tag) or {}).get('hf_hub_id')
-            if tag else None)
+    cfg = timm.models.get_pretrained_cfg(name_tag) if tag else None
+    own = registry.hub_id(name_tag) if tag else None
+    return own if cfg is not None and cfg.hf_hub_id == own else None

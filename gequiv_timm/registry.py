@@ -10,9 +10,8 @@ Each TOML file in ``registry/`` holds one family. Every top-level table is one m
     symmetry = {group = "p4", claim = "invariant"}   # optional: the claimed symmetry, checked against the
                                      # measurement (gequiv_timm.symmetry, tests/test_symmetry.py)
 
-    [gequiv_p4cnn.tags.rotmnist]     # pretrained tags, the first one is the default: the published repo, its
-    hf_hub_id = "gequiv-timm/gequiv_p4cnn.rotmnist"   # description (any PretrainedCfg field of that checkpoint)
-    description = "Trained on rotated MNIST ..."
+    [gequiv_p4cnn.tags.rotmnist]     # pretrained tags, the first one is the default; any PretrainedCfg field
+    description = "Trained on rotated MNIST ..."   # of that checkpoint
 
 The recipe itself is code, as in timm: the model's arguments are set by its visible builder
 ``@register_model def gequiv_p4cnn(pretrained=False, **kwargs)`` at the bottom of its family module, and its
@@ -21,7 +20,8 @@ adds the catalog's tags, paper and the shipped weights file to the family's own 
 
 A tag's weights file, checksum and metrics live in ``weights/manifest.json`` under ``"name.tag"``. When the
 file is present locally it is what ``pretrained=True`` loads (no network needed); otherwise the tag's
-``hf_hub_id`` is used.
+``hf_hub_id``: the repo its cfg names (a stem model's backbone checkpoint on timm's repo), else ours,
+:func:`hub_id` = ``HUB_ORG/name.tag`` (the one place the organisation is written).
 """
 from __future__ import annotations
 
@@ -36,9 +36,11 @@ from ._resources import registry_dir, weights_dir
 from .weights import read_manifest
 
 __all__ = ['CatalogError', 'CatalogEntry', 'load_catalog', 'load_manifest', 'tagged_cfgs', 'get_entry',
-           'catalog', 'manifest_entry', 'EXTRAS']
+           'catalog', 'manifest_entry', 'EXTRAS', 'HUB_ORG', 'hub_id']
 
 PREFIX = 'gequiv_'
+#: the Hugging Face organisation of every checkpoint gequiv_timm publishes: ``HUB_ORG/name.tag``
+HUB_ORG = 'gequiv-timm'
 # extra name -> python module that must be importable
 EXTRAS = {'escnn': 'escnn'}
 _ENTRY_KEYS = {'family', 'summary', 'paper', 'requires', 'symmetry', 'tags'}
@@ -233,6 +235,18 @@ def manifest_entry(name_tag: str) -> Optional[Dict[str, Any]]:
     return manifest().get(name_tag)
 
 
+def hub_id(name_tag: str) -> str:
+    """The Hub repo of our published checkpoint ``name.tag``: ``gequiv-timm/name.tag``.
+
+    >>> hub_id('gequiv_p4cnn.rotmnist')
+    'gequiv-timm/gequiv_p4cnn.rotmnist'
+    """
+    name, _, tag = name_tag.partition('.')
+    if not name or not tag:
+        raise ValueError(f"hub_id: expected 'name.tag', got {name_tag!r}")
+    return f'{HUB_ORG}/{name_tag}'
+
+
 def _to_cfg_value(v):
     return tuple(v) if isinstance(v, list) else v
 
@@ -243,8 +257,9 @@ def tagged_cfgs(cfgs: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     ``cfgs`` maps a model name to its PretrainedCfg dict (the family's ``_cfg(...)``), or to a function
     ``tag -> dict`` when the cfg depends on the tag (a stem model takes the cfg of the backbone checkpoint the tag
     names). Returns ``{'name.tag': cfg}`` for each of the catalog's tags of ``name`` (``{'name': cfg}`` when it has
-    none), each with the catalog's paper (``paper_name``), the tag's fields (``hf_hub_id``, ``description``, ...)
-    and, when the manifest lists a shipped file that is present, its path (``file``). Raises
+    none), each with the catalog's paper (``paper_name``), the tag's fields (``description``, ...), the tag's
+    ``hf_hub_id`` when the family's cfg names none (:func:`hub_id`: ours) and, when the manifest lists a shipped
+    file that is present, its path (``file``). Raises
     :class:`CatalogError` for a name the catalog does not have.
     """
     out: Dict[str, Dict[str, Any]] = {}
@@ -259,6 +274,8 @@ def tagged_cfgs(cfgs: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
             if entry.paper:
                 base.setdefault('paper_name', entry.paper)
             base.update({k: _to_cfg_value(v) for k, v in entry.tags.get(tag, {}).items()})
+            if tag:
+                base.setdefault('hf_hub_id', hub_id(f'{name}.{tag}'))
             m = manifest_entry(f'{name}.{tag}') if tag else None
             if m and m.get('file'):
                 try:
@@ -267,7 +284,5 @@ def tagged_cfgs(cfgs: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
                     f = None
                 if f is not None and f.exists():
                     base['file'] = str(f)
-                if m.get('hf_hub_id') and 'hf_hub_id' not in entry.tags.get(tag, {}):
-                    base['hf_hub_id'] = m['hf_hub_id']
             out[f'{name}.{tag}' if tag else name] = base
     return out

@@ -18,7 +18,7 @@ from gequiv_timm._resources import weights_dir
 torch.set_num_threads(1)
 MANIFEST = registry.load_manifest()
 SHIPPED = sorted(k for k, e in MANIFEST.items() if e.get('file'))
-REQUIRED = ('file', 'sha256', 'size', 'metrics', 'recipe', 'command', 'hf_hub_id')
+REQUIRED = ('file', 'sha256', 'size', 'metrics', 'recipe', 'command')
 MAX_BYTES = 2 * 1024 * 1024  # small enough to ship in the wheel
 
 
@@ -28,9 +28,12 @@ def test_manifest_and_catalog_agree():
         name, _, tag = key.partition('.')
         assert name in cat, f"manifest entry {key}: {name} is not in the catalog"
         assert tag in cat[name].tags, f"manifest entry {key}: the catalog entry {name} has no tag {tag!r}"
-        hub_id = cat[name].tags[tag].get('hf_hub_id')
-        assert entry.get('hf_hub_id') == hub_id or hub_id is None, \
-            f"{key}: manifest hf_hub_id {entry.get('hf_hub_id')!r} vs catalog {hub_id!r}"
+        # the repo is derived once (registry.hub_id), stored nowhere else
+        assert 'hf_hub_id' not in entry and 'hf_hub_id' not in cat[name].tags[tag], key
+        assert timm.models.get_pretrained_cfg(key).hf_hub_id == registry.hub_id(key) == f'gequiv-timm/{key}'
+        assert hub.default_repo(key) == registry.hub_id(key)
+    # a tag that loads someone else's checkpoint (a stem model's backbone on timm's repo) is not ours to push to
+    assert hub.default_repo('gequiv_p4_resnet18.a1_in1k') is None
     # every shipped file is listed, and every listed file ships
     on_disk = {p.name for p in weights_dir().glob('*.safetensors')}
     listed = {MANIFEST[k]['file'] for k in SHIPPED}

@@ -181,7 +181,7 @@ def _check_pretrained_file(variant: str, kwargs: Dict[str, Any]) -> Optional[str
     elif source == 'hf-hub' or (not cfg.get('file') and not cfg.get('state_dict') and cfg.get('hf_hub_id')):
         hub_id = cfg.get('hf_hub_id')
         path = _fetch_from_hub(hub_id, cfg.get('hf_hub_filename'), kwargs.get('cache_dir'))
-        if entry and entry.get('hf_hub_id') == hub_id and source != 'hf-hub':
+        if entry and hub_id == registry.hub_id(f'{variant}.{tag}') and source != 'hf-hub':
             expected = entry.get('sha256')  # the tag's own repo serves the shipped bytes
     elif cfg.get('file'):
         path = Path(cfg['file'])

@@ -19,7 +19,6 @@ from .trainer import TrainConfig, TrainResult, train
 
 __all__ = ['TrainJob', 'run_job', 'measure_checkpoint']
 
-HUB_ORG = 'gequiv-timm'
 
 
 @dataclass
@@ -108,8 +107,7 @@ def _write(job: TrainJob, model: nn.Module, metrics: Dict[str, Any], res: TrainR
     if not (job.manifest and job.tag):
         return
     entry = {'file': info['file'], 'sha256': info['sha256'], 'size': info['size'], 'metrics': metrics,
-             'recipe': recipe, 'command': job.command, 'budget': f'{res.epochs_done:g} epochs, {res.seconds:.0f} s',
-             'hf_hub_id': f'{HUB_ORG}/{job.model}.{job.tag}'}
+             'recipe': recipe, 'command': job.command, 'budget': f'{res.epochs_done:g} epochs, {res.seconds:.0f} s'}
     update_manifest(job.manifest, f'{job.model}.{job.tag}', entry)
 
 
