@@ -21,7 +21,7 @@ import torch
 
 import gequiv_timm  # noqa: F401
 import timm
-from gequiv_timm import hub
+from gequiv_timm import hub, registry
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hub_standin import HubStandIn  # noqa: E402
@@ -30,7 +30,7 @@ torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = 'hf_standin_SECRET_9f8e7d'
 NAME, TAG = 'gequiv_p4cnn', 'rotmnist'
-REPO = 'gequiv-timm/gequiv_p4cnn.rotmnist'  # the catalog's hf_hub_id for the tag
+REPO = 'gequiv-timm/gequiv_p4cnn.rotmnist'  # the tag's hf_hub_id: registry.hub_id('gequiv_p4cnn.rotmnist')
 
 
 def _sha(b: bytes) -> str:
@@ -79,7 +79,7 @@ PULL = textwrap.dedent('''
     out = {}
     if sys.argv[1] == 'push':
         from gequiv_timm.cli import main
-        # no --repo: the tag's hf_hub_id from the catalog (sys.argv[2])
+        # no --repo: the tag's own repo, registry.hub_id (sys.argv[2])
         out['push_rc'] = main(['push', 'gequiv_p4cnn.rotmnist', '--checkpoint', sys.argv[3]])
         os.environ.pop('HF_TOKEN')  # everything below reads the public repo without a token
     x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
@@ -110,8 +110,9 @@ def test_push_pull_offline_round_trip(server, ckpt, tmp_path):
     wdir = tmp_path / 'weights'
     wdir.mkdir()
     entry = {'file': path.name, 'sha256': info['sha256'], 'size': info['size'], 'metrics': metrics,
-             'recipe': 'rotmnist/untrained/seed0', 'hf_hub_id': REPO}
+             'recipe': 'rotmnist/untrained/seed0'}
     (wdir / 'manifest.json').write_text(json.dumps({f'{NAME}.{TAG}': entry}))
+    assert registry.hub_id(f'{NAME}.{TAG}') == REPO
     env = _env(tmp_path, server, HF_TOKEN=TOKEN, GEQUIV_TIMM_WEIGHTS=str(wdir))
     n_before = len(server.log)
 
