@@ -5,6 +5,7 @@ from .gconv import (
     P4ConvP4, P4ConvZ2, P4MConvP4M, P4MConvZ2, check_finite, check_group_input, export_group_convs, finite_check,
     fold_group, set_finite_check, stride_is_exact, unfold_group,
 )
+from .stem import EquivariantStem, PooledLift
 from .stn import LocalisationCNN, ParallelSpatialTransformer, SpatialTransformer, TRANSFORMS, create_transform
 from .pde import (
     CDEPdeLayerM2, ConvectionM2, DilationM2, ErosionM2, LiftM2Cartesian, LinearM2, MaxProjectM2, PDEStem,

@@ -3,6 +3,7 @@
 what is data about them (summary, paper, extras, symmetry claim, tags), and the two must name the same models."""
 from .. import registry as _registry
 from . import escnn_baselines, gcnn, gresnet, pde, rcn, stems, stn  # noqa: F401  (registers the builders)
+from ._fx import register_fx_leaves
 
 FAMILIES = ('escnn_baselines', 'gcnn', 'gresnet', 'pde', 'rcn', 'stems', 'stn')
 
@@ -10,8 +11,10 @@ FAMILIES = ('escnn_baselines', 'gcnn', 'gresnet', 'pde', 'rcn', 'stems', 'stn')
 def _check_catalog_matches_builders() -> None:
     """Every catalog entry has a builder in the module its ``family`` names, and every builder a catalog entry."""
     import sys
-    builders = {n: f for fam in FAMILIES for n in getattr(sys.modules[f'{__name__}.{fam}'], '__all__', ())
-                if n.startswith(_registry.PREFIX) and callable(f := getattr(sys.modules[f'{__name__}.{fam}'], n))}
+    builders = {}
+    for fam in FAMILIES:
+        mod = sys.modules[f'{__name__}.{fam}']
+        builders.update({n: getattr(mod, n) for n in getattr(mod, '__all__', ()) if n.startswith(_registry.PREFIX)})
     for name, entry in _registry.catalog().items():
         fn = builders.get(name)
         if fn is None or fn.__module__ != entry.module:
@@ -22,5 +25,5 @@ def _check_catalog_matches_builders() -> None:
     if extra:
         raise _registry.CatalogError(f"builders {extra} have no catalog entry in registry/*.toml")
 
-
 _check_catalog_matches_builders()
+register_fx_leaves()

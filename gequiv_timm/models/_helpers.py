@@ -12,28 +12,6 @@ from ..weights import WeightsError, check_state_dict, read_metadata, verify_chec
 __all__ = ['create_gequiv_model', 'adapt_input_conv_nd']
 
 
-def _register_fx_leaves() -> None:
-    """Tell timm's FX feature extraction (and torchvision's tracer, through timm's lists) what not to trace into.
-
-    The group layers check their inputs in Python (clear errors), which ``torch.fx`` cannot trace through: they are
-    leaf modules (matched with ``isinstance``, so subclasses such as the stems' ``PooledLift`` are leaves too), and
-    the models' input check and the checked fold / unfold of the group axis are leaf functions. This is the one
-    place where gequiv_timm registers them.
-    """
-    from timm.layers import register_notrace_function, register_notrace_module
-    from ..layers.gconv import (
-        GroupAvgPool2d, GroupBatchNorm, GroupConv2d, GroupMaxPool2d, GroupPool, fold_group, unfold_group,
-    )
-    from ._timm_api import check_image_input
-    for m in (GroupConv2d, GroupBatchNorm, GroupPool, GroupAvgPool2d, GroupMaxPool2d):
-        register_notrace_module(m)
-    for f in (check_image_input, fold_group, unfold_group):
-        register_notrace_function(f)
-
-
-_register_fx_leaves()
-
-
 def adapt_input_conv_nd(in_chans: int, weight: torch.Tensor) -> torch.Tensor:
     """Adapt a first-layer weight ``[C_out, C_in, ...]`` (any rank >= 3, e.g. GrouPy's 5-D) to ``in_chans``.
 

@@ -90,6 +90,12 @@ class TimmApiMixin:
         self.num_features = self.head_hidden_size = num_features
         self.head = ClassifierHead(num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
 
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input check of every family (defined here, where ``torch.fx.wrap`` keeps it a leaf in any trace)."""
+        if not torch.jit.is_scripting():
+            check_image_input(x, self.in_chans, self.min_input_size(), type(self).__name__)
+        return x
+
     def _taps(self) -> int:
         return len(self.stages) + int(self.stem_tap)
 

@@ -30,13 +30,13 @@ from collections.abc import Sequence
 from typing import Any, Dict
 
 import torch
-from timm.layers import get_device_dtype, register_notrace_module
+from timm.layers import get_device_dtype
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from ..registry import tagged_cfgs
 from ._helpers import create_gequiv_model, require_extras
-from ._timm_api import check_image_input
+from ._timm_api import TimmApiMixin
 
 __all__ = ['ESCNN_EXTRA_HINT', 'GROUPS', 'EscnnCNN', 'EscnnWideResNet', 'escnn_available', 'import_escnn']
 
@@ -154,12 +154,11 @@ class FieldMaxPool(nn.Module):
         return f'field_size={self.field_size}'
 
 
-@register_notrace_module
 class _Tensorized(nn.Module):
     """An escnn module seen from outside as ``Tensor -> Tensor``.
 
     Wraps the input in a ``GeometricTensor`` of ``in_type`` and returns the plain ``.tensor`` of the result, so the
-    model around it (timm's head, gradient checkpointing, FX tracing, where this class is a leaf) sees ordinary
+    model around it (timm's head, gradient checkpointing, FX tracing, where this class is a leaf: :mod:`gequiv_timm.models._fx`) sees ordinary
     tensors. After :func:`_export_inplace` the wrapped module is plain PyTorch and the wrapping is skipped.
     """
 
@@ -244,30 +243,22 @@ def _detach_escnn_filters(module: nn.Module) -> None:
                 m._buffers[key] = t.detach()
 
 
-class _EscnnBase(nn.Module):
-    """The timm model API shared by the escnn recipes.
+class _EscnnBase(TimmApiMixin, nn.Module):
+    """The escnn recipes on the one timm-API base (:class:`~gequiv_timm.models._timm_api.TimmApiMixin`: head,
+    ``forward_head`` / ``forward``, ``reset_classifier``, ``get_classifier``, grad checkpointing, weight decay).
 
-    Subclasses build ``self.stages`` (a ModuleList of escnn stages), ``self.gpool`` (group pooling), ``self.norm``
-    (final escnn module before pooling, may be Identity), ``self.in_type``, ``self.feature_info`` and
-    ``self.num_features``.
+    Subclasses build ``self.stages`` (a ModuleList of escnn stages, each ``Tensor -> Tensor`` through
+    :class:`_Tensorized`), ``self.gpool`` (group pooling), ``self.norm`` (final escnn module before pooling, may be
+    Identity), ``self.in_type``, ``self.feature_info`` and the head (``_init_head``). The stage outputs are already
+    folded 4-D maps (escnn's regular fields), so ``forward_features``, ``forward_intermediates`` and
+    ``prune_intermediate_layers`` are this class's own.
     """
 
     stages: nn.ModuleList
     exported: bool = False
+    stem_tap = False  # the first stage lifts
 
-    def _init_head(self, num_classes: int, drop_rate: float, global_pool: str) -> None:
-        from timm.layers import ClassifierHead
-        self.num_classes = num_classes
-        self.drop_rate = drop_rate
-        self.head_hidden_size = self.num_features
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
-        self.grad_checkpointing = False
-
-    # ----- input ----------------------------------------------------------------------------------------------
-    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_input(x, self.in_chans, 1, type(self).__name__)
-        return x
-
+    # ----- construction / mode -------------------------------------------------------------------------------
     def train(self, mode: bool = True):
         super().train(mode)
         if not mode:
@@ -297,32 +288,9 @@ class _EscnnBase(nn.Module):
         x = self.norm(x)
         return self.gpool(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """A new classifier for ``num_classes`` (0: none), on the device / dtype of the model's parameters."""
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool, **get_device_dtype(self))
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         return dict(stem=r'^stages\.0\.', blocks=r'^stages\.(\d+)')
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return set()
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
@@ -473,8 +441,8 @@ class EscnnCNN(_EscnnBase):
             self.feature_info = feature_info
             self.norm = nn.Identity()
             self.gpool = FieldMaxPool(gs.regular_repr.size)
-            self.num_features = widths[-1]
-            self._init_head(num_classes, drop_rate, global_pool)
+            self.num_classes, self.drop_rate, self.grad_checkpointing = num_classes, drop_rate, False
+            self._init_head(widths[-1], num_classes, global_pool, drop_rate)
         self._build_on(device, dtype)
 
 
@@ -553,8 +521,8 @@ class EscnnWideResNet(_EscnnBase):
             self.feature_info = feature_info
             self.norm = _Tensorized(enn.SequentialModule(enn.InnerBatchNorm(t), enn.ReLU(t, inplace=True)), t)
             self.gpool = FieldMaxPool(gs.regular_repr.size)
-            self.num_features = widths[-1]
-            self._init_head(num_classes, drop_rate, global_pool)
+            self.num_classes, self.drop_rate, self.grad_checkpointing = num_classes, drop_rate, False
+            self._init_head(widths[-1], num_classes, global_pool, drop_rate)
         self._build_on(device, dtype)
 
 

@@ -26,10 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 
-from ..layers.pde import (
-    BatchNormM2, CDEPdeLayerM2, ConvectionM2, DilationM2, ErosionM2, LiftM2Cartesian, LinearM2, MaxProjectM2, PDEStem,
-    SumProjectM2,
-)
+from ..layers.pde import BatchNormM2, CDEPdeLayerM2, LiftM2Cartesian, MaxProjectM2, PDEStem
 from ..registry import tagged_cfgs
 from ._helpers import create_gequiv_model
 from ._timm_api import TimmApiMixin
@@ -200,18 +197,6 @@ class PDEGCNN(TimmApiMixin, nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # PDE stem on a timm backbone
 # ----------------------------------------------------------------------------------------------------------------
-# The M2 layers check shapes and coefficients in Python (clear errors), which torch.fx cannot trace through: timm's
-# FX feature extraction treats them as leaves (the mechanism timm uses for its own such layers).
-def _register_notrace():
-    from timm.layers import register_notrace_module
-    for m in (LiftM2Cartesian, ConvectionM2, DilationM2, ErosionM2, LinearM2, CDEPdeLayerM2, MaxProjectM2, BatchNormM2,
-              SumProjectM2, PDEStem, PDELiftStage, PDEStage):
-        register_notrace_module(m)
-
-
-_register_notrace()
-
-
 def _stem_geometry(model: nn.Module, info) -> Tuple[int, int, int]:
     """``(in_chs, out_chs, stride)`` of the deepest point of the original stem (e.g. after ResNet's maxpool)."""
     end_shape = info.segment_ends()[-1][1]

@@ -39,12 +39,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import SelectAdaptivePool2d, register_notrace_function
+from timm.layers import SelectAdaptivePool2d
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import FeatureDictNet, FeatureInfo, feature_take_indices
 
 from ..layers.rcn import (
-    NOTRACE_FUNCTIONS,
     CoordRegressionHead,
     RCNPaperTrunk,
     RecombinatorHead,
@@ -61,14 +60,8 @@ __all__ = ['KeypointNet', 'HEADS']
 HEADS = ('rcn', 'sumnet', 'single', 'regression')
 POOL_TYPES = ('avg', 'max', 'avgmax', 'catavgmax', '')
 
-# the layers' shape checks branch in Python: FX must call them as opaque functions (layers/ does not import timm)
-for _fn in NOTRACE_FUNCTIONS:
-    register_notrace_function(_fn)
-
-
-@register_notrace_function
 def check_keypoint_input(x: torch.Tensor, in_chans: int, multiple: int) -> None:
-    """KeypointNet's input check (eager; opaque to FX tracing)."""
+    """KeypointNet's input check (eager; an FX leaf, registered in :mod:`gequiv_timm.models._fx`)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != in_chans:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         hint = f"create the model with in_chans={x.shape[1]}" if isinstance(x, torch.Tensor) and x.dim() == 4 else \

@@ -14,8 +14,9 @@ Two entry points:
       model = timm.create_model('resnet18')
       inject_stem(model, PDEStem(3, 64, stride=4))   # replaces conv1, bn1, act1 and maxpool (stride 4)
 
-* :func:`inject_equivariant_stem`: an :class:`EquivariantStem` (lifting group convolution, group
-  convolution(s), then pooling over the group or a learned equivariant fold) with the original stem's output
+* :func:`inject_equivariant_stem`: an :class:`~gequiv_timm.layers.stem.EquivariantStem` (pure torch, in
+  ``layers/stem.py``: lifting group convolution, group convolution(s), then pooling over the group or a learned
+  equivariant fold) with the original stem's output
   channels and stride, optionally warm-started from the original stem's filters.
 
 The stem's output transforms as follows (``g`` a 90-degree rotation, or for p4m also a mirror, about the image
@@ -44,11 +45,9 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 
-from ..layers.gconv import GroupBatchNorm, GroupConv2d, GroupPool, _check_float, fold_group, unfold_group
-from ..layers.groups import get_group
+from ..layers.stem import EquivariantStem, PooledLift  # noqa: F401  (public here since 0.1.0; pure torch in layers/)
 from ..registry import tagged_cfgs
 from ._helpers import adapt_input_conv_nd, backbone_cfg, create_gequiv_model
 
@@ -353,193 +352,6 @@ def stem_output(model: nn.Module, x: torch.Tensor, stem: Optional[nn.Module] = N
     if 'out' not in box:
         raise StemError(f"{_model_name(model)}: the stem {type(stem).__name__} was not called by forward()")
     return box['out']
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the equivariant stem
-# ----------------------------------------------------------------------------------------------------------------
-class PooledLift(GroupConv2d):
-    """Lifting conv (``k x k``, 'same' padding, stride 1) followed by an ``s x s`` average pool, computed as one
-    strided convolution.
-
-    ``avgpool_s(conv_k(x, w))`` equals ``conv(x, w_s, stride=s, padding=k//2)`` with ``w_s = w * box_s`` (the filter
-    smeared over ``s x s`` positions, size ``k + s - 1``): the same numbers as the pooled stride-1 conv, at the cost
-    of a strided conv and without the full-resolution feature map. Equivariance is exact when ``H, W`` are
-    multiples of ``s`` (the pooling windows tile the image symmetrically). Weight and output layout are those of
-    :class:`GroupConv2d` (``[C_out, C_in, 1, k, k]``; ``[B, C_out, |G|, H/s, W/s]``).
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, group: str, pool: int):
-        super().__init__(in_channels, out_channels, kernel_size, 'z2', group, padding=kernel_size // 2, bias=False)
-        self.pool = pool
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f', then avg pool {self.pool}x{self.pool} (fused)'
-
-    def pooled_weight(self) -> torch.Tensor:
-        """The fused filter bank ``[C_out*|G|, C_in, k+s-1, k+s-1]`` (cached in eval mode like the lift's own)."""
-        return self._smear(self.expanded_weight())
-
-    def _smear(self, w: torch.Tensor) -> torch.Tensor:
-        s = self.pool
-        if s == 1:
-            return w
-        k = w.shape[-1]
-        out = w.new_zeros(w.shape[0], w.shape[1], k + s - 1, k + s - 1)
-        for a in range(s):
-            for b in range(s):
-                out[:, :, a:a + k, b:b + k] += w
-        return out / (s * s)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():  # no Python input checks, no eval cache
-            w = self._smear(self._expand(self.weight))
-        else:
-            if x.dim() != 4 or x.shape[1] != self.in_channels:
-                raise ValueError(f"PooledLift: expected a planar input [B, {self.in_channels}, H, W], got "
-                                 f"{tuple(x.shape)}")
-            _check_float(x, 'PooledLift')
-            w = self.pooled_weight()
-        y = F.conv2d(x, w, None, self.pool, self.padding)
-        return y.unflatten(1, (self.out_channels, self.out_order))
-
-
-class EquivariantStem(nn.Module):
-    """Lifting group conv + group conv(s), then pooling over the group (invariant) or an equivariant fold.
-
-    ``[B, C_in, H, W] -> lift (k x k, 'same') + avg pool (stride), fused (:class:`PooledLift`) -> GBN -> ReLU ->
-    [G-conv 3x3 -> GBN -> ReLU] x depth -> head``, with head
-
-    * ``'invariant'``: max (or mean) over the group -> 1x1 conv -> BN -> ReLU: ``[B, out_chs, H/s, W/s]`` with
-      ``f(g x) = g f(x)`` (spatial transform only);
-    * ``'equivariant'``: 1x1 group conv to ``out_chs / |G|`` fields -> GBN -> ReLU -> fold:
-      ``[B, out_chs, H/s, W/s]`` with ``f(g x) = fold(g . unfold(f(x)))``.
-
-    The spatial reduction is a ``stride x stride`` average pool of the lifting conv rather than a plain strided conv:
-    a stride-2 conv on an even-sized image samples a grid that a rotation about the centre does not map onto itself,
-    whereas the pooling windows tile the image symmetrically, so equivariance is exact whenever ``H`` and ``W`` are
-    multiples of ``stride``. Pool and conv are fused into one strided conv with a ``(k + s - 1)`` filter, so the
-    lift costs about what the original strided stem conv did.
-
-    Args:
-        in_chs, out_chs, stride: planar channels in/out and the spatial reduction (1, 2 or 4).
-        group: ``'p4'`` or ``'p4m'``. mode: ``'invariant'`` or ``'equivariant'`` (needs ``out_chs % |G| == 0``).
-        width: fields of the group layers (default ``out_chs // |G|``: as many channels as the original stem).
-        kernel_size: odd size of the lifting filters. depth: number of group convs after the lift.
-        group_pool: ``'max'`` or ``'mean'`` (invariant mode).
-
-    Example:
-        >>> stem = EquivariantStem(3, 64, 2, group='p4')
-        >>> stem(torch.randn(1, 3, 32, 32)).shape
-        torch.Size([1, 64, 16, 16])
-    """
-
-    first_conv = 'lift'
-
-    def __init__(self, in_chs: int = 3, out_chs: int = 64, stride: int = 2, group: str = 'p4',
-                 mode: str = 'invariant', width: Optional[int] = None, kernel_size: int = 7, depth: int = 1,
-                 group_pool: str = 'max', device=None, dtype=None):
-        super().__init__()
-        g = get_group(group)
-        if g.order == 1:
-            raise ValueError("EquivariantStem: group must be 'p4' or 'p4m', got 'z2' (that is the plain stem)")
-        if mode not in ('invariant', 'equivariant'):
-            raise ValueError(f"EquivariantStem: mode must be 'invariant' or 'equivariant', got {mode!r}")
-        if mode == 'equivariant' and out_chs % g.order:
-            raise ValueError(f"EquivariantStem: mode='equivariant' folds |G|={g.order} copies of each field into the "
-                             f"output channels, so out_chs must be a multiple of {g.order}; got {out_chs}. Use "
-                             f"mode='invariant' or group='p4'.")
-        if stride not in (1, 2, 4):
-            raise ValueError(f"EquivariantStem: stride must be 1, 2 or 4, got {stride!r}")
-        if kernel_size % 2 == 0:
-            raise ValueError(f"EquivariantStem: kernel_size must be odd (a rotated even filter is off by half a "
-                             f"pixel), got {kernel_size}; use {kernel_size + 1}")
-        self.group = g
-        self.group_name = g.name
-        self.mode = mode
-        self.layout = 'invariant' if mode == 'invariant' else 'folded'
-        self.in_chs, self.out_chs, self.stride = in_chs, out_chs, stride
-        # nn.Conv2d's names too: modules that wrapped the replaced conv read them (timm's ConvNormAct properties)
-        self.in_channels, self.out_channels = in_chs, out_chs
-        self.width = width = int(width or max(1, out_chs // g.order))
-        self.lift = PooledLift(in_chs, width, kernel_size, g.name, stride)
-        self.bn1 = GroupBatchNorm(width, g)
-        self.act1 = nn.ReLU(inplace=True)
-        convs = []
-        for _ in range(depth):
-            convs += [GroupConv2d(width, width, 3, g.name, g.name, padding=1, bias=False), GroupBatchNorm(width, g),
-                      nn.ReLU(inplace=True)]
-        self.convs = nn.Sequential(*convs)
-        if mode == 'invariant':
-            self.gpool = GroupPool(g, group_pool)
-            self.proj = nn.Conv2d(width, out_chs, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(out_chs)
-        else:
-            self.gpool = nn.Identity()
-            self.proj = GroupConv2d(width, out_chs // g.order, 1, g.name, g.name, bias=False)
-            self.bn2 = GroupBatchNorm(out_chs // g.order, g)
-        self.act2 = nn.ReLU(inplace=True)
-        if device is not None or dtype is not None:
-            self.to(device=device, dtype=dtype)
-
-    def forward_group(self, x: torch.Tensor) -> torch.Tensor:
-        """The group feature map ``[B, width, |G|, H/s, W/s]`` before the group pooling / fold."""
-        return self.convs(self.act1(self.bn1(self.lift(x))))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.act2(self.bn2(self.proj(self.gpool(self.forward_group(x)))))
-        if self.mode == 'equivariant':
-            y = fold_group(y)
-        return y
-
-    def transform_output(self, y: torch.Tensor, g: int) -> torch.Tensor:
-        """How the output moves when the input is transformed by group element ``g`` (see the class docstring)."""
-        if self.mode == 'invariant':
-            return self.group.transform_plane(y, g)
-        return fold_group(self.group.transform_group_map(unfold_group(y, self.group.order), g))
-
-    @torch.no_grad()
-    def check_equivariance(self, x: Optional[torch.Tensor] = None, size: int = 32) -> float:
-        """``max_g |f(g x) - T_g f(x)|`` over the group on a random (or given) input, in eval mode."""
-        was = self.training
-        self.eval()
-        if x is None:
-            p = self.lift.weight
-            x = torch.randn(2, self.in_chs, size, size, device=p.device, dtype=p.dtype)
-        fx = self(x)
-        err = max((self(self.group.transform_plane(x, g)) - self.transform_output(fx, g)).abs().max().item()
-                  for g in self.group.elements())
-        self.train(was)
-        return err
-
-    @torch.no_grad()
-    def init_from_conv(self, weight: torch.Tensor) -> None:
-        """Warm-start the lifting filters from a planar stem conv weight ``[C, C_in, k0, k0]``.
-
-        The ``width`` filters of largest L2 norm are copied into the lifting weight (one per field; the group
-        convolution then applies every rotated / mirrored copy of each). An even ``k0`` is zero-padded at the end
-        to the odd size, a larger ``k0`` is centre-cropped, a smaller one centre-padded.
-        """
-        lw = self.lift.weight  # [width, C_in, 1, k, k]
-        if weight.dim() != 4 or weight.shape[1] != lw.shape[1]:
-            raise ValueError(f"EquivariantStem.init_from_conv: expected a conv weight [C, {lw.shape[1]}, k, k], got "
-                             f"{tuple(weight.shape)}")
-        k = lw.shape[-1]
-        w = weight.to(device=lw.device, dtype=lw.dtype)
-        norms = w.flatten(1).norm(dim=1)
-        idx = norms.argsort(descending=True)[:lw.shape[0]]
-        w = w[idx]
-        k0 = w.shape[-1]
-        if k0 > k:
-            o = (k0 - k) // 2
-            w = w[..., o:o + k, o:o + k]
-        elif k0 < k:
-            lo = (k - k0) // 2
-            hi = k - k0 - lo
-            w = F.pad(w, (lo, hi, lo, hi))
-        out = lw.clone()
-        out[:w.shape[0], :, 0] = w
-        lw.copy_(out)
 
 
 def inject_equivariant_stem(model: Union[nn.Module, str], group: str = 'p4', mode: str = 'invariant', *,

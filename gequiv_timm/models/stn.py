@@ -33,18 +33,14 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, register_notrace_module
+from timm.layers import ClassifierHead
 from timm.models import generate_default_cfgs, register_model
 
-from ..layers.stn import LocalisationCNN, ParallelSpatialTransformer, SpatialTransformer
+from ..layers.stn import ParallelSpatialTransformer, SpatialTransformer
 from ..registry import tagged_cfgs
 from ._helpers import create_gequiv_model
 
 __all__ = ['STNFrontEnd']
-
-register_notrace_module(SpatialTransformer)
-register_notrace_module(ParallelSpatialTransformer)
-register_notrace_module(LocalisationCNN)
 
 
 class _ApplyAfter:
