@@ -198,7 +198,7 @@ def test_deepcopy_in_eval_mode(name, models):
 
 
 def test_integer_input_is_refused(models):
-    with pytest.raises(ValueError, match='floating point'):
+    with pytest.raises(TypeError, match='floating point'):
         models['gequiv_escnn_c4cnn'](torch.zeros(1, 1, 28, 28, dtype=torch.uint8))
 
 

@@ -268,7 +268,6 @@ def test_group_pool_invariance():
     (lambda: P4ConvP4(2, 3, 3)(torch.randn(2, 2, 8, 5, 5)), 'group axis of size |G|=4'),
     (lambda: P4ConvZ2(1, 3, 3)(torch.randn(1, 1, 2, 2)), 'too small'),
     (lambda: P4ConvZ2(1, 3, 3)(torch.randn(1, 28, 28)), 'planar input'),
-    (lambda: P4ConvZ2(1, 3, 3)(torch.ones(1, 1, 5, 5, dtype=torch.long)), 'floating point'),
     (lambda: P4ConvZ2(1, 3, 4), 'kernel_size must be odd'),
     (lambda: P4ConvP4(0, 3, 3), 'in_channels must be a positive int'),
     (lambda: GroupConv2d(1, 2, 3, 'p4', 'p4m'), 'cannot convolve'),
@@ -279,6 +278,12 @@ def test_bad_input_messages(bad, msg):
     with pytest.raises(ValueError) as e:
         bad()
     assert msg in str(e.value)
+
+
+def test_integer_input_is_a_type_error():
+    """The wrong kind of input (layers/checks.py's policy): TypeError naming the layer and the fix."""
+    with pytest.raises(TypeError, match=r'P4ConvZ2: expected a floating point tensor, got dtype torch.int64.*x\.float'):
+        P4ConvZ2(1, 3, 3)(torch.ones(1, 1, 5, 5, dtype=torch.long))
 
 
 def test_groups_are_groups():

@@ -105,8 +105,9 @@ def test_stack_gradients_are_equivariant():
 
 def test_check_equivariance_method():
     torch.manual_seed(4)
-    assert CDEPdeLayerM2(2, 3).check_equivariance(size=9, rtol=RTOL) <= RTOL
-    assert PDEStem(3, 8, stride=2, width=4).check_equivariance(size=12, rtol=RTOL) <= RTOL
+    assert CDEPdeLayerM2(2, 3).check_equivariance(size=9, rtol=RTOL).relative <= RTOL
+    err = PDEStem(3, 8, stride=2, width=4).check_equivariance(size=12, rtol=RTOL)
+    assert err.relative <= RTOL and set(err.per_element) == {1, 2, 3} and float(err) == max(err.per_element.values())
 
 
 # ----- morphological convolution ---------------------------------------------------------------------------

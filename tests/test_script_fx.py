@@ -82,7 +82,7 @@ def test_group_conv_eager_keeps_checks():
         w1 = conv.expanded_weight()
         conv.weight.mul_(2)                   # the bank is always expanded from the current weights
         torch.testing.assert_close(conv.expanded_weight(), 2 * w1)
-    with pytest.raises(ValueError, match='floating point'):
+    with pytest.raises(TypeError, match='floating point'):
         conv(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
     with pytest.raises(ValueError, match='expected 3 input channels'):
         conv(torch.randn(1, 2, 8, 8))
@@ -123,7 +123,7 @@ def test_pools_and_fold_scripted_equal_eager():
     torch.testing.assert_close(u(f(x), 8), x)
     with pytest.raises(ValueError, match='5-D'):
         fold_group(torch.randn(2, 3, 4, 4))
-    with pytest.raises(ValueError, match='floating point'):
+    with pytest.raises(TypeError, match='floating point'):
         GroupPool('p4')(torch.zeros(1, 2, 4, 3, 3, dtype=torch.int64))
 
 
@@ -133,7 +133,7 @@ def test_pooled_lift_scripted_equals_eager(pool):
     lift = PooledLift(3, 4, 5, 'p4', pool).eval()
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(_script(lift)(x), lift(x))
-    with pytest.raises(ValueError, match='floating point'):
+    with pytest.raises(TypeError, match='floating point'):
         lift(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
 
 
@@ -187,7 +187,7 @@ def test_stem_injected_backbone_scripted_equals_eager():
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match='floating point'):
+    with pytest.raises(TypeError, match='floating point'):
         model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
 
 
@@ -211,7 +211,7 @@ def test_fx_graph_keeps_the_input_check():
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(fx(x)[nodes[-1]], model(x))
-    with pytest.raises(ValueError, match='floating point'):
+    with pytest.raises(TypeError, match='floating point'):
         fx(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
     with pytest.raises(ValueError, match='too small'):
         fx(torch.randn(2, 1, 12, 12))
@@ -221,7 +221,7 @@ def test_fx_graph_keeps_the_input_check():
 def test_models_reject_integer_images(name):
     model = timm.create_model(name).eval()
     c, h, w = model.pretrained_cfg['input_size']
-    with pytest.raises(ValueError, match=r'floating point.*x\.float\(\)'):
+    with pytest.raises(TypeError, match=r'floating point.*x\.float\(\)'):
         model(torch.zeros(1, c, min(h, 64), min(w, 64), dtype=torch.uint8))
     with pytest.raises(ValueError, match='in_chans=2'):
         model(torch.randn(1, 2, min(h, 64), min(w, 64)))

@@ -297,7 +297,7 @@ def test_wrong_theta_shapes_rejected():
         projective_grid(torch.zeros(1, 2, 3), (4, 4), False)
     with pytest.raises(ValueError, match=r'\[B, 9, 2\]'):
         tps_grid(torch.zeros(1, 16, 2), tps_control_points(3), (4, 4), False)
-    with pytest.raises(ValueError, match='floating'):
+    with pytest.raises(TypeError, match='floating'):
         check_theta(torch.zeros(1, 2, 3, dtype=torch.long), 'affine')
     with pytest.raises(ValueError, match=r'raw parameters \[B, 4\]'):
         create_transform('similarity').to_theta(torch.zeros(2, 6))
@@ -376,7 +376,7 @@ def test_localisation_input_resize_and_custom_loc_net():
     assert loc(torch.rand(1, 3, 9, 11)).shape == (1, 12)
     with pytest.raises(ValueError, match=r'\[B, C, H, W\]'):
         loc(torch.rand(3, 9, 11))
-    with pytest.raises(ValueError, match='floating'):
+    with pytest.raises(TypeError, match='floating'):
         loc(torch.zeros(1, 3, 9, 11, dtype=torch.long))
     with pytest.raises(ValueError, match='3 input channels'):
         loc(torch.rand(1, 1, 9, 11))

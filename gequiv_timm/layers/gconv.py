@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checks import EquivarianceError, check_equivariance, check_float_tensor
 from .groups import filter_indices, get_group
 
 __all__ = [
@@ -112,11 +113,7 @@ def check_finite(x: torch.Tensor, name: str) -> None:
 
 
 def _check_float(x: torch.Tensor, name: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name}: expected a floating point tensor, got dtype {x.dtype}; convert it with "
-                         f"x.float() (and scale uint8 images to [0, 1])")
+    check_float_tensor(x, name)  # TypeError: not a tensor, or not floating point (layers/checks.py's policy)
     check_finite(x, name)
 
 
@@ -144,8 +141,7 @@ def check_group_input(x: torch.Tensor, channels: int, order: int, name: str, min
             raise ValueError(
                 f"{name}: expected group axis of size |G|={order}, got {x.shape[2]} (shape {tuple(x.shape)}); "
                 f"is this feature map from another group?")
-    if not x.is_floating_point():
-        raise ValueError(f"{name}: expected a floating point tensor, got dtype {x.dtype}")
+    check_float_tensor(x, name)
     check_finite(x, name)
     if min(x.shape[-2:]) < min_size:
         raise ValueError(
@@ -197,20 +193,17 @@ class EquivariantMixin:
 
     @torch.no_grad()
     def check_equivariance(self, x: Optional[torch.Tensor] = None, size: Tuple[int, int] = (13, 13),
-                           atol: Optional[float] = None) -> float:
-        """Rotate/flip a random (or the given) input by every group element and return the max abs error
-        ``max_g |f(g.x) - g.f(x)|``. If ``atol`` is given, raise an AssertionError when it is exceeded."""
+                           atol: Optional[float] = None, rtol: Optional[float] = None,
+                           elements: Optional[Sequence[int]] = None) -> EquivarianceError:
+        """Rotate/flip a random (or the given) input by every group element (or ``elements``) and return the
+        error ``max_g |f(g.x) - g.f(x)|`` (:func:`~gequiv_timm.layers.checks.check_equivariance`: a float, the
+        absolute error, with ``.relative``); raise an AssertionError when ``atol`` / ``rtol`` is exceeded."""
         if x is None:
             x = self._example_input(size)
-        fx = self(x)
-        err = 0.0
-        for g in self.act_group.elements():
-            lhs = self(self._act(x, g, self.in_planar))
-            rhs = self._act(fx, g, self.out_planar)
-            err = max(err, (lhs - rhs).abs().max().item())
-        if atol is not None and err > atol:
-            raise AssertionError(f"{type(self).__name__}: equivariance error {err:.3g} > {atol:.3g}")
-        return err
+        return check_equivariance(self, x, lambda t, g: self._act(t, g, self.in_planar),
+                                  lambda t, g: self._act(t, g, self.out_planar),
+                                  self.act_group.elements() if elements is None else elements,
+                                  atol=atol, rtol=rtol, name=type(self).__name__)
 
 
 class GroupConv2d(EquivariantMixin, nn.Module):

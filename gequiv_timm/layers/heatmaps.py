@@ -16,6 +16,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .checks import check_float_tensor
+
 __all__ = [
     'spatial_softmax', 'spatial_log_softmax', 'keypoints_to_cells', 'keypoints_to_onehot', 'heatmap_cross_entropy',
     'argmax_keypoints', 'soft_argmax_keypoints', 'decode_heatmaps', 'corrupt_keypoints', 'joint_log_probs',
@@ -23,11 +25,9 @@ __all__ = [
 
 
 def _check_heatmaps(logits: torch.Tensor, name: str) -> None:
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 4:
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"{name}: expected heatmap logits [B, K, H, W], got {shape}")
-    if not logits.is_floating_point():
-        raise ValueError(f"{name}: expected floating point logits, got dtype {logits.dtype}")
+    check_float_tensor(logits, name, 'heatmap logits [B, K, H, W]')
+    if logits.dim() != 4:
+        raise ValueError(f"{name}: expected heatmap logits [B, K, H, W], got {tuple(logits.shape)}")
 
 
 def _check_keypoints(keypoints: torch.Tensor, logits_shape, name: str) -> None:

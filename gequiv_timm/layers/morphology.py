@@ -30,6 +30,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .checks import check_float_tensor
+
 __all__ = ['morphological_convolution_m2', 'morphological_convolution_m2_blocks',
            'morphological_convolution_m2_reference']
 
@@ -43,8 +45,7 @@ def _check_m2(x: torch.Tensor, name: str, channels: Optional[int] = None, min_si
                          + (" (a planar image? lift it first with LiftM2Cartesian)" if x.dim() == 4 else ''))
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{name}: expected {channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
-    if not x.is_floating_point():
-        raise ValueError(f"{name}: expected a floating point tensor, got dtype {x.dtype}")
+    check_float_tensor(x, name)
     if min(x.shape[-2:]) < min_size:
         raise ValueError(f"{name}: spatial size {tuple(x.shape[-2:])} is too small; need at least "
                          f"{min_size}x{min_size}")

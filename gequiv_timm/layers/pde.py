@@ -63,6 +63,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checks import EquivarianceError, check_equivariance
 from .morphology import _check_m2, morphological_convolution_m2
 
 __all__ = [
@@ -147,23 +148,17 @@ class M2EquivariantMixin:
 
     @torch.no_grad()
     def check_equivariance(self, x: Optional[torch.Tensor] = None, size: int = 13, orientations: int = 8,
-                           rtol: Optional[float] = None) -> float:
-        """Return ``max_k |f(R^k x) - R^k f(x)| / max|f(x)|`` over quarter turns ``k = 1, 2, 3``.
-
-        Raises an AssertionError when ``rtol`` is given and exceeded. The module keeps its train/eval mode (batch
+                           rtol: Optional[float] = None) -> EquivarianceError:
+        """The error ``max_k |f(R^k x) - R^k f(x)|`` over quarter turns ``k = 1, 2, 3``
+        (:func:`~gequiv_timm.layers.checks.check_equivariance`: a float, the absolute error; ``.relative`` is it
+        divided by ``max |f(x)|``). Raises an AssertionError when the relative error exceeds a given ``rtol``. The module keeps its train/eval mode (batch
         norm in train mode uses batch statistics, which are rotation invariant).
         """
         if x is None:
             x = self._example_input(size, orientations)
-        fx = self(x)  # type: ignore[operator]
-        scale = fx.abs().max().clamp_min(1e-12)
-        err = 0.0
-        for k in (1, 2, 3):
-            lhs = self(self._rot(x, k, self.in_planar))  # type: ignore[operator]
-            err = max(err, ((lhs - self._rot(fx, k, self.out_planar)).abs().max() / scale).item())
-        if rtol is not None and err > rtol:
-            raise AssertionError(f"{type(self).__name__}: relative equivariance error {err:.3g} > {rtol:.3g}")
-        return err
+        return check_equivariance(self, x, lambda t, k: self._rot(t, k, self.in_planar),  # type: ignore[arg-type]
+                                  lambda t, k: self._rot(t, k, self.out_planar), (1, 2, 3), rtol=rtol,
+                                  name=type(self).__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------------

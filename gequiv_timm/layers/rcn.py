@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checks import check_float_tensor
 from .heatmaps import (
     _check_heatmaps, argmax_keypoints, corrupt_keypoints, decode_heatmaps, heatmap_cross_entropy, joint_log_probs,
     keypoints_to_cells, keypoints_to_onehot, soft_argmax_keypoints, spatial_log_softmax, spatial_softmax,
@@ -608,12 +609,10 @@ class RCNPaperTrunk(nn.Module):
 
 def check_trunk_input(x: torch.Tensor, in_chans: int, multiple: int) -> None:
     """(Opaque to FX tracing: see :data:`NOTRACE_FUNCTIONS`.)"""
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != in_chans:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"RCNPaperTrunk: expected [B, {in_chans}, H, W] ({in_chans} channels), got {shape}")
-    if not x.is_floating_point():
-        raise TypeError(f"RCNPaperTrunk: expected a floating point image batch, got dtype {x.dtype}; convert it "
-                        f"with x.float() (and normalise as the model's pretrained_cfg says)")
+    check_float_tensor(x, 'RCNPaperTrunk', f'an image batch [B, {in_chans}, H, W]')
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError(f"RCNPaperTrunk: expected [B, {in_chans}, H, W] ({in_chans} channels), got "
+                         f"{tuple(x.shape)}")
     if x.shape[-2] % multiple or x.shape[-1] % multiple:
         raise ValueError(f"RCNPaperTrunk: input size {tuple(x.shape[-2:])} must be divisible by {multiple} "
                          f"({multiple.bit_length()} levels)")

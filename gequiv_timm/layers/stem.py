@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checks import EquivarianceError, check_equivariance
 from .gconv import GroupBatchNorm, GroupConv2d, GroupPool, _check_float, fold_group, unfold_group
 from .groups import get_group
 
@@ -58,10 +59,10 @@ class PooledLift(GroupConv2d):
         if torch.jit.is_scripting():  # no Python input checks, no eval cache
             w = self._smear(self._expand(self.weight))
         else:
+            _check_float(x, 'PooledLift')  # the kind first (TypeError), then the shape (ValueError)
             if x.dim() != 4 or x.shape[1] != self.in_channels:
                 raise ValueError(f"PooledLift: expected a planar input [B, {self.in_channels}, H, W], got "
                                  f"{tuple(x.shape)}")
-            _check_float(x, 'PooledLift')
             w = self.pooled_weight()
         y = F.conv2d(x, w, None, self.pool, self.padding)
         return y.unflatten(1, (self.out_channels, self.out_order))
@@ -162,18 +163,20 @@ class EquivariantStem(nn.Module):
         return fold_group(self.group.transform_group_map(unfold_group(y, self.group.order), g))
 
     @torch.no_grad()
-    def check_equivariance(self, x: Optional[torch.Tensor] = None, size: int = 32) -> float:
-        """``max_g |f(g x) - T_g f(x)|`` over the group on a random (or given) input, in eval mode."""
+    def check_equivariance(self, x: Optional[torch.Tensor] = None, size: int = 32, atol: Optional[float] = None,
+                           rtol: Optional[float] = None) -> EquivarianceError:
+        """``max_g |f(g x) - T_g f(x)|`` over the group on a random (or given) input, in eval mode
+        (:func:`~gequiv_timm.layers.checks.check_equivariance`: a float, the absolute error, with ``.relative``)."""
         was = self.training
         self.eval()
         if x is None:
             p = self.lift.weight
             x = torch.randn(2, self.in_chs, size, size, device=p.device, dtype=p.dtype)
-        fx = self(x)
-        err = max((self(self.group.transform_plane(x, g)) - self.transform_output(fx, g)).abs().max().item()
-                  for g in self.group.elements())
-        self.train(was)
-        return err
+        try:
+            return check_equivariance(self, x, self.group.transform_plane, self.transform_output,
+                                      self.group.elements(), atol=atol, rtol=rtol, name='EquivariantStem')
+        finally:
+            self.train(was)
 
     @torch.no_grad()
     def init_from_conv(self, weight: torch.Tensor) -> None:

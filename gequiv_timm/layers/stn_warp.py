@@ -17,6 +17,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .checks import check_float_tensor
+
 __all__ = [
     'SizeLike', 'identity_grid', 'affine_grid', 'projective_grid', 'projective_invalid', 'tps_grid', 'warp',
     'affine_warp', 'projective_warp', 'tps_warp', 'check_theta', 'similarity_theta', 'rotation_theta',
@@ -52,8 +54,7 @@ def _check_image(x: torch.Tensor, name: str, channels: Optional[int] = None) -> 
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{name}: expected {channels} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
                          f"set in_chans={x.shape[1]} when building the module")
-    if not x.is_floating_point():
-        raise ValueError(f"{name}: expected a floating point tensor, got dtype {x.dtype}; convert with x.float()")
+    check_float_tensor(x, name)
 
 
 def _check_sampler(mode: str, padding_mode: str, name: str) -> None:
@@ -94,8 +95,7 @@ def check_theta(theta: torch.Tensor, kind: str, num_points: Optional[int] = None
             hint = '; it looks flat: build the 3x3 matrix first (ProjectiveTransform().to_theta for 8 parameters)'
         expected = _THETA_SHAPES[kind] if num_points is None or kind != 'tps' else f'[B, {num_points}, 2]'
         raise ValueError(f"{name}: expected a {kind} theta of shape {expected}, got {shape}{hint}")
-    if not theta.is_floating_point():
-        raise ValueError(f"{name}: expected a floating point tensor, got dtype {theta.dtype}")
+    check_float_tensor(theta, name)
     if finite and theta.device.type != 'meta':
         bad = ~torch.isfinite(theta.detach()).flatten(1).all(1)
         if bad.any():

@@ -34,6 +34,8 @@ from timm.layers import ClassifierHead, get_device_dtype
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 
+from ..layers.checks import check_float_tensor
+
 __all__ = ['TimmApiMixin', 'FoldGroup', 'check_image_input']
 
 
@@ -41,20 +43,16 @@ def check_image_input(x: torch.Tensor, in_chans: int, min_size: int, name: str) 
     """Raise a clear error unless ``x`` is a floating point image batch ``[B, in_chans, H, W]`` with
     ``H, W >= min_size``.
 
-    TypeError for a non-tensor; ValueError (naming ``name``, saying what was expected, what was given and what to
-    do) for a wrong rank, channel count, an integer dtype (e.g. uint8 images) or too small a size.
+    The policy of :mod:`gequiv_timm.layers.checks`: TypeError for a non-tensor or an integer dtype (e.g. uint8
+    images); ValueError (naming ``name``, saying what was expected, what was given and what to do) for a wrong
+    rank, channel count or too small a size.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected an image batch torch.Tensor [B, {in_chans}, H, W], got "
-                        f"{type(x).__name__}")
+    check_float_tensor(x, name, f'an image batch [B, {in_chans}, H, W]')
     if x.dim() != 4:
         raise ValueError(f"{name}: expected an image batch [B, {in_chans}, H, W], got shape {tuple(x.shape)}")
     if x.shape[1] != in_chans:
         raise ValueError(f"{name}: expected {in_chans} input channels, got {x.shape[1]}; create the model with "
                          f"in_chans={x.shape[1]}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name}: expected a floating point tensor, got dtype {x.dtype}; convert it with x.float() "
-                         f"(and scale uint8 images to [0, 1], then normalise as the model's pretrained_cfg says)")
     if min_size > 1 and min(x.shape[-2:]) < min_size:
         raise ValueError(f"{name}: input {tuple(x.shape[-2:])} is too small; the stages need at least "
                          f"{min_size}x{min_size}")

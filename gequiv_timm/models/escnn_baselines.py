@@ -35,6 +35,7 @@ from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from ..registry import tagged_cfgs
+from ..layers.checks import check_equivariance
 from ._helpers import create_gequiv_model, require_extras
 from ._timm_api import TimmApiMixin
 
@@ -375,14 +376,14 @@ class _EscnnBase(TimmApiMixin, nn.Module):
         self.eval()
         if x is None:
             x = torch.randn(2, self.in_chans, size, size)
-        y = self(x)
-        err = 0.0
-        for k in range(1, 4):
-            err = max(err, (self(torch.rot90(x, k, dims=(-2, -1))) - y).abs().max().item())
-        if self.group == 'd4':
-            err = max(err, (self(torch.flip(x, dims=(-1,))) - y).abs().max().item())
-        self.train(was)
-        return err
+        turns = [('rot', k) for k in range(1, 4)] + ([('flip', 0)] if self.group == 'd4' else [])
+
+        def act(t, g):
+            return torch.rot90(t, g[1], dims=(-2, -1)) if g[0] == 'rot' else torch.flip(t, dims=(-1,))
+        try:
+            return check_equivariance(self, x, act, lambda y, g: y, turns, name=type(self).__name__)
+        finally:
+            self.train(was)
 
 
 class EscnnCNN(_EscnnBase):

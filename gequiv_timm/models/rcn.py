@@ -43,6 +43,7 @@ from timm.layers import SelectAdaptivePool2d
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import FeatureDictNet, FeatureInfo, feature_take_indices
 
+from ..layers.checks import check_float_tensor
 from ..layers.rcn import (
     CoordRegressionHead,
     RCNPaperTrunk,
@@ -61,16 +62,14 @@ HEADS = ('rcn', 'sumnet', 'single', 'regression')
 POOL_TYPES = ('avg', 'max', 'avgmax', 'catavgmax', '')
 
 def check_keypoint_input(x: torch.Tensor, in_chans: int, multiple: int) -> None:
-    """KeypointNet's input check (eager; an FX leaf, registered in :mod:`gequiv_timm.models._fx`)."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != in_chans:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        hint = f"create the model with in_chans={x.shape[1]}" if isinstance(x, torch.Tensor) and x.dim() == 4 else \
+    """KeypointNet's input check (eager; an FX leaf, registered in :mod:`gequiv_timm.models._fx`). The policy of
+    :mod:`gequiv_timm.layers.checks`: TypeError for the kind, ValueError for the shape."""
+    check_float_tensor(x, 'KeypointNet', f'an image batch [B, {in_chans}, H, W]')
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        hint = f"create the model with in_chans={x.shape[1]}" if x.dim() == 4 else \
             "add the batch dimension (x[None]) or reshape to [B, C, H, W]"
         raise ValueError(f"KeypointNet: expected an image batch [B, {in_chans}, H, W] ({in_chans} channel(s)), got "
-                         f"{shape}; {hint}")
-    if not x.is_floating_point():
-        raise TypeError(f"KeypointNet: expected a floating point image batch, got dtype {x.dtype}; convert it with "
-                        f"x.float() / 255 and normalise with the model's pretrained_cfg mean / std")
+                         f"{tuple(x.shape)}; {hint}")
     if x.shape[-2] % multiple or x.shape[-1] % multiple:
         raise ValueError(f"KeypointNet: input size {tuple(x.shape[-2:])} must be divisible by {multiple} (the "
                          f"coarsest level's stride) so that every level is an exact x2 of the next; pad or resize "
