@@ -8,7 +8,6 @@ import gequiv_timm  # noqa: F401
 from gequiv_timm.layers import EquivariantStem, GroupConv2d, GroupPool, get_group
 from gequiv_timm.layers.checks import EquivarianceError, check_equivariance, check_float_tensor
 
-torch.set_num_threads(1)
 
 
 def test_kind_is_a_type_error_shape_a_value_error():

@@ -8,7 +8,6 @@ from gequiv_timm.data import load_mnist, split_indices
 from gequiv_timm.data.distorted import PROTOCOLS, distort_images, distorted_mnist
 from gequiv_timm.layers.stn import tps_control_points, tps_solve_matrix, transform_points
 
-torch.set_num_threads(1)
 
 
 def _small(protocol, n=64, seed=0):

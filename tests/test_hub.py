@@ -19,7 +19,6 @@ from gequiv_timm import hub, registry
 from gequiv_timm.cli import main as cli_main
 from gequiv_timm.weights import ChecksumError, sha256_file
 
-torch.set_num_threads(1)
 NAME, TAG = 'gequiv_p4cnn', 'rotmnist'
 METRICS = {'test_error': 0.25, 'test_split': 'rotmnist seed 0 (1,000 digits)', 'seed': 0, 'epochs': 3}
 

@@ -26,7 +26,6 @@ from gequiv_timm import hub, registry
 sys.path.insert(0, str(Path(__file__).parent))
 from hub_standin import HubStandIn  # noqa: E402
 
-torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = 'hf_standin_SECRET_9f8e7d'
 NAME, TAG = 'gequiv_p4cnn', 'rotmnist'

@@ -24,7 +24,6 @@ from gequiv_timm.layers.pde import (
     morphological_convolution_m2,
 )
 
-torch.set_num_threads(1)
 RTOL = 1e-5
 
 

@@ -8,7 +8,6 @@ import gequiv_timm  # noqa: F401
 from gequiv_timm.layers.pde import PDEStem
 from gequiv_timm.models.pde import PDEGCNN, create_pde_stem_model
 
-torch.set_num_threads(1)
 
 
 def _small(**kw):

@@ -36,7 +36,6 @@ def test_env_override_and_clear_error(tmp_path, monkeypatch):
 PROBE = r'''
 import json, os, sys
 import torch
-torch.set_num_threads(1)
 import gequiv_timm, timm
 from gequiv_timm import _resources, registry
 out = {'module': gequiv_timm.__file__, 'registry': str(_resources.registry_dir()),

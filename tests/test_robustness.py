@@ -28,7 +28,6 @@ from gequiv_timm.layers.gconv import (
     unfold_group,
 )
 
-torch.set_num_threads(1)
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                         HealthCheck.too_slow])
 ORDER = {'p4': 4, 'p4m': 8}

@@ -18,7 +18,6 @@ from gequiv_timm.models.gcnn import GroupCNN
 from gequiv_timm.models.gresnet import GroupAllCNN, GroupResNet
 from gequiv_timm.models.stems import EquivariantStem, PooledLift, inject_equivariant_stem
 
-torch.set_num_threads(1)
 
 
 def _script(m):

@@ -12,7 +12,6 @@ from gequiv_timm.layers.stn import (
     create_transform, homography_from_points, identity_grid, projective_grid, projective_warp, rotation_theta,
     similarity_theta, tps_control_points, tps_grid, tps_warp, transform_points, translation_theta)
 
-torch.set_num_threads(1)  # 2 shared cores: threads only contend
 
 
 def _const_loc():

@@ -11,7 +11,6 @@ import gequiv_timm  # noqa: F401  (registers)
 from gequiv_timm.layers.stn import TRANSFORMS
 from gequiv_timm.models.stn import STNFrontEnd
 
-torch.set_num_threads(1)
 
 SMALL_CNN = dict(widths=[8, 8, 8], kernel_size=3, padding=1, pool_after=[0, 1])
 

@@ -15,7 +15,6 @@ import gequiv_timm.train as T
 from gequiv_timm.cli import main
 from gequiv_timm.hub import load_weights, read_metadata
 
-torch.set_num_threads(1)
 SMALL = ['--model-kwargs', 'widths=[4,4,4]', '--threads', '1', '--no-progress']
 
 

@@ -15,7 +15,6 @@ import timm
 from gequiv_timm import hub, registry
 from gequiv_timm._resources import weights_dir
 
-torch.set_num_threads(1)
 MANIFEST = registry.load_manifest()
 SHIPPED = sorted(k for k, e in MANIFEST.items() if e.get('file'))
 REQUIRED = ('file', 'sha256', 'size', 'metrics', 'recipe', 'command')
