@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers.checks import check_equivariance
+
 __all__ = ['count_macs', 'invariance_error', 'peak_rss_bytes', 'time_round_robin', 'train_memory_bytes']
 
 
@@ -134,5 +136,5 @@ def invariance_error(model: nn.Module, x: torch.Tensor) -> float:
     """Max abs change of the output when ``x`` (``[B, C, H, W]``, square) is turned by 90, 180 and 270 degrees
     (eval mode): 0 up to float rounding for a model whose output is invariant to quarter turns."""
     model.eval()
-    y = model(x)
-    return max((model(torch.rot90(x, k, dims=(-2, -1))) - y).abs().max().item() for k in (1, 2, 3))
+    return float(check_equivariance(model, x, lambda t, k: torch.rot90(t, k, dims=(-2, -1)), lambda y, k: y,
+                                    (1, 2, 3), name='invariance_error'))

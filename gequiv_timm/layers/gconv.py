@@ -467,10 +467,10 @@ class GroupPool(EquivariantMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
-            if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[2] != self.in_group.order:
-                raise ValueError(f"GroupPool: expected [B, C, |G|={self.in_group.order}, H, W], got "
-                                 f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
             _check_float(x, 'GroupPool')
+            if x.dim() != 5 or x.shape[2] != self.in_group.order:
+                raise ValueError(f"GroupPool: expected [B, C, |G|={self.in_group.order}, H, W], got "
+                                 f"{tuple(x.shape)}")
         return x.amax(dim=2) if self.mode == 'max' else x.mean(dim=2)
 
 

@@ -63,7 +63,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import EquivarianceError, check_equivariance
+from .checks import EquivarianceError, check_equivariance, check_float_tensor
 from .morphology import _check_m2, morphological_convolution_m2
 
 __all__ = [
@@ -81,16 +81,13 @@ _KernelSize = Union[int, Sequence[int]]
 # checks and the group action
 # ----------------------------------------------------------------------------------------------------------------
 def _check_planar(x: torch.Tensor, name: str, channels: int) -> None:
-    """A floating-point planar batch ``[B, channels, H, W]``, or a TypeError / ValueError that says what to do."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor image batch [B, {channels}, H, W], got {type(x).__name__}")
+    """A floating-point planar batch ``[B, channels, H, W]``, or a TypeError (kind) / ValueError (shape) that says
+    what to do (the policy of :mod:`gequiv_timm.layers.checks`)."""
+    check_float_tensor(x, name, f'an image batch [B, {channels}, H, W]')
     if x.dim() != 4 or x.shape[1] != channels:
         raise ValueError(f"{name}: expected a planar input [B, {channels}, H, W], got shape {tuple(x.shape)}"
                          + (f"; {x.shape[1]} channels: build it with in_chans={x.shape[1]}"
                             if x.dim() == 4 else ''))
-    if not x.is_floating_point():
-        raise TypeError(f"{name}: expected a floating point image batch, got dtype {x.dtype}; convert and "
-                        f"normalise it first (e.g. x.float() / 255, then the model's mean / std)")
 
 
 def _check_finite(t: torch.Tensor, name: str, what: str) -> None:

@@ -129,8 +129,9 @@ def check_pyramid(features: Sequence[torch.Tensor], in_channels: Sequence[int], 
 
 def check_head_input(x: torch.Tensor, channels: int, name: str) -> None:
     """The input check of a head's ``forward_head``. (Opaque to FX tracing: see :data:`NOTRACE_FUNCTIONS`.)"""
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != channels:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+    check_float_tensor(x, f'{name}.forward_head', f'the feature map [B, {channels}, H, W]')
+    if x.dim() != 4 or x.shape[1] != channels:
+        shape = tuple(x.shape)
         raise ValueError(f"{name}.forward_head: expected the feature map [B, {channels}, H, W] that forward_features "
                          f"returns, got {shape}")
 
