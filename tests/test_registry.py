@@ -106,3 +106,19 @@ def test_pretrained_without_weights_is_refused_not_random():
     from gequiv_timm.hub import WeightsError
     with pytest.raises(WeightsError, match='gequiv_rcn_resnet18: pretrained=True but no weights'):
         timm.create_model('gequiv_rcn_resnet18', pretrained=True)
+
+
+def test_catalog_and_builders_must_name_the_same_models(monkeypatch):
+    """An entry without a builder (or a builder without an entry) is a CatalogError at import, naming the fix."""
+    import dataclasses
+
+    from gequiv_timm import models
+    cat = dict(registry.catalog())
+    cat['gequiv_nobuilder'] = dataclasses.replace(cat['gequiv_p4cnn'], name='gequiv_nobuilder')
+    monkeypatch.setattr(registry, '_CATALOG', cat)
+    with pytest.raises(registry.CatalogError, match=r"gcnn.toml: entry \[gequiv_nobuilder\] has no builder "
+                                                    r"`def gequiv_nobuilder\(pretrained=False, \*\*kwargs\)`"):
+        models._check_catalog_matches_builders()
+    del cat['gequiv_nobuilder'], cat['gequiv_p4cnn']
+    with pytest.raises(registry.CatalogError, match=r"builders \['gequiv_p4cnn'\] have no catalog entry"):
+        models._check_catalog_matches_builders()
