@@ -16,6 +16,7 @@ def test_kind_is_a_type_error_shape_a_value_error():
         check_float_tensor(torch.zeros(2, dtype=torch.uint8), 'layer')
     check_float_tensor(torch.zeros(2, dtype=torch.float16), 'layer')
 
+
 @pytest.mark.parametrize('make, good, bad_shape', [
     (lambda: GroupConv2d(3, 4, 3, 'z2', 'p4', padding=1), (1, 3, 8, 8), (3, 8, 8)),
     (lambda: EquivariantStem(3, 16, 2, group='p4', kernel_size=5), (1, 3, 8, 8), (1, 4, 8, 8)),
@@ -32,6 +33,7 @@ def test_every_entry_point_follows_the_policy(make, good, bad_shape):
             m(torch.zeros(good).tolist())
         with pytest.raises(ValueError):
             m(torch.zeros(bad_shape))
+
 
 def test_check_equivariance_absolute_relative_and_per_element():
     conv = GroupConv2d(2, 3, 3, 'z2', 'p4', padding=1).double()
@@ -51,6 +53,7 @@ def test_check_equivariance_absolute_relative_and_per_element():
         check_equivariance(shift, x, g.transform_plane, g.transform_plane, g.elements(), rtol=1e-6, name='shift')
     with pytest.raises(AssertionError, match=r'equivariance error .* > atol'):
         check_equivariance(shift, x, g.transform_plane, g.transform_plane, g.elements(), atol=1e-6)
+
 
 def test_stem_and_model_answer_the_same_check():
     stem = EquivariantStem(3, 16, 2, group='p4m', mode='equivariant', kernel_size=5).double()
