@@ -14,7 +14,7 @@ demo: $(STAMP)
 test: $(STAMP) timm-sdist
 	$(PY) -m pytest -q
 
-# timm's own tests/test_models.py runs over our models (tests/test_timm_models_upstream.py): fetch the source
+# timm's own tests/test_models.py runs over our models (tests/models/test_timm_models_upstream.py): fetch the source
 # distribution of the installed timm once into .cache/ (git-ignored)
 timm-sdist: $(STAMP)
 	@v=$$($(PY) -c 'import timm; print(timm.__version__)'); \

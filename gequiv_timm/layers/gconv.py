@@ -18,7 +18,7 @@ outlived by a stale bank. The expansion is one ``index_select`` (a few microseco
 ``nn.Conv2d`` holding the expanded bank.
 
 p4 and p4m follow GrouPy exactly (the element order of :mod:`.groups`, the weight layout and GrouPy's index
-construction), so GrouPy-trained weights load unchanged and give GrouPy's outputs; ``tests/test_groupy_reference.py``
+construction), so GrouPy-trained weights load unchanged and give GrouPy's outputs; ``tests/layers/test_groupy_reference.py``
 checks this against a reference written from GrouPy's definitions.
 
 Exactness: with an odd kernel, symmetric padding and stride 1, ``f(g . x) = g . f(x)`` holds exactly (to float

@@ -546,7 +546,7 @@ def _create_escnn(variant: str, pretrained: bool = False, arch: str = 'cnn', **k
 
 def _cfg(**kwargs) -> Dict[str, Any]:
     """28x28 grayscale digits (MNIST mean / std), no crop. No first_conv: R2Conv holds basis coefficients, not a
-    ``.weight`` timm could adapt to another in_chans (a listed departure, tests/timm_departures.py)."""
+    ``.weight`` timm could adapt to another in_chans (a listed departure, tests/models/timm_departures.py)."""
     return {
         'num_classes': 10, 'input_size': (1, 28, 28), 'pool_size': (2, 2), 'crop_pct': 1.0,
         'interpolation': 'bilinear', 'mean': (0.1307,), 'std': (0.3081,), 'classifier': 'head.fc',

@@ -1,7 +1,7 @@
 """timm's own ``tests/test_models.py``, run unchanged over every registered ``gequiv_*`` model.
 
 The file is read from the source distribution of the installed timm (``make test`` downloads it once into
-``.cache/timm-sdist/``; nothing of it is copied into this repository; see ``tests/timm_upstream.py``). Its module is
+``.cache/timm-sdist/``; nothing of it is copied into this repository; see ``tests/models/timm_upstream.py``). Its module is
 imported as it is, and each of its tests that is parametrised over ``timm.list_models(...)`` is collected here with
 its ``model_name`` values restricted to the ``gequiv_*`` models -- the selection (timm's exclude filters,
 ``name_matches_cfg``, ``include_tags``), its input-size rule, batch sizes and tolerances stay timm's. Left out:
@@ -9,7 +9,7 @@ its ``model_name`` values restricted to the ``gequiv_*`` models -- the selection
 - the two tests that download ImageNet weights from the Hugging Face Hub (``timm_upstream.DESELECTED``);
 - timm's tests written for named timm models (``resnet18``, ``convnext_atto``...): they test timm, not us.
 
-Every failure is either fixed in the models or listed in ``tests/timm_departures.py`` (the one list, also the source
+Every failure is either fixed in the models or listed in ``tests/models/timm_departures.py`` (the one list, also the source
 of README's contract table) and marked here as a strict expected failure with its reason: a fix that makes one pass
 fails the run until its entry is removed.
 """
@@ -65,8 +65,8 @@ def test_departures_match_collected_tests():
 
 
 def test_readme_table_is_the_departure_list():
-    """README's contract table is the one rendered from tests/timm_departures.py (and its counts this run's)."""
+    """README's contract table is the one rendered from tests/models/timm_departures.py (and its counts this run's)."""
     text = README.read_text()
     assert readme_table_block(text) == render_readme_table(SELECTED), (
-        "README's timm contract table differs from tests/timm_departures.py; regenerate it with "
-        "`.venv/bin/python tests/timm_departures.py`")
+        "README's timm contract table differs from tests/models/timm_departures.py; regenerate it with "
+        "`.venv/bin/python tests/models/timm_departures.py`")

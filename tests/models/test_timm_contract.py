@@ -1,12 +1,12 @@
 """timm's model contract: what timm's own ``tests/test_models.py`` does not check on our models.
 
-timm's file itself runs over every ``gequiv_*`` model in ``tests/test_timm_models_upstream.py``. This file adds:
+timm's file itself runs over every ``gequiv_*`` model in ``tests/models/test_timm_models_upstream.py``. This file adds:
 
 * ``test_forward_intermediates`` and ``test_prune_intermediate_layers``: timm runs its
   ``test_model_forward_intermediates`` / ``test_prune_intermediate_layers_contract`` only on its own model modules
   (``FEAT_INTER_FILTERS``), so here the same properties are asserted for every gequiv model (the sides capped at 32
   by timm's input-size rule, to stay fast on 2 CPU cores);
-* for each departure in ``tests/timm_departures.py`` whose failing assertion hides the later checks of the same timm
+* for each departure in ``tests/models/timm_departures.py`` whose failing assertion hides the later checks of the same timm
   test, those checks (the departures' ``covered_by``): keypoint backward with ``K`` on axis 1, timm's cfg test on
   the CPU for the escnn baselines, ``features_only`` for the unpadded P4CNN layout without the lower bound.
 """

@@ -1,5 +1,5 @@
 """timm's own ``tests/test_models.py``, imported unchanged from the sdist of the installed timm (a helper of
-``tests/test_timm_models_upstream.py`` and ``tests/test_timm_contract.py``; not a test file itself).
+``tests/models/test_timm_models_upstream.py`` and ``tests/models/test_timm_contract.py``; not a test file itself).
 
 ``make test`` downloads the sdist once into ``.cache/timm-sdist/``; its ``tests/`` folder is unpacked next to it on
 first use. timm defines ``test_model_forward_fx_torchscript`` only when ``GITHUB_ACTIONS`` is unset and trims its
@@ -19,7 +19,7 @@ import timm
 
 import gequiv_timm  # noqa: F401  (registers the gequiv_ models before timm's module lists them)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SDIST_DIR = ROOT / '.cache' / 'timm-sdist'
 MODULE_NAME = 'timm_upstream_test_models'
 # the two tests parametrised over the registry that are left out: they download ImageNet weights

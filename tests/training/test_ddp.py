@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from gequiv_timm.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).with_name('torchrun')
 STEPS = 4
 # frozen batch norm: torch's SyncBatchNorm is CUDA-only, and per-process batch statistics would (rightly) differ

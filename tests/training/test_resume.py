@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import gequiv_timm.train as T
 from gequiv_timm.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # 96 digits, batch 16: 6 steps per epoch, 12 steps in all; a 3-stage P4CNN keeps each step a few ms
 COMMON = ['train', 'gequiv_p4cnn', '--epochs', '2', '--batch-size', '16', '--limit-train', '96', '--limit-eval', '40',
           '--threads', '1', '--no-progress', '--model-kwargs', 'widths=[4,4,4]', '--log-every', '1', '--seed', '3']

@@ -189,7 +189,7 @@ def test_timm_train_wrapper_registers_models_and_forwards_arguments(tmp_path):
     import sys
     script = tmp_path / 'train.py'
     script.write_text(FAKE_TIMM_TRAIN)
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS='1')
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), OMP_NUM_THREADS='1')
     run = [sys.executable, '-m', 'gequiv_timm.timm_train']
     p = subprocess.run(run + [str(script), 'digits', '--model', 'gequiv_p4cnn', '--in-chans', '1', '--num-classes',
                               '3'], env=env, check=False, capture_output=True, text=True, timeout=120, cwd=tmp_path)
