@@ -64,6 +64,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checks import EquivarianceError, check_equivariance, check_float_tensor
+from .groups import get_group
 from .morphology import _check_m2, morphological_convolution_m2
 
 __all__ = [
@@ -112,13 +113,17 @@ def _triple(kernel_size: _KernelSize, name: str) -> Tuple[int, int, int]:
     return ks  # type: ignore[return-value]
 
 
+_P4 = get_group('p4')
+
+
 def rotate_m2(x: torch.Tensor, k: int = 1) -> torch.Tensor:
-    """Rotate an M2 map ``[..., Or, H, W]`` by ``k * 90`` degrees (``Or`` a multiple of 4): ``rot90`` on the
-    spatial axes and a cyclic shift of the orientation axis by ``k * Or / 4``."""
+    """Rotate an M2 map ``[..., Or, H, W]`` by ``k * 90`` degrees (``Or`` a multiple of 4): element ``k`` of the
+    one point-group abstraction (:class:`~gequiv_timm.layers.groups.Group` ``'p4'``, whose plane action the group
+    convolutions use too) on the spatial axes, and a cyclic shift of the orientation axis by ``k * Or / 4``."""
     orientations = x.shape[-3]
     if orientations % 4:
         raise ValueError(f"rotate_m2: a 90-degree rotation needs Or to be a multiple of 4, got Or={orientations}")
-    return torch.roll(torch.rot90(x, k, dims=(-2, -1)), k * orientations // 4, dims=-3)
+    return torch.roll(_P4.transform_plane(x, k % 4), k * orientations // 4, dims=-3)
 
 
 class M2EquivariantMixin:
@@ -141,7 +146,7 @@ class M2EquivariantMixin:
 
     @staticmethod
     def _rot(x: torch.Tensor, k: int, planar: bool) -> torch.Tensor:
-        return torch.rot90(x, k, dims=(-2, -1)) if planar else rotate_m2(x, k)
+        return _P4.transform_plane(x, k % 4) if planar else rotate_m2(x, k)
 
     @torch.no_grad()
     def check_equivariance(self, x: Optional[torch.Tensor] = None, size: int = 13, orientations: int = 8,
