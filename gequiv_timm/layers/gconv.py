@@ -375,11 +375,10 @@ class ExportedGroupConv2d(nn.Conv2d):
         out = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.in_order, conv.out_order,
                   conv.in_planar, conv.stride, conv.padding, conv.dilation, conv.bias is not None)
         out = out.to(device=conv.weight.device, dtype=conv.weight.dtype)
-        plain = conv.export()
         with torch.no_grad():
-            out.weight.copy_(plain.weight)
+            out.weight.copy_(conv.expanded_weight())
             if conv.bias is not None:
-                out.bias.copy_(plain.bias)
+                out.bias.copy_(conv.expanded_bias())
         return out.train(conv.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
