@@ -1,5 +1,9 @@
 """Pure PyTorch building blocks. Nothing in this package imports timm."""
-from .groups import GROUPS, Group, filter_indices, get_group, transform_group_map, transform_plane
+from .groups import GROUPS, Group, filter_indices, get_group, rotate_plane, transform_group_map, transform_plane
+from .filter_basis import (
+    FILTER_BASES, basis_size, count_parameters, default_filter_basis, expansion_map, rotation_maps,
+)
+from .fields import RandomField, centre
 from .gconv import (
     EquivariantMixin, ExportedGroupConv2d, GroupAvgPool2d, GroupBatchNorm, GroupConv2d, GroupMaxPool2d, GroupPool,
     P4ConvP4, P4ConvZ2, P4MConvP4M, P4MConvZ2, check_finite, check_group_input, export_group_convs, finite_check,

@@ -40,6 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checks import EquivarianceError, check_equivariance, check_float_tensor
+from .fields import RandomField, centre
+from .filter_basis import basis_size, expansion_map, resolve_filter_basis
 from .groups import filter_indices, get_group
 
 __all__ = [
@@ -186,24 +188,64 @@ class EquivariantMixin:
             return torch.randn(batch, self.in_channels, *size, dtype=dtype, device=device)
         return torch.randn(batch, self.in_channels, self.in_group.order, *size, dtype=dtype, device=device)
 
-    def _act(self, x: torch.Tensor, g: int, planar: bool) -> torch.Tensor:
+    def _act(self, x: torch.Tensor, g: int, planar: bool, mode: str = 'bilinear') -> torch.Tensor:
         if planar:
-            return self.act_group.transform_plane(x, g)
-        return self.act_group.transform_group_map(x, g)
+            return self.act_group.transform_plane(x, g, mode)
+        return self.act_group.transform_group_map(x, g, mode)
+
+    def _out_side(self, n: int) -> Optional[int]:
+        """The output side for an input side ``n`` when the output grid is centred on the input's centre (so the
+        rotation centre stays a sample point), else ``None``. Shape-preserving modules return ``n``."""
+        return n
 
     @torch.no_grad()
     def check_equivariance(self, x: Optional[torch.Tensor] = None, size: Tuple[int, int] = (13, 13),
                            atol: Optional[float] = None, rtol: Optional[float] = None,
-                           elements: Optional[Sequence[int]] = None) -> EquivarianceError:
+                           elements: Optional[Sequence[int]] = None,
+                           wavelength: float = 8.0) -> EquivarianceError:
         """Rotate/flip a random (or the given) input by every group element (or ``elements``) and return the
         error ``max_g |f(g.x) - g.f(x)|`` (:func:`~gequiv_timm.layers.checks.check_equivariance`: a float, the
-        absolute error, with ``.relative``); raise an AssertionError when ``atol`` / ``rtol`` is exceeded."""
+        absolute error, with ``.relative``); raise an AssertionError when ``atol`` / ``rtol`` is exceeded.
+
+        Elements that map the pixel grid to itself (all of p4 / p4m; the quarter turns and mirrors of ``cN`` /
+        ``dN``) are checked on a Gaussian random input over the whole output: exact, to float rounding. When an
+        element rotates by another angle (45 degrees in C8), pixels cannot be rotated exactly, so the check is
+        made on smooth inputs (:class:`~gequiv_timm.layers.fields.RandomField`, wavelengths >= ``wavelength``
+        pixels, sampled exactly at the rotated coordinates) and compared at the rotation centre, where no output
+        pixel moves (:func:`~gequiv_timm.layers.fields.centre`); every element in ``elements`` is then checked this
+        way. The input side is the smallest at or above ``size`` whose output has a centre pixel. A given ``x``
+        (it must be smooth for the figure to mean anything) is rotated with bicubic ``grid_sample``.
+        """
+        els = list(self.act_group.elements() if elements is None else elements)
+        if all(self.act_group.is_grid_element(g) for g in els):
+            if x is None:
+                x = self._example_input(size)
+            return check_equivariance(self, x, lambda t, g: self._act(t, g, self.in_planar),
+                                      lambda t, g: self._act(t, g, self.out_planar), els,
+                                      atol=atol, rtol=rtol, name=type(self).__name__)
+        group = self.act_group
         if x is None:
-            x = self._example_input(size)
-        return check_equivariance(self, x, lambda t, g: self._act(t, g, self.in_planar),
-                                  lambda t, g: self._act(t, g, self.out_planar),
-                                  self.act_group.elements() if elements is None else elements,
-                                  atol=atol, rtol=rtol, name=type(self).__name__)
+            n = next((m for m in range(max(size), max(size) + 256) if (self._out_side(m) or 0) % 2 == 1), None)
+            if n is None:
+                raise ValueError(f"{type(self).__name__}.check_equivariance: found no input size >= {max(size)} "
+                                 f"whose output has a centre pixel")
+            p = next(iter(self.parameters()), None) if isinstance(self, nn.Module) else None
+            dtype = p.dtype if p is not None and p.is_floating_point() else torch.float64
+            lead = (8, self.in_channels) if self.in_planar else (8, self.in_channels, self.in_group.order)
+            field = RandomField(lead, (n, n), wavelength, seed=0, dtype=dtype,
+                                device=p.device if p is not None else None)
+            x = field.sample()
+
+            def act_in(t, g):
+                return field.sample(group, g, group_axis=not self.in_planar)
+        else:
+            def act_in(t, g):
+                return self._act(t, g, self.in_planar, mode='bicubic')
+
+        def act_out(y, g):
+            return y if self.out_planar else y[..., group.permutation(g)]
+        return check_equivariance(lambda t: centre(self(t)), x, act_in, act_out, els, atol=atol, rtol=rtol,
+                                  name=type(self).__name__)
 
 
 class GroupConv2d(EquivariantMixin, nn.Module):
@@ -221,20 +263,31 @@ class GroupConv2d(EquivariantMixin, nn.Module):
         bias: one bias per output channel, shared over the group.
         planar_input: whether the input is planar ``[B, C, H, W]``. Defaults to ``in_group == 'z2'``; pass
             ``False`` for a ``z2 -> z2`` layer inside a network that keeps the (trivial) group axis.
+        filter_basis: how the filter at each group element is made from the weights (:mod:`.filter_basis`):
+            ``'pixel'`` (index permutation, exact; the default for z2, p4, p4m), ``'harmonic'`` (a band-limited
+            steerable basis; the default for ``cN`` / ``dN`` with rotations by other than multiples of 90 degrees)
+            or ``'bilinear'`` (the pixel grid resampled; for comparison).
+        max_frequency: highest circular harmonic of the ``'harmonic'`` basis (default 2; 1 is more equivariant
+            with fewer weights, 3 adds detail on rings of radius >= 2).
 
     Shapes:
         input ``[B, C_in, H, W]`` (lifting) or ``[B, C_in, |G|, H, W]``; output ``[B, C_out, |G|, H', W']``.
-        weight ``[C_out, C_in, |G_in|, k, k]``.
+        weight ``[C_out, C_in, |G_in|, k, k]`` (``'pixel'``, ``'bilinear'``) or ``[C_out, C_in, |G_in|, n_basis]``
+        (``'harmonic'``: ``n_basis`` = 6, 11, 16 for k = 3, 5, 7; :func:`~.filter_basis.basis_size`).
 
     Example:
         >>> conv = P4ConvP4(8, 16, 3, padding=1)
         >>> conv(torch.randn(2, 8, 4, 32, 32)).shape
         torch.Size([2, 16, 4, 32, 32])
+        >>> lift = GroupConv2d(1, 8, 3, 'z2', 'c8', padding=1)  # C8: rotations by 45 degrees, harmonic basis
+        >>> lift(torch.randn(2, 1, 28, 28)).shape, tuple(lift.weight.shape)
+        (torch.Size([2, 8, 8, 28, 28]), (8, 1, 1, 6))
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, in_group='z2', out_group='p4',
                  stride: int = 1, padding: int = 0, dilation: int = 1, bias: bool = True,
-                 planar_input: Optional[bool] = None):
+                 planar_input: Optional[bool] = None, filter_basis: Optional[str] = None,
+                 max_frequency: Optional[int] = None):
         super().__init__()
         kernel_size = _square(kernel_size, 'kernel_size', type(self).__name__)
         stride = _square(stride, 'stride', type(self).__name__)
@@ -267,15 +320,29 @@ class GroupConv2d(EquivariantMixin, nn.Module):
         self.stride = stride
         self.padding = padding
         self.dilation = dilation
+        self.filter_basis, self.max_frequency = resolve_filter_basis(filter_basis, self.out_group, max_frequency,
+                                                                     type(self).__name__)
+        self.basis_size = basis_size(kernel_size, self.filter_basis, self.max_frequency)
         gi = self.in_group.order
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, gi, kernel_size, kernel_size))
+        if self.filter_basis == 'harmonic':
+            self.weight = nn.Parameter(torch.empty(out_channels, in_channels, gi, self.basis_size))
+        else:
+            self.weight = nn.Parameter(torch.empty(out_channels, in_channels, gi, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
-        self.register_buffer('filter_idx', filter_indices(self.in_group, self.out_group, kernel_size),
-                             persistent=False)
+        if self.filter_basis == 'pixel':  # GrouPy's index gather
+            self.register_buffer('filter_idx', filter_indices(self.in_group, self.out_group, kernel_size),
+                                 persistent=False)
+            self.register_buffer('filter_map', None, persistent=False)
+        else:  # one matmul with the fixed rotation map, then (group to group) one index_select
+            fmap, idx = expansion_map(self.in_group, self.out_group, kernel_size, self.filter_basis,
+                                      self.max_frequency)
+            self.register_buffer('filter_map', fmap.to(torch.get_default_dtype()), persistent=False)
+            self.register_buffer('filter_idx', idx, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """He (Kaiming) normal init; fan-in counts ``C_in * |G_in| * k * k`` (the true number of summed terms)."""
+        """He (Kaiming) normal init; fan-in counts ``C_in * |G_in| * k * k`` (the true number of summed terms), or
+        ``C_in * |G_in| * n_basis`` for the orthonormal ``'harmonic'`` basis (the same filter energy)."""
         nn.init.kaiming_normal_(self.weight, mode='fan_in', nonlinearity='relu')
         if self.bias is not None:
             nn.init.zeros_(self.bias)
@@ -285,14 +352,26 @@ class GroupConv2d(EquivariantMixin, nn.Module):
              f"{self.in_group.name}->{self.out_group.name}, stride={self.stride}, padding={self.padding}")
         if self.dilation != 1:
             s += f", dilation={self.dilation}"
+        if self.filter_basis != 'pixel':
+            s += f", filter_basis={self.filter_basis!r}"
+        if self.max_frequency is not None and self.max_frequency != 2:
+            s += f", max_frequency={self.max_frequency}"
         return s + ('' if self.bias is not None else ', bias=False')
 
     # ----- filter bank ----------------------------------------------------------------------------------
     def _expand(self, weight: torch.Tensor) -> torch.Tensor:
-        co, ci, gi, k, _ = weight.shape
+        co, ci, gi = weight.shape[0], weight.shape[1], weight.shape[2]
+        k = self.kernel_size
         go = self.out_order
-        # one index_select (its backward is a cheap index_add) -> [Co, Ci, Go, Gi*k*k]
-        w = weight.reshape(co * ci, gi * k * k).index_select(1, self.filter_idx.flatten())
+        fmap = self.filter_map
+        idx = self.filter_idx
+        if fmap is None:  # 'pixel': one index_select (its backward is a cheap index_add) -> [Co, Ci, Go, Gi*k*k]
+            assert idx is not None
+            w = weight.reshape(co * ci, gi * k * k).index_select(1, idx.flatten())
+        else:  # rotate every base filter to every output element: one matmul -> [Co*Ci*Gi, Go*k*k]
+            w = weight.reshape(co * ci * gi, fmap.shape[0]).matmul(fmap)
+            if idx is not None:  # (h, k) reads the base filter of h^-1 k rotated by h: one index_select
+                w = w.view(co * ci, gi * go * k * k).index_select(1, idx)
         return w.view(co, ci, go, gi * k * k).transpose(1, 2).reshape(co * go, ci * gi, k, k)
 
     def expanded_weight(self) -> torch.Tensor:
@@ -320,6 +399,11 @@ class GroupConv2d(EquivariantMixin, nn.Module):
 
     def _min_size(self) -> int:
         return max(1, self.dilation * (self.kernel_size - 1) + 1 - 2 * self.padding)
+
+    def _out_side(self, n: int) -> Optional[int]:
+        if n < self._min_size() or not stride_is_exact(n, self.kernel_size, self.stride, self.padding, self.dilation):
+            return None
+        return (n + 2 * self.padding - self.dilation * (self.kernel_size - 1) - 1) // self.stride + 1
 
     # ----- forward ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -527,6 +611,12 @@ class _GroupSpatialPool(EquivariantMixin, nn.Module):
     def is_exact(self, h: int, w: int) -> bool:
         """Whether pooling an ``h x w`` map commutes exactly with the group (symmetric window grid)."""
         return all(stride_is_exact(s, self.kernel_size, self.stride, self.padding) for s in (h, w))
+
+    def _out_side(self, n: int) -> Optional[int]:
+        if n + 2 * self.padding < self.kernel_size or not stride_is_exact(n, self.kernel_size, self.stride,
+                                                                            self.padding):
+            return None
+        return (n + 2 * self.padding - self.kernel_size) // self.stride + 1
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
