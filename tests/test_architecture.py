@@ -3,7 +3,8 @@
 Every ``import`` / ``from ... import`` of gequiv_timm, at module level or inside functions, relative or absolute,
 is an edge of the import graph. Ranks, bottom to top (a module imports its own rank or lower, never higher)::
 
-    0  gequiv_timm._version, gequiv_timm._resources, gequiv_timm.layers.*   (layers import only layers)
+    0  gequiv_timm._version, gequiv_timm._resources, gequiv_timm.outputs, gequiv_timm.layers.*
+                                                                            (layers import only layers)
     1  gequiv_timm.weights
     2  gequiv_timm.registry
     3  gequiv_timm.models.*
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1] / PKG
 
 # prefix -> rank; the longest matching prefix wins ('gequiv_timm.layers' covers gequiv_timm.layers.*)
 RANKS = {
-    'gequiv_timm._version': 0, 'gequiv_timm._resources': 0, 'gequiv_timm.layers': 0,
+    'gequiv_timm._version': 0, 'gequiv_timm._resources': 0, 'gequiv_timm.outputs': 0, 'gequiv_timm.layers': 0,
     'gequiv_timm.weights': 1,
     'gequiv_timm.registry': 2,
     'gequiv_timm.models': 3,
