@@ -23,7 +23,30 @@ from .distributed import DistInfo, all_sum
 from .losses import batch_loss
 
 __all__ = ['seed_everything', 'to_channels_last', 'amp_dtype', 'Stepper', 'run_epoch', 'evaluate', 'FitResult',
-           'fit', 'progress_bar']
+           'fit', 'progress_bar', 'TrainingDiverged']
+
+
+class TrainingDiverged(RuntimeError):
+    """Training diverged: the loss (or, without loss scaling, the gradient norm) became NaN or infinite.
+
+    Attributes: ``step`` (the 1-based optimizer step), ``loss`` (its loss), ``grad_norm`` (the gradient norm when
+    that is what became non-finite, else None). Raised by :class:`Stepper` before the update, so the weights (and
+    every checkpoint) hold only finite values. The message is one line naming the step, the value and the fix.
+    """
+
+    def __init__(self, step: int, loss: float, grad_norm: Optional[float] = None):
+        self.step, self.loss = int(step), float(loss)
+        self.grad_norm = None if grad_norm is None else float(grad_norm)
+        what = f"the loss is {self.loss}" if grad_norm is None else \
+            f"the gradient norm is {self.grad_norm} (loss {self.loss:.4g})"
+        super().__init__(f"training diverged: {what} at step {self.step}. Lower the learning rate (--lr), clip "
+                         f"gradients (--clip-grad 1.0) or train in float32 (--amp off), then start again or resume "
+                         f"from the last checkpoint (--resume)")
+
+
+def _grad_norm(model: nn.Module) -> torch.Tensor:
+    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
+    return torch.stack(norms).norm() if norms else torch.zeros(())
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -114,7 +137,8 @@ class Stepper:
         return self.loss_fn(out, y), [err, float(len(y))]
 
     def __call__(self, batch, step: int) -> Tuple[torch.Tensor, List[float]]:
-        """``(loss, [statistic sum, count])`` of step ``step`` (1-based, for the error message) after the update."""
+        """``(loss, [statistic sum, count])`` of step ``step`` (1-based, for the error message) after the update.
+        A NaN / infinite loss or gradient norm raises :class:`TrainingDiverged` before the update."""
         batch = [b.to(self.device, non_blocking=True) for b in batch]
         if self.augment is not None:
             batch[0] = self.augment(batch[0], self.aug_gen)
@@ -126,13 +150,17 @@ class Stepper:
         if hasattr(self.raw, 'transform_loss'):  # an STN's regulariser toward the identity (0 when disabled)
             loss = loss + self.raw.transform_loss()
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss became {loss.item()} at step {step}; lower the learning rate, check "
-                                     f"the data, or resume from the last checkpoint")
+            raise TrainingDiverged(step, loss.item())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        norm = None
         if self.clip_grad:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.clip_grad)
+            norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.clip_grad)
+        if not self.scaler.is_enabled():  # (with float16 loss scaling, the scaler skips non-finite steps itself)
+            norm = _grad_norm(self.raw) if norm is None else norm
+            if not torch.isfinite(norm):
+                raise TrainingDiverged(step, loss.item(), norm.item())
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss.detach(), stats

@@ -214,3 +214,40 @@ def test_fit_honours_model_param_groups_and_transform_loss():
     assert all(torch.equal(a, b.detach()) for a, b in zip(stn_before, model.stn_parameters()))
     rest_after = [p.detach() for n, p in model.named_parameters() if not n.startswith('stn.')]
     assert any(not torch.equal(a, b) for a, b in zip(rest_before, rest_after))
+
+
+def _tiny_stepper(lr=1e-2, clip_grad=None):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    return model, T.Stepper(model, model, opt, scaler, torch.device('cpu'), clip_grad=clip_grad)
+
+
+@pytest.mark.parametrize('where', ['loss nan', 'loss inf', 'gradient nan', 'gradient nan, clipped'])
+def test_a_diverging_step_is_a_typed_one_line_error_and_leaves_the_weights_finite(where):
+    model, stepper = _tiny_stepper(clip_grad=1.0 if 'clipped' in where else None)
+    x, y = torch.randn(8, 1, 2, 2), torch.randint(0, 3, (8,))
+    stepper((x, y), 1)  # a good step first
+    before = [p.detach().clone() for p in model.parameters()]
+    if where.startswith('loss'):
+        x[3] = float(where.split()[1])
+    else:  # a finite loss with a NaN gradient (sqrt at 0: an infinite slope times a zero one)
+        stepper.loss_fn = lambda out, t: torch.nn.functional.cross_entropy(out, t) + (out.sum() * 0).abs().sqrt()
+    with pytest.raises(T.TrainingDiverged) as info:
+        stepper((x, y), 2)
+    e = info.value
+    assert isinstance(e, RuntimeError) and e.step == 2 and '\n' not in str(e)
+    assert ('loss is' in str(e)) == where.startswith('loss') and (e.grad_norm is None) == where.startswith('loss')
+    for fix in ('step 2', '--lr', '--clip-grad', '--amp off'):
+        assert fix in str(e)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the bad step changed nothing
+
+
+def test_train_raises_training_diverged_from_the_engine():
+    x, y = torch.full((16, 1, 28, 28), float('nan')), torch.zeros(16, dtype=torch.long)
+    model = timm.create_model('gequiv_p4cnn', widths=[4, 4, 4])
+    with pytest.raises(T.TrainingDiverged, match=r'the loss is nan at step 1\. Lower the learning rate'):
+        T.train(model, T.DataBundle(torch.utils.data.TensorDataset(x, y), None),
+                T.TrainConfig(epochs=1, batch_size=8, progress=False))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
