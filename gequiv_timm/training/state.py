@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 __all__ = ['CHECKPOINT_FORMAT', 'save_state', 'load_state', 'rng_state', 'set_rng_state']
 
-CHECKPOINT_FORMAT = 'gequiv_timm.train/1'
+CHECKPOINT_FORMAT = 'gequiv_timm.train/2'  # 2: manifest.json in every folder, the full settings fingerprint
 
 
 def _encode_container(obj, prefix: str, tensors: Dict[str, torch.Tensor]):

@@ -176,9 +176,20 @@ class Session:
     def _fingerprint(self) -> Dict[str, Any]:
         return dict(self.cfg.fingerprint, world_size=self.dist.world_size, batch_size=self.cfg.batch_size)
 
+    def _say(self, line: str) -> None:
+        if self.dist.is_main:
+            print(line, file=sys.stderr)
+
     def resume(self) -> None:
-        """Continue from the checkpoint ``cfg.resume`` names (nothing when there is none yet)."""
-        where = find_checkpoint(self.cfg.resume, self.ckpt)
+        """Continue from the checkpoint ``cfg.resume`` names (nothing when there is none yet): the newest intact
+        one (damaged ones skipped, one line each), a root's newest intact one, or the named folder (verified)."""
+        if self.ckpt is not None and self.dist.is_main:
+            gone = self.ckpt.clean_leftovers()
+            if gone:
+                self._say(f"checkpoints: removed leftovers of an interrupted write or prune in {self.ckpt.root}: "
+                          f"{', '.join(gone)}")
+        self.dist.barrier()
+        where = find_checkpoint(self.cfg.resume, self.ckpt, self._say, self.dist)
         if where is not None:
             st = read_checkpoint(where, self._fingerprint(), self.raw)
             self.optimizer.load_state_dict(st['optimizer'])
@@ -300,9 +311,12 @@ def train(model: nn.Module, data, config: TrainConfig, dist: Optional[DistInfo] 
       ``r`` of ``W`` sees ``perm[r::W]`` and global batch ``k`` is ``perm[k*B*W:(k+1)*B*W]`` for every ``W``:
       ``W`` processes with batch ``B`` see the same global batches as one process with batch ``B*W``.
     * Checkpoints (rank 0 writes, every rank saves its RNG): every ``checkpoint_every`` steps and at each epoch
-      end; ``resume='auto'`` continues from the newest one in ``checkpoint_dir`` (or a given folder). With the
-      same seed and settings a resumed run ends with the same weights as an uninterrupted one (bit-exact on the
-      CPU with ``deterministic=True``).
+      end; ``resume='auto'`` continues from the newest intact one in ``checkpoint_dir`` (damaged ones are skipped
+      with one line each), ``resume=FOLDER`` from that folder (verified; a damaged one is an error). Leftovers of
+      an interrupted write or prune are removed first. A checkpoint made with other settings is refused
+      (the settings fingerprint). With the same seed and settings a resumed run ends with the same weights as an
+      uninterrupted one (bit-exact on the CPU with ``deterministic=True``).
+    * A NaN / infinite loss raises :class:`~.loop.TrainingDiverged` before the update.
     * ``on_step(step, record)`` is called after every optimizer step (``record`` holds loss and lr).
     """
     session = Session.start(model, data, config, dist or DistInfo(device=next(model.parameters()).device))

@@ -11,6 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from gequiv_timm.cli import main
+from gequiv_timm.training import verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).with_name('torchrun')
@@ -41,8 +42,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     rows = [json.loads(x) for x in log.read_text().splitlines()]
     assert [r['step'] for r in rows if r['kind'] == 'step'] == list(range(1, STEPS + 1))
     last = ck / f'step_{STEPS:08d}'
-    assert sorted(p.name for p in last.iterdir()) == ['model.safetensors', 'rng-rank0.safetensors',
+    assert sorted(p.name for p in last.iterdir()) == ['manifest.json', 'model.safetensors', 'rng-rank0.safetensors',
                                                       'rng-rank1.safetensors', 'state.safetensors']
+    verify_checkpoint(last)  # the manifest written by rank 0 lists rank 1's RNG file too
+    assert 'rng-rank1.safetensors' in json.loads((last / 'manifest.json').read_text())['files']
 
     one_out, small_out = tmp_path / 'one.safetensors', tmp_path / 'small.safetensors'
     assert main(['train', *COMMON, '--batch-size', '8', '--out', str(one_out)]) == 0
