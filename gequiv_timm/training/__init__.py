@@ -22,7 +22,7 @@ from .loop import FitResult, Stepper, TrainingDiverged, evaluate, fit, run_epoch
 from .metrics_log import LOG_FIELDS, MetricsLog
 from .recipe import TrainJob, measure_checkpoint, run_job
 from .state import CHECKPOINT_FORMAT, load_state, save_state
-from .trainer import Session, TrainConfig, TrainResult, train
+from .trainer import RESUMABLE_FIELDS, Session, TrainConfig, TrainResult, config_fingerprint, train
 
 evaluate_task = evaluate  # the engine's former name for the same function
 
@@ -31,4 +31,5 @@ __all__ = ['fit', 'evaluate', 'evaluate_task', 'FitResult', 'seed_everything', '
            'DistInfo', 'all_sum', 'CheckpointManager', 'save_state', 'load_state', 'CHECKPOINT_FORMAT',
            'SeededTransformDataset', 'MetricsLog', 'LOG_FIELDS', 'to_channels_last', 'TrainJob', 'run_job',
            'measure_checkpoint', 'TrainingDiverged', 'CheckpointError', 'CheckpointCorruptError',
-           'NoIntactCheckpointError', 'ResumeMismatchError', 'verify_checkpoint']
+           'NoIntactCheckpointError', 'ResumeMismatchError', 'verify_checkpoint', 'RESUMABLE_FIELDS',
+           'config_fingerprint']

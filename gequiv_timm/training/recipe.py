@@ -6,19 +6,24 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional
 
 import torch.nn as nn
 
 from ..data.catalog import IMAGE_FOLDER, DATASETS, DataBundle, dataset_of_recipe, load_data
-from ..weights import load_weights, save_weights, update_manifest
+from ..weights import load_weights, save_weights, sha256_file, update_manifest
+from .checkpoint import fingerprint_value
 from .distributed import DistInfo
 from .loop import evaluate, seed_everything
 from .trainer import TrainConfig, TrainResult, train
 
-__all__ = ['TrainJob', 'run_job', 'measure_checkpoint']
+__all__ = ['TrainJob', 'run_job', 'measure_checkpoint', 'RESUMABLE_JOB_FIELDS']
 
+#: :class:`TrainJob` fields that may change when a run resumes: where the final weights and the manifest entry go
+#: (``out``, ``tag``, ``manifest``) and the command line recorded with them; ``config`` is compared field by field
+#: (:func:`~.trainer.config_fingerprint`). Every other field, including any field added later, is compared.
+RESUMABLE_JOB_FIELDS = frozenset({'config', 'out', 'tag', 'manifest', 'command'})
 
 
 @dataclass
@@ -48,10 +53,20 @@ class TrainJob:
         return f'{data}/{c.opt}-{c.sched}/lr{c.lr}/bs{{gbatch}}/ep{c.epochs}/seed{c.seed}'
 
     def fingerprint(self, num_classes: int) -> Dict[str, Any]:
-        c = self.config
-        return {'model': self.model, 'model_kwargs': json.dumps(self.model_kwargs, sort_keys=True),
-                'data': self.data, 'seed': c.seed, 'epochs': c.epochs, 'opt': c.opt, 'lr': c.lr, 'sched': c.sched,
-                'limit_train': self.limit_train, 'num_classes': num_classes}
+        """The job's settings a checkpoint records (the trainer adds the :class:`TrainConfig` ones): every field
+        but :data:`RESUMABLE_JOB_FIELDS`, with ``num_classes`` as resolved and ``initial_checkpoint`` as the sha256
+        of its bytes (the file may move, its content may not change)."""
+        out: Dict[str, Any] = {}
+        for f in fields(self):
+            if f.name in RESUMABLE_JOB_FIELDS:
+                continue
+            v = getattr(self, f.name)
+            if f.name == 'num_classes':
+                v = num_classes
+            elif f.name == 'initial_checkpoint' and v:
+                v = f'sha256:{sha256_file(v)}'
+            out[f.name] = fingerprint_value(v)
+        return out
 
 
 def _data(job: TrainJob):

@@ -10,25 +10,31 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from .checkpoint import CheckpointManager, find_checkpoint, read_checkpoint, restore_rng
+from .checkpoint import CheckpointManager, find_checkpoint, fingerprint_value, read_checkpoint, restore_rng
 from .distributed import DistInfo, all_sum
 from .loop import Stepper, amp_dtype, evaluate, progress_bar, run_epoch, to_channels_last
 from .metrics_log import MetricsLog
 from .state import CHECKPOINT_FORMAT
 
-__all__ = ['TrainConfig', 'TrainResult', 'Session', 'train']
+__all__ = ['TrainConfig', 'TrainResult', 'Session', 'train', 'RESUMABLE_FIELDS', 'config_fingerprint']
 
 
 @dataclass
 class TrainConfig:
-    """Settings of :func:`train`. ``batch_size`` is per process (the global batch is ``batch_size * world``)."""
+    """Settings of :func:`train`. ``batch_size`` is per process (the global batch is ``batch_size * world``).
+
+    Every field changes the result of a run and is recorded in its checkpoints, except those in
+    :data:`RESUMABLE_FIELDS`; resuming with any other field changed is refused (see :func:`config_fingerprint`).
+    ``fingerprint`` holds the caller's own settings (model, data...: :meth:`~.recipe.TrainJob.fingerprint`),
+    recorded and checked the same way.
+    """
 
     epochs: int = 10
     batch_size: int = 64
@@ -61,6 +67,30 @@ class TrainConfig:
     deterministic: bool = False
     architecture: str = ''
     fingerprint: Dict[str, Any] = field(default_factory=dict)
+
+
+#: :class:`TrainConfig` fields that may change when a run resumes, because they cannot change its weights: where
+#: checkpoints go and how often / how many are kept (``checkpoint_dir``, ``checkpoint_every``, ``keep_checkpoints``,
+#: ``resume``), what is printed or logged (``progress``, ``log_path``, ``log_every``, ``eval_every_epoch``: the
+#: evaluation runs under a forked RNG), how many loader processes fetch the data (``workers``: samples are augmented
+#: with RNGs seeded per sample) and where the run stops (``max_steps``: the schedule is fixed by ``epochs``, so a
+#: run stopped at ``max_steps`` continues on the same trajectory with a larger one). ``epochs`` may NOT change: it
+#: sets the length of the learning-rate schedule. Every field not listed here, including any field added to
+#: :class:`TrainConfig` later, is compared on resume.
+RESUMABLE_FIELDS = frozenset({'checkpoint_dir', 'checkpoint_every', 'keep_checkpoints', 'resume', 'progress',
+                              'log_path', 'log_every', 'eval_every_epoch', 'workers', 'max_steps'})
+
+
+def config_fingerprint(cfg: TrainConfig) -> Dict[str, Any]:
+    """The settings of ``cfg`` that a checkpoint records and a resume must match: every dataclass field except
+    :data:`RESUMABLE_FIELDS`, plus the items of ``cfg.fingerprint`` (the job's model / data settings)."""
+    out = {f.name: fingerprint_value(getattr(cfg, f.name)) for f in fields(cfg)
+           if f.name not in RESUMABLE_FIELDS and f.name != 'fingerprint'}
+    clash = sorted(set(out) & set(cfg.fingerprint))
+    if clash:
+        raise ValueError(f"TrainConfig.fingerprint repeats config fields {clash}; give them other names")
+    out.update({k: fingerprint_value(v) for k, v in cfg.fingerprint.items()})
+    return out
 
 
 @dataclass
@@ -174,7 +204,8 @@ class Session:
 
     # ----- checkpoints ---------------------------------------------------------------------------------------
     def _fingerprint(self) -> Dict[str, Any]:
-        return dict(self.cfg.fingerprint, world_size=self.dist.world_size, batch_size=self.cfg.batch_size)
+        """:func:`config_fingerprint` plus the number of processes and the autocast dtype actually used."""
+        return dict(config_fingerprint(self.cfg), world_size=self.dist.world_size, amp_dtype=str(self.amp))
 
     def _say(self, line: str) -> None:
         if self.dist.is_main:
@@ -274,8 +305,11 @@ class Session:
         self.log.write(rec)
 
     def _evaluate(self) -> Dict[str, float]:
-        return evaluate(self.raw, self.data.eval, self.data.task, batch_size=256, dist=self.dist,
-                        num_keypoints=self.data.num_keypoints, amp=self.amp)
+        # under a forked RNG: the data loader of the evaluation draws a seed from the global generator, which would
+        # shift the random numbers of the following training steps (dropout) and make resumed runs differ
+        with torch.random.fork_rng(devices=[self.dist.device] if self.dist.device.type == 'cuda' else []):
+            return evaluate(self.raw, self.data.eval, self.data.task, batch_size=256, dist=self.dist,
+                            num_keypoints=self.data.num_keypoints, amp=self.amp)
 
     def run(self, on_step: Optional[Callable[[int, Dict[str, float]], None]] = None) -> None:
         """Epochs until ``cfg.epochs`` or ``cfg.max_steps``; an epoch record at each epoch end."""
@@ -314,7 +348,7 @@ def train(model: nn.Module, data, config: TrainConfig, dist: Optional[DistInfo] 
       end; ``resume='auto'`` continues from the newest intact one in ``checkpoint_dir`` (damaged ones are skipped
       with one line each), ``resume=FOLDER`` from that folder (verified; a damaged one is an error). Leftovers of
       an interrupted write or prune are removed first. A checkpoint made with other settings is refused
-      (the settings fingerprint). With the same seed and settings a resumed run ends with the same weights as an
+      (:func:`config_fingerprint`). With the same seed and settings a resumed run ends with the same weights as an
       uninterrupted one (bit-exact on the CPU with ``deterministic=True``).
     * A NaN / infinite loss raises :class:`~.loop.TrainingDiverged` before the update.
     * ``on_step(step, record)`` is called after every optimizer step (``record`` holds loss and lr).
