@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch.nn as nn
+from safetensors import SafetensorError
 
 from ..weights import load_weights, save_weights, sha256_file
 from .distributed import DistInfo, all_sum
@@ -25,6 +26,8 @@ _STEP = re.compile(r'step_(\d{8})')  # a published checkpoint folder: exactly th
 _TMP = '.tmp'  # step_00000100.tmp: a checkpoint being written (a leftover if the writer died)
 _TRASH = '.trash-'  # .trash-step_00000100-<pid>-<ns>: a folder being deleted (a leftover if the deleter died)
 _REQUIRED = ('model.safetensors', 'state.safetensors', 'rng-rank0.safetensors')
+# what reading a damaged file can raise: safetensors' own error, the file system's, a bad JSON tree in the header
+_READ_ERRORS = (SafetensorError, OSError, ValueError, KeyError, IndexError, TypeError, RuntimeError)
 
 
 # ----- errors ----------------------------------------------------------------------------------------------------
@@ -107,18 +110,17 @@ def _check_file(folder: Path, name: str, rec: Dict[str, Any]) -> None:
                 raise ValueError(f"no {', '.join(missing)} in it")
     except CheckpointError:
         raise
-    except Exception as e:  # any failure to read is damage; the reason goes into the one-line message
+    except _READ_ERRORS as e:  # damage; the reason goes into the one-line message
         raise CheckpointCorruptError(folder, name, f"unreadable ({_one_line(e)})") from None
 
 
 def _read_manifest(folder: Path) -> Dict[str, Any]:
     man = folder / MANIFEST
     if not man.is_file():
-        fmt = None
         try:
             fmt = load_state(folder / 'state.safetensors').get('format')
-        except Exception:  # noqa: BLE001 (only used to say which version wrote it)
-            pass
+        except _READ_ERRORS:
+            fmt = None  # unreadable too: the manifest is what is reported missing
         if fmt and fmt != CHECKPOINT_FORMAT:
             raise CheckpointCorruptError(folder, 'state.safetensors', f"written by an older gequiv_timm (checkpoint "
                                          f"format {fmt}, this version resumes {CHECKPOINT_FORMAT}); use its "
@@ -129,7 +131,7 @@ def _read_manifest(folder: Path) -> Dict[str, Any]:
         files = data['files']
         if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
             raise ValueError("'files' is not a table of files")
-    except Exception as e:  # noqa: BLE001 (damage of any kind, named in the message)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable, not JSON, no table of files
         raise CheckpointCorruptError(folder, MANIFEST, f"unreadable ({_one_line(e)})") from None
     if data.get('format') != CHECKPOINT_FORMAT:
         raise CheckpointCorruptError(folder, MANIFEST, f"checkpoint format {data.get('format')!r}, this version "
