@@ -118,6 +118,12 @@ class EquivariantStem(nn.Module):
         if kernel_size % 2 == 0:
             raise ValueError(f"EquivariantStem: kernel_size must be odd (a rotated even filter is off by half a "
                              f"pixel), got {kernel_size}; use {kernel_size + 1}")
+        if kernel_size < 1:
+            raise ValueError(f"EquivariantStem: kernel_size must be an odd int >= 1, got {kernel_size}")
+        if width is not None and (not isinstance(width, int) or isinstance(width, bool) or width < 1):
+            raise ValueError(f"EquivariantStem: width must be an int >= 1 or None (out_chs // |G|), got {width!r}")
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
+            raise ValueError(f"EquivariantStem: depth must be an int >= 0 (group convs after the lift), got {depth!r}")
         self.group = g
         self.group_name = g.name
         self.mode = mode
@@ -125,7 +131,7 @@ class EquivariantStem(nn.Module):
         self.in_chs, self.out_chs, self.stride = in_chs, out_chs, stride
         # nn.Conv2d's names too: modules that wrapped the replaced conv read them (timm's ConvNormAct properties)
         self.in_channels, self.out_channels = in_chs, out_chs
-        self.width = width = int(width or max(1, out_chs // g.order))
+        self.width = width = int(width) if width is not None else max(1, out_chs // g.order)
         self.lift = PooledLift(in_chs, width, kernel_size, g.name, stride)
         self.bn1 = GroupBatchNorm(width, g)
         self.act1 = nn.ReLU(inplace=True)

@@ -131,6 +131,8 @@ def affine_grid(theta: torch.Tensor, size: SizeLike, align_corners: bool) -> tor
     """
     check_theta(theta, 'affine')
     h, w = _size2(size)
+    if theta.shape[0] == 0:  # F.affine_grid refuses an empty batch; an empty batch of grids, still on theta's graph
+        return theta.new_zeros(0, h, w, 2) + theta.sum()
     return F.affine_grid(theta, [theta.shape[0], 1, h, w], align_corners=align_corners)
 
 

@@ -43,7 +43,7 @@ __all__ = ['register_fx_leaves']
 
 def register_fx_leaves() -> None:
     """Register every leaf module and function of the package with timm (idempotent: timm keeps sets)."""
-    from . import escnn_baselines, pde, rcn
+    from . import escnn_baselines, pde
     from ._timm_api import check_image_input
     modules = (
         GroupConv2d, GroupBatchNorm, GroupPool, GroupAvgPool2d, GroupMaxPool2d,  # group layers
@@ -52,7 +52,7 @@ def register_fx_leaves() -> None:
         SpatialTransformer, ParallelSpatialTransformer, LocalisationCNN,  # spatial transformers
         escnn_baselines._Tensorized,  # an escnn module seen as Tensor -> Tensor
     )
-    functions = (check_image_input, fold_group, unfold_group, rcn.check_keypoint_input, *_RCN_CHECKS)
+    functions = (check_image_input, fold_group, unfold_group, *_RCN_CHECKS)
     for m in modules:
         register_notrace_module(m)
     for f in functions:

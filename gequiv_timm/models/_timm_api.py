@@ -20,13 +20,27 @@ and overrides :meth:`min_input_size` (the smallest input side it accepts) and :m
 the folded group axis, ``|G|`` by default from ``self.group``) where needed. ``group_matcher`` and
 ``no_weight_decay`` are defaults to override.
 
-The input check (:func:`check_image_input`) runs in eager mode and inside FX graphs (it is registered with timm
-as a notrace function, so ``torch.fx`` keeps it as one call instead of tracing its Python branches); a
-TorchScript-compiled model skips it (``torch.jit.is_scripting()``), the convolutions still reject bad shapes.
+The input policy (:func:`check_image_input`, the same for every registered model; the models call it at the top of
+``forward_features`` / ``forward_intermediates``, a timm backbone with a swapped stem through a pre-hook on the stem,
+:func:`attach_input_policy`):
+
+* ``TypeError``: not a tensor, or not floating point (the kind check of :mod:`gequiv_timm.layers.checks`);
+* ``ValueError``, naming the model, what was expected, what was given and what to do: not 4-D ``[B, C, H, W]``;
+  ``C != in_chans``; ``H`` or ``W`` below the model's minimum input size (:func:`min_input_size`; every model
+  states it) or, for models that need it, not a multiple of their coarsest stride; NaN / Inf values when the
+  environment variable ``GEQUIV_TIMM_CHECK_FINITE=1`` is set (read at import into :data:`CHECK_FINITE`, the same
+  variable that turns on the group layers' own check);
+* an empty batch (``B = 0``) is valid: the model returns an empty output of the shape and dtype a batch of one
+  would give, with ``B = 0`` (as torch's convolutions do).
+
+The check runs in eager mode and inside FX graphs (it is registered with timm as a notrace function, so
+``torch.fx`` keeps it as one call instead of tracing its Python branches); a TorchScript-compiled model skips it
+(``torch.jit.is_scripting()``), the convolutions still reject bad shapes.
 """
 # No ``from __future__ import annotations`` here: torch.fx copies the annotations of ``forward`` into the code it
 # generates, and TorchScript cannot read them back as strings (timm scripts FX graphs in its tests).
-from typing import List, Optional, Union
+import os
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -36,31 +50,101 @@ from timm.models._features import feature_take_indices
 
 from ..layers.checks import check_float_tensor
 
-__all__ = ['TimmApiMixin', 'FoldGroup', 'check_image_input']
+__all__ = ['TimmApiMixin', 'FoldGroup', 'check_image_input', 'attach_input_policy', 'min_input_size', 'model_name',
+           'CHECK_FINITE']
 
 
-def check_image_input(x: torch.Tensor, in_chans: int, min_size: int, name: str) -> None:
-    """Raise a clear error unless ``x`` is a floating point image batch ``[B, in_chans, H, W]`` with
-    ``H, W >= min_size``.
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, '').strip().lower() not in ('', '0', 'false', 'no')
 
-    The policy of :mod:`gequiv_timm.layers.checks`: TypeError for a non-tensor or an integer dtype (e.g. uint8
-    images); ValueError (naming ``name``, saying what was expected, what was given and what to do) for a wrong
-    rank, channel count or too small a size.
+
+# GEQUIV_TIMM_CHECK_FINITE=1: every model refuses NaN / Inf input (one reduction and a device sync per forward; off
+# by default). Read once at import, as the group layers' own check reads it; tests monkeypatch this attribute.
+CHECK_FINITE: bool = _env_flag('GEQUIV_TIMM_CHECK_FINITE')
+
+
+def check_image_input(x: torch.Tensor, in_chans: int, min_size: int, name: str, multiple: int = 1) -> None:
+    """The input policy of every registered model (see the module docstring): raise a clear error unless ``x`` is a
+    floating point image batch ``[B, in_chans, H, W]`` with ``H, W >= min_size`` (and multiples of ``multiple``),
+    free of NaN / Inf when :data:`CHECK_FINITE` is on. ``B = 0`` passes (an empty batch gives an empty output).
+
+    TypeError for a non-tensor or an integer dtype (e.g. uint8 images); ValueError for the rest. Every message
+    starts with ``name`` (the model) and says what to do.
     """
     check_float_tensor(x, name, f'an image batch [B, {in_chans}, H, W]')
     if x.dim() != 4:
-        raise ValueError(f"{name}: expected an image batch [B, {in_chans}, H, W], got shape {tuple(x.shape)}")
+        hint = '; add the batch dimension (x[None])' if x.dim() == 3 else ''
+        raise ValueError(f"{name}: expected an image batch [B, {in_chans}, H, W], got shape {tuple(x.shape)}{hint}")
     if x.shape[1] != in_chans:
         raise ValueError(f"{name}: expected {in_chans} input channels, got {x.shape[1]}; create the model with "
                          f"in_chans={x.shape[1]}")
-    if min_size > 1 and min(x.shape[-2:]) < min_size:
-        raise ValueError(f"{name}: input {tuple(x.shape[-2:])} is too small; the stages need at least "
-                         f"{min_size}x{min_size}")
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    m = max(1, int(min_size))
+    if h < m or w < m:
+        raise ValueError(f"{name}: input {h}x{w} is too small; the model needs at least {m}x{m} (its minimum input "
+                         f"size): resize or pad the image")
+    if multiple > 1 and (h % multiple or w % multiple):
+        raise ValueError(f"{name}: input size ({h}, {w}) must be divisible by {multiple} (the coarsest level's "
+                         f"stride) so that every level is an exact x2 of the next; pad or resize the image")
+    if CHECK_FINITE and x.numel() and not bool(torch.isfinite(x).all()):
+        n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+        raise ValueError(f"{name}: input holds {n_nan} NaN and {n_inf} Inf values (shape {tuple(x.shape)}; "
+                         f"GEQUIV_TIMM_CHECK_FINITE is on); check the data pipeline that produced this batch")
 
 
 # a leaf in every FX trace, also when a wrapper model calls ``forward_features`` of ours as a method (timm's
 # autowrap only patches the globals of modules it calls), e.g. the ST-CNN around GroupCNN
 torch.fx.wrap('check_image_input')
+
+
+def model_name(model: nn.Module) -> str:
+    """The registered name of a model built by timm (``pretrained_cfg['architecture']``), else its class name."""
+    cfg = getattr(model, 'pretrained_cfg', None)
+    arch = cfg.get('architecture') if isinstance(cfg, dict) else None
+    return arch or type(model).__name__
+
+
+# symbolic tracing passes proxies through the hook (the traced graph keeps the stem's own checks); torch < 2.5 only
+# has the older name, which is also true under torch.export
+_fx_tracing = (getattr(torch.fx._symbolic_trace, 'is_fx_symbolic_tracing', None)
+               or torch.fx._symbolic_trace.is_fx_tracing)
+
+
+def _input_policy_hook(module: nn.Module, args: Tuple[torch.Tensor]) -> None:
+    """Forward pre-hook of :func:`attach_input_policy` (a plain annotated function, so TorchScript compiles it)."""
+    if not torch.jit.is_scripting():
+        if not _fx_tracing():
+            name, in_chans, min_size = module._gequiv_input_policy
+            check_image_input(args[0], in_chans, min_size, name)
+
+
+def attach_input_policy(model: nn.Module, first: nn.Module, name: str, in_chans: int, min_size: int) -> nn.Module:
+    """Apply the input policy to a model whose forward is not ours (a timm backbone with a swapped stem): a forward
+    pre-hook on ``first``, the module that receives the image in every forward path (``forward``,
+    ``forward_features``, ``forward_intermediates``), checks the input. ``model._gequiv_input_policy`` records
+    ``(name, in_chans, min_size)`` for :func:`min_input_size`. Returns ``model``."""
+    spec = (str(name), int(in_chans), max(1, int(min_size)))
+    first._gequiv_input_policy = spec
+    model._gequiv_input_policy = spec
+    first.register_forward_pre_hook(_input_policy_hook)
+    return model
+
+
+def min_input_size(model: nn.Module) -> int:
+    """The smallest input side ``model`` accepts (every registered model states one; an input below it is refused
+    with a ValueError naming it)."""
+    inner = getattr(model, 'model', None)  # timm's features_only wrappers (FeatureGetterNet) keep the model here
+    for m in (model, inner):
+        if m is None:
+            continue
+        spec = getattr(m, '_gequiv_input_policy', None)
+        if spec is not None:
+            return spec[2]
+        fn = getattr(m, 'min_input_size', None)
+        if callable(fn):
+            return int(fn())
+    raise TypeError(f"min_input_size: {type(model).__name__} is not a gequiv_timm model (it states no minimum "
+                    f"input size)")
 
 
 class FoldGroup(nn.Module):
@@ -89,9 +173,10 @@ class TimmApiMixin:
         self.head = ClassifierHead(num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The input check of every family (defined here, where ``torch.fx.wrap`` keeps it a leaf in any trace)."""
+        """The input policy (:func:`check_image_input`; defined here, where ``torch.fx.wrap`` keeps it a leaf in any
+        trace)."""
         if not torch.jit.is_scripting():
-            check_image_input(x, self.in_chans, self.min_input_size(), type(self).__name__)
+            check_image_input(x, self.in_chans, self.min_input_size(), model_name(self))
         return x
 
     def _taps(self) -> int:
@@ -138,7 +223,7 @@ class TimmApiMixin:
         """
         if output_fmt != 'NCHW':
             raise ValueError(f"{type(self).__name__}: output_fmt must be 'NCHW', got {output_fmt!r}")
-        check_image_input(x, self.in_chans, self.min_input_size(), type(self).__name__)
+        x = self._check_input(x)
         take_indices, max_index = feature_take_indices(self._taps(), indices)
         intermediates = []
         tap, x = self._stem_with_tap(x)
@@ -186,8 +271,7 @@ class TimmApiMixin:
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            check_image_input(x, self.in_chans, self.min_input_size(), type(self).__name__)
+        x = self._check_input(x)
         x = self.stem(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.stages, x)

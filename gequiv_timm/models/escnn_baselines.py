@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Sequence
-from typing import Any, Dict
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 from timm.layers import get_device_dtype
@@ -36,6 +36,7 @@ from torch import nn
 
 from ..registry import tagged_cfgs
 from ..layers.checks import check_equivariance
+from ._args import check_common, check_indices, check_int, check_ints
 from ._helpers import create_gequiv_model, require_extras
 from ._timm_api import TimmApiMixin
 
@@ -106,11 +107,7 @@ def _gspace(group: str):
 
 
 def _check_widths(name: str, widths: Sequence[int]) -> tuple[int, ...]:
-    widths = tuple(widths)
-    if not widths or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in widths):
-        raise ValueError(f"{name}: widths must be a non-empty sequence of positive ints (regular fields per layer), "
-                         f"got {widths!r}")
-    return widths
+    return check_ints(name, 'widths', widths, 1, what='regular fields per layer')
 
 
 class _Chain(nn.Module):
@@ -155,6 +152,29 @@ class FieldMaxPool(nn.Module):
         return f'field_size={self.field_size}'
 
 
+class _Geometry(NamedTuple):
+    """What a stage does to the shape: ``channels`` out; an optional 2x2 max pool before, a ``kernel`` conv with
+    ``padding`` (padded convs that keep the size count as ``kernel=1, padding=0``), an optional 2x2 max pool after."""
+
+    channels: int
+    kernel: int = 1
+    padding: int = 0
+    pool_before: bool = False
+    pool_after: bool = False
+
+    def out_side(self, s: int) -> int:
+        """The output side for an input side ``s`` (0 when a step has nothing left: the input is too small)."""
+        if self.pool_before:
+            s = s // 2 if s >= 2 else 0
+        s = s + 2 * self.padding - self.kernel + 1 if s >= 1 else 0
+        if self.pool_after:
+            s = s // 2 if s >= 2 else 0
+        return max(s, 0)
+
+    def out_size(self, h: int, w: int) -> Tuple[int, int]:
+        return self.out_side(int(h)), self.out_side(int(w))
+
+
 class _Tensorized(nn.Module):
     """An escnn module seen from outside as ``Tensor -> Tensor``.
 
@@ -163,14 +183,18 @@ class _Tensorized(nn.Module):
     tensors. After :func:`_export_inplace` the wrapped module is plain PyTorch and the wrapping is skipped.
     """
 
-    def __init__(self, module: nn.Module, in_type):
+    def __init__(self, module: nn.Module, in_type, geometry: Optional[_Geometry] = None):
         super().__init__()
         self.net = module
         self.in_type = in_type
         self.out_type = module.out_type if hasattr(module, 'out_type') else None
         self.plain = False
+        self.geometry = geometry
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 0 and self.geometry is not None:
+            # an empty batch: escnn's InnerBatchNorm cannot reshape it, and there is nothing to compute
+            return x.new_zeros((0, self.geometry.channels, *self.geometry.out_size(x.shape[-2], x.shape[-1])))
         if self.plain:
             return self.net(x)
         _, enn = import_escnn()
@@ -279,6 +303,19 @@ class _EscnnBase(TimmApiMixin, nn.Module):
             from torch.utils.checkpoint import checkpoint
             return checkpoint(stage, x, use_reentrant=False)
         return stage(x)
+
+    def min_input_size(self) -> int:
+        """The smallest input side: every stage leaves at least one pixel (unpadded convs shrink the map, each 2x2
+        max pool needs a 2x2 map)."""
+        geos = [stage.geometry for stage in self.stages]
+        s = 1
+        while True:
+            side = s
+            for g in geos:
+                side = g.out_side(side)
+            if side >= 1:
+                return s
+            s += 1
 
     # ----- timm API -------------------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -413,12 +450,11 @@ class EscnnCNN(_EscnnBase):
         with torch.device('cpu'):
             _, enn = import_escnn()
             widths = _check_widths('EscnnCNN', widths)
-            if kernel_size % 2 == 0 or kernel_size < 1:
-                raise ValueError(f"EscnnCNN: kernel_size must be a positive odd int, got {kernel_size}")
-            pool_after = tuple(sorted(set(int(p) for p in pool_after)))
-            if any(p < 0 or p >= len(widths) for p in pool_after):
-                raise ValueError(f"EscnnCNN: pool_after indices must lie in [0, {len(widths) - 1}] (conv layers), "
-                                 f"got {pool_after}")
+            check_int('EscnnCNN', 'kernel_size', kernel_size, 1, odd=True)
+            check_int('EscnnCNN', 'padding', padding, 0)
+            pool_after = tuple(sorted(set(check_indices('EscnnCNN', 'pool_after', pool_after, len(widths),
+                                                        'conv layers followed by a 2x2 max pool'))))
+            check_common('EscnnCNN', num_classes, in_chans, drop_rate)
             self.group = str(group).lower()
             self.gspace = _gspace(self.group)
             self.in_chans = in_chans
@@ -434,7 +470,8 @@ class EscnnCNN(_EscnnBase):
                 if i in pool_after:
                     mods.append(enn.PointwiseMaxPool2D(out, 2))
                     reduction *= 2
-                stages.append(_Tensorized(enn.SequentialModule(*mods), t))
+                geo = _Geometry(w * gs.regular_repr.size, kernel_size, padding, pool_after=i in pool_after)
+                stages.append(_Tensorized(enn.SequentialModule(*mods), t, geo))
                 feature_info.append(dict(num_chs=w * gs.regular_repr.size, reduction=reduction, module=f'stages.{i}',
                                          group=self.group, layout='folded'))
                 t = out
@@ -475,9 +512,10 @@ class EscnnWideResNet(_EscnnBase):
         with torch.device('cpu'):
             _, enn = import_escnn()
             widths = _check_widths('EscnnWideResNet', widths)
-            _check_widths('EscnnWideResNet', (stem_width, depth))
-            if kernel_size % 2 == 0:
-                raise ValueError(f"EscnnWideResNet: kernel_size must be odd, got {kernel_size}")
+            check_int('EscnnWideResNet', 'stem_width', stem_width, 1, what='regular fields')
+            check_int('EscnnWideResNet', 'depth', depth, 1, what='residual blocks per stage')
+            check_int('EscnnWideResNet', 'kernel_size', kernel_size, 1, odd=True)
+            check_common('EscnnWideResNet', num_classes, in_chans, drop_rate)
             self.group = str(group).lower()
             self.gspace = gs = _gspace(self.group)
             self.in_chans = in_chans
@@ -515,12 +553,13 @@ class EscnnWideResNet(_EscnnBase):
                     t = t_out
                 chain = _Chain(*mods)
                 chain.out_type = t
-                stages.append(_Tensorized(chain, t_in))
+                stages.append(_Tensorized(chain, t_in, _Geometry(w * gs.regular_repr.size, pool_before=si > 0)))
                 feature_info.append(dict(num_chs=w * gs.regular_repr.size, reduction=reduction, module=f'stages.{si}',
                                          group=self.group, layout='folded'))
             self.stages = nn.ModuleList(stages)
             self.feature_info = feature_info
-            self.norm = _Tensorized(enn.SequentialModule(enn.InnerBatchNorm(t), enn.ReLU(t, inplace=True)), t)
+            self.norm = _Tensorized(enn.SequentialModule(enn.InnerBatchNorm(t), enn.ReLU(t, inplace=True)), t,
+                                    _Geometry(widths[-1] * gs.regular_repr.size))
             self.gpool = FieldMaxPool(gs.regular_repr.size)
             self.num_classes, self.drop_rate, self.grad_checkpointing = num_classes, drop_rate, False
             self._init_head(widths[-1], num_classes, global_pool, drop_rate)
@@ -539,7 +578,8 @@ def _create_escnn(variant: str, pretrained: bool = False, arch: str = 'cnn', **k
     if pretrained:
         raise ValueError(f"{variant}: there are no pretrained weights for the escnn baselines; they are trained by "
                          f"`gequiv-timm compare` (use pretrained=False)")
-    n_stages = len(kwargs.get('widths', ())) or 5
+    widths = kwargs.get('widths', ())  # a bad value is refused by the constructor, with its range
+    n_stages = (len(widths) if isinstance(widths, (list, tuple)) else 0) or 5
     feature_cfg = dict(out_indices=tuple(range(min(n_stages, 5))))
     return create_gequiv_model(_MODEL_CLASSES[arch], variant, pretrained, feature_cfg=feature_cfg, **kwargs)
 

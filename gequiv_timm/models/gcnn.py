@@ -23,6 +23,7 @@ from timm.models import generate_default_cfgs, register_model
 from ..layers.gconv import GroupBatchNorm, GroupConv2d, GroupMaxPool2d, GroupPool, stride_is_exact
 from ..layers.groups import get_group
 from ..registry import tagged_cfgs
+from ._args import check_choice, check_common, check_indices, check_int, check_ints
 from ._helpers import create_gequiv_model
 from ._timm_api import TimmApiMixin
 
@@ -69,8 +70,13 @@ class GroupCNN(TimmApiMixin, nn.Module):
                  num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0., global_pool: str = 'avg',
                  device=None, dtype=None):
         super().__init__()
-        if not widths:
-            raise ValueError("GroupCNN: widths must list at least one stage width")
+        widths = check_ints('GroupCNN', 'widths', widths, 1, what='fields per stage, at least one stage')
+        check_int('GroupCNN', 'kernel_size', kernel_size, 1, odd=True)
+        check_int('GroupCNN', 'padding', padding, 0)
+        pool_after = check_indices('GroupCNN', 'pool_after', pool_after, len(widths),
+                                   'stage indices followed by a 2x2 max pool')
+        check_choice('GroupCNN', 'group_pool', group_pool, ('max', 'mean'))
+        check_common('GroupCNN', num_classes, in_chans, drop_rate)
         self.group = get_group(group)
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -98,7 +104,8 @@ class GroupCNN(TimmApiMixin, nn.Module):
 
     # ----- sizes ------------------------------------------------------------------------------------------
     def _trace_size(self, size: int) -> Tuple[int, bool]:
-        """Spatial size after the stages for an input side ``size``, and whether every step is exact."""
+        """Spatial size after the stages for an input side ``size`` (< 1: too small), and whether every step is
+        exact."""
         exact = True
         for i in range(len(self.stages)):
             size = size + 2 * self.padding - self.kernel_size + 1
@@ -107,9 +114,12 @@ class GroupCNN(TimmApiMixin, nn.Module):
             if i in self.pool_after:
                 exact &= stride_is_exact(size, 2, 2)
                 size //= 2
+                if size < 1:
+                    return size, False
         return size, exact
 
     def min_input_size(self) -> int:
+        """The smallest input side (every unpadded conv and 2x2 pool leaves at least one pixel)."""
         s = 1
         while self._trace_size(s)[0] < 1:
             s += 1

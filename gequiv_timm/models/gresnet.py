@@ -36,6 +36,7 @@ from timm.models import generate_default_cfgs, register_model
 from ..layers.gconv import GroupAvgPool2d, GroupBatchNorm, GroupConv2d, GroupMaxPool2d, GroupPool
 from ..layers.groups import get_group
 from ..registry import tagged_cfgs
+from ._args import check_choice, check_common, check_int, check_ints
 from ._helpers import create_gequiv_model
 from ._timm_api import TimmApiMixin
 
@@ -141,18 +142,22 @@ class GroupResNet(TimmApiMixin, nn.Module):
                  zero_init_last: bool = True, num_classes: int = 10, in_chans: int = 3, drop_rate: float = 0.,
                  global_pool: str = 'avg', device=None, dtype=None):
         super().__init__()
-        if len(layers) != len(widths) or not layers:
-            raise ValueError(f"GroupResNet: layers {tuple(layers)} and widths {tuple(widths)} must be non-empty and "
-                             f"of the same length (one entry per stage)")
-        if stem_type not in ('cifar', 'imagenet'):
-            raise ValueError(f"GroupResNet: stem_type must be 'cifar' or 'imagenet', got {stem_type!r}")
+        layers = check_ints('GroupResNet', 'layers', layers, 1, what='blocks per stage, at least one stage')
+        widths = check_ints('GroupResNet', 'widths', widths, 1, length=len(layers),
+                            what='fields per stage, one per entry of layers')
+        check_choice('GroupResNet', 'stem_type', stem_type, ('cifar', 'imagenet'))
+        check_int('GroupResNet', 'stem_width', stem_width, 1, none_ok=True, what='None: widths[0]')
+        check_choice('GroupResNet', 'group_pool', group_pool, ('max', 'mean'))
+        check_common('GroupResNet', num_classes, in_chans, drop_rate)
         self.group = get_group(group)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         g = self.group
-        stem_width = stem_width or widths[0]
+        stem_width = widths[0] if stem_width is None else stem_width
+        # every spatial reduction is a 2x2 pool (floor): one per stage after the first, two in the ImageNet stem
+        self._num_halvings = len(layers) - 1 + (2 if stem_type == 'imagenet' else 0)
         self.feature_info = []
         if stem_type == 'cifar':
             self.stem = _CifarStem(in_chans, stem_width, g.name)
@@ -185,6 +190,10 @@ class GroupResNet(TimmApiMixin, nn.Module):
                     m.zero_init_last()
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
+
+    def min_input_size(self) -> int:
+        """``2 ** (number of 2x2 pools)``: every pool needs a 2x2 map (the convolutions are padded)."""
+        return 2 ** self._num_halvings
 
     def _stem_with_tap(self, x: torch.Tensor):
         # the ImageNet stem's tap is its conv (reduction 2), before the max pool, as timm's ResNet taps act1
@@ -220,8 +229,9 @@ class GroupAllCNN(TimmApiMixin, nn.Module):
                  num_classes: int = 10, in_chans: int = 3, drop_rate: float = 0., global_pool: str = 'avg',
                  device=None, dtype=None):
         super().__init__()
-        if len(widths) != 2:
-            raise ValueError(f"GroupAllCNN: widths must be (w1, w2), got {tuple(widths)}")
+        check_ints('GroupAllCNN', 'widths', widths, 1, length=2, what='(w1, w2) fields')
+        check_choice('GroupAllCNN', 'group_pool', group_pool, ('max', 'mean'))
+        check_common('GroupAllCNN', num_classes, in_chans, drop_rate)
         self.group = get_group(group)
         g = self.group
         self.num_classes = num_classes
@@ -244,6 +254,10 @@ class GroupAllCNN(TimmApiMixin, nn.Module):
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 
+    def min_input_size(self) -> int:
+        """12: two 2x2 pools, then an unpadded 3x3 convolution that needs a 3x3 map."""
+        return 12
+
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False):
         return dict(stem=r'^stages\.0\.[0-2]\.', blocks=r'^stages\.(\d+)' if coarse else [
@@ -258,7 +272,8 @@ def _create_gresnet(variant: str, pretrained: bool = False, *, arch: str = 'Grou
     if arch not in _CLASSES:
         raise ValueError(f"{variant}: unknown arch {arch!r}; expected one of {sorted(_CLASSES)}")
     cls = _CLASSES[arch]
-    n_taps = (len(kwargs.get('layers', (7, 7, 7))) + 1) if cls is GroupResNet else 3
+    layers = kwargs.get('layers', (7, 7, 7))  # a bad value is refused by the constructor, with its range
+    n_taps = (len(layers) + 1 if isinstance(layers, (list, tuple)) else 1) if cls is GroupResNet else 3
     first_conv = 'stem.conv' if cls is GroupResNet and kwargs.get('stem_type', 'cifar') == 'cifar' else (
         'stem.conv.conv' if cls is GroupResNet else 'stages.0.0')
     return create_gequiv_model(cls, variant, pretrained, first_conv=first_conv,

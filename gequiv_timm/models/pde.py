@@ -17,6 +17,7 @@ Builders at the bottom; tags, papers and descriptions: ``registry/pde.toml``.
 """
 from __future__ import annotations
 
+import inspect
 import types
 from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -28,11 +29,24 @@ from timm.models import generate_default_cfgs, register_model
 
 from ..layers.pde import BatchNormM2, CDEPdeLayerM2, LiftM2Cartesian, MaxProjectM2, PDEStem
 from ..registry import tagged_cfgs
+from ._args import check_common, check_float, check_indices, check_int, check_ints
 from ._helpers import create_gequiv_model
-from ._timm_api import TimmApiMixin
-from .stems import _pretrained_filter, find_stem, inject_stem, stem_cfg
+from ._stem_args import pde_stem_min_size
+from ._timm_api import TimmApiMixin, attach_input_policy
+from .stems import _pretrained_filter, find_stem, get_stem, inject_stem, stem_cfg
 
 __all__ = ['PDEGCNN', 'PDEStage', 'PDELiftStage', 'PDEStem', 'create_pde_stem_model']
+
+
+def _check_pde_kernel(owner: str, arg: str, kernel_size) -> None:
+    """An odd positive int, or a triple ``(kOr, kH, kW)`` of odd positive ints (a morphological kernel)."""
+    ok = (isinstance(kernel_size, int) and not isinstance(kernel_size, bool) and kernel_size >= 1
+          and kernel_size % 2 == 1)
+    if not ok and isinstance(kernel_size, (list, tuple)) and len(kernel_size) == 3:
+        ok = all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 and k % 2 == 1 for k in kernel_size)
+    if not ok:
+        raise ValueError(f"{owner}: {arg} must be an odd int >= 1 or a triple (kOr, kH, kW) of odd ints >= 1, got "
+                         f"{kernel_size!r}")
 
 
 def _pool_m2(x: torch.Tensor) -> torch.Tensor:
@@ -102,8 +116,17 @@ class PDEGCNN(TimmApiMixin, nn.Module):
                  drop_rate: float = 0., global_pool: str = 'avg', coef_lr_mult: float = 10.0, device=None,
                  dtype=None):
         super().__init__()
-        if len(widths) < 1:
-            raise ValueError("PDEGCNN: widths must list the lifting width and then one width per CDE layer")
+        widths = check_ints('PDEGCNN', 'widths', widths, 1, what='the lifting width, then one per CDE layer')
+        check_int('PDEGCNN', 'orientations', orientations, 1)
+        check_int('PDEGCNN', 'lift_kernel_size', lift_kernel_size, 1, odd=True)
+        check_int('PDEGCNN', 'lift_padding', lift_padding, 0)
+        _check_pde_kernel('PDEGCNN', 'kernel_size', kernel_size)
+        check_float('PDEGCNN', 'alpha', alpha, 0.5, 1.0, lo_open=True)
+        check_int('PDEGCNN', 'iterations', iterations, 1)
+        pool_after = check_indices('PDEGCNN', 'pool_after', pool_after, len(widths),
+                                   'stage indices (0 = the lifting stage) followed by a 2x2 max pool')
+        check_float('PDEGCNN', 'coef_lr_mult', coef_lr_mult, 0.0)
+        check_common('PDEGCNN', num_classes, in_chans, drop_rate)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
@@ -133,17 +156,21 @@ class PDEGCNN(TimmApiMixin, nn.Module):
 
     # ----- sizes ------------------------------------------------------------------------------------------
     def _trace_size(self, size: int) -> Tuple[int, bool]:
+        """Spatial size after the stages for an input side ``size`` (< 1: too small), and whether every step is
+        exact. The lift is a conv; a CDE layer needs a 2x2 map (its convection interpolates between neighbours);
+        a 2x2 max pool halves (floor)."""
         size = size + 2 * self.lift_padding - self.lift_kernel_size + 1
-        exact = size >= 1
+        exact = True
         for i in range(len(self.stages)):
-            if size < 1:
-                return size, False
+            if size < (2 if i > 0 else 1):
+                return 0, False
             if i in self.pool_after:
                 exact &= size % 2 == 0
                 size //= 2
         return size, exact and size >= 1
 
     def min_input_size(self) -> int:
+        """The smallest input side (see :meth:`_trace_size`)."""
         s = 1
         while self._trace_size(s)[0] < 1:
             s += 1
@@ -208,6 +235,8 @@ def create_pde_stem_model(backbone: str, stem_width: int = 16, stem_orientations
                           **kwargs) -> nn.Module:
     """``timm.create_model(backbone, **kwargs)`` with its stem (first conv and the norm / act / pool after it)
     replaced by a :class:`PDEStem` of the same output channels and stride, via ``inject_stem``."""
+    _check_pde_stem_args('create_pde_stem_model', stem_width, stem_orientations, stem_depth, stem_kernel_size,
+                         stem_pde_kernel_size, stem_alpha)
     import timm
     model = timm.create_model(backbone, pretrained=False, **kwargs)
     info = find_stem(model)
@@ -222,6 +251,22 @@ def create_pde_stem_model(backbone: str, stem_width: int = 16, stem_orientations
     # factory reads model.no_weight_decay()); whatever the backbone already excludes stays excluded
     model.no_weight_decay = types.MethodType(_stem_no_weight_decay, model)
     return model
+
+
+def _check_pde_stem_args(owner: str, width, orientations, depth, kernel_size, pde_kernel_size, alpha) -> None:
+    """The PDE stem's arguments, checked before anything is built."""
+    check_int(owner, 'stem_width', width, 1)
+    check_int(owner, 'stem_orientations', orientations, 1)
+    check_int(owner, 'stem_depth', depth, 0, what='CDE layers in the stem')
+    check_int(owner, 'stem_kernel_size', kernel_size, 1, odd=True)
+    _check_pde_kernel(owner, 'stem_pde_kernel_size', pde_kernel_size)
+    check_float(owner, 'stem_alpha', alpha, 0.5, 1.0, lo_open=True)
+
+
+def _build_pde_stem_model(variant: str, backbone: str, stem_args: Dict[str, Any], **kwargs) -> nn.Module:
+    model = create_pde_stem_model(backbone, **stem_args, **kwargs)
+    stem = get_stem(model)
+    return attach_input_policy(model, stem, variant, stem.in_chans, pde_stem_min_size(stem, backbone))
 
 
 def _stem_no_weight_decay(model: nn.Module):
@@ -241,7 +286,11 @@ def _create_pde(variant: str, pretrained: bool = False, *, backbone: Optional[st
     stem_args: Dict[str, Any] = {k: kwargs.pop(k) for k in stem_keys if k in kwargs}
     if 'stem_pde_kernel_size' in stem_args and isinstance(stem_args['stem_pde_kernel_size'], list):
         stem_args['stem_pde_kernel_size'] = tuple(stem_args['stem_pde_kernel_size'])
-    builder = partial(create_pde_stem_model, backbone, **stem_args)
+    defaults = {k: p.default for k, p in inspect.signature(create_pde_stem_model).parameters.items() if k in stem_keys}
+    a = dict(defaults, **stem_args)  # checked here to name the variant (create_pde_stem_model checks them too)
+    _check_pde_stem_args(variant, a['stem_width'], a['stem_orientations'], a['stem_depth'], a['stem_kernel_size'],
+                         a['stem_pde_kernel_size'], a['stem_alpha'])
+    builder = partial(_build_pde_stem_model, variant, backbone, stem_args)
     return create_gequiv_model(builder, variant, pretrained,
                                pretrained_filter_fn=partial(_pretrained_filter, warm_start=False), **kwargs)
 

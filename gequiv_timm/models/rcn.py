@@ -43,7 +43,6 @@ from timm.layers import SelectAdaptivePool2d
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import FeatureDictNet, FeatureInfo, feature_take_indices
 
-from ..layers.checks import check_float_tensor
 from ..layers.rcn import (
     CoordRegressionHead,
     RCNPaperTrunk,
@@ -54,26 +53,34 @@ from ..layers.rcn import (
     heatmap_cross_entropy,
 )
 from ..registry import tagged_cfgs
+from ._args import check_float, check_int, check_ints
 from ._helpers import backbone_cfg, create_gequiv_model
+from ._timm_api import check_image_input, model_name
 
 __all__ = ['KeypointNet', 'HEADS']
 
 HEADS = ('rcn', 'sumnet', 'single', 'regression')
 POOL_TYPES = ('avg', 'max', 'avgmax', 'catavgmax', '')
 
-def check_keypoint_input(x: torch.Tensor, in_chans: int, multiple: int) -> None:
-    """KeypointNet's input check (eager; an FX leaf, registered in :mod:`gequiv_timm.models._fx`). The policy of
-    :mod:`gequiv_timm.layers.checks`: TypeError for the kind, ValueError for the shape."""
-    check_float_tensor(x, 'KeypointNet', f'an image batch [B, {in_chans}, H, W]')
-    if x.dim() != 4 or x.shape[1] != in_chans:
-        hint = f"create the model with in_chans={x.shape[1]}" if x.dim() == 4 else \
-            "add the batch dimension (x[None]) or reshape to [B, C, H, W]"
-        raise ValueError(f"KeypointNet: expected an image batch [B, {in_chans}, H, W] ({in_chans} channel(s)), got "
-                         f"{tuple(x.shape)}; {hint}")
-    if x.shape[-2] % multiple or x.shape[-1] % multiple:
-        raise ValueError(f"KeypointNet: input size {tuple(x.shape[-2:])} must be divisible by {multiple} (the "
-                         f"coarsest level's stride) so that every level is an exact x2 of the next; pad or resize "
-                         f"the image")
+# the input check stays one call in plain torch.fx traces too (timm's tracer knows it from models/_fx.py)
+torch.fx.wrap('check_image_input')
+
+
+def _check_args(in_chans, drop_rate, branch_channels, convs_per_branch, output_stride, trunk_channels, out_indices,
+                backbone) -> None:
+    """KeypointNet's numeric arguments, checked before anything is built."""
+    check_int('KeypointNet', 'in_chans', in_chans, 1)
+    check_float('KeypointNet', 'drop_rate', drop_rate, 0.0, 1.0, hi_open=True)
+    if isinstance(branch_channels, (list, tuple)):
+        check_ints('KeypointNet', 'branch_channels', branch_channels, 1, what='one per pyramid level, or one int')
+    else:
+        check_int('KeypointNet', 'branch_channels', branch_channels, 1, what='or one per pyramid level')
+    check_int('KeypointNet', 'convs_per_branch', convs_per_branch, 0)
+    check_int('KeypointNet', 'output_stride', output_stride, 1, what='a power of two dividing the finest level')
+    if backbone == 'rcn_paper':
+        check_ints('KeypointNet', 'trunk_channels', trunk_channels, 1, what='channels per level of rcn_paper')
+    if out_indices is not None:
+        check_ints('KeypointNet', 'out_indices', out_indices, 0, what="the backbone's feature levels")
 
 
 def _check_pool(global_pool) -> str:
@@ -149,6 +156,8 @@ class KeypointNet(nn.Module):
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"KeypointNet: head must be one of {HEADS}, got {head!r}")
+        _check_args(in_chans, drop_rate, branch_channels, convs_per_branch, output_stride, trunk_channels,
+                    out_indices, backbone)
         k = num_keypoints
         if k is None:
             k = num_classes if num_classes is not None else (len(keypoint_names) if keypoint_names else 5)
@@ -183,6 +192,10 @@ class KeypointNet(nn.Module):
                 fkw['out_indices'] = tuple(out_indices)
             try:
                 self.backbone = timm.create_model(backbone, **fkw)
+            except IndexError as e:  # timm: an out_indices entry past the backbone's levels
+                n = len(timm.create_model(backbone, features_only=True, device='meta').feature_info)
+                raise ValueError(f"KeypointNet: out_indices must be in [0, {n - 1}] ({backbone!r} has {n} feature "
+                                 f"levels), got {tuple(out_indices)}") from e
             except RuntimeError as e:
                 raise ValueError(f"KeypointNet: cannot build timm backbone {backbone!r} with features_only=True "
                                  f"({e}); pick a timm model that supports features_only, e.g. 'resnet18'") from e
@@ -301,8 +314,14 @@ class KeypointNet(nn.Module):
         self.num_classes = self.num_keypoints = num_classes
         self.keypoint_names = [f'kp{i}' for i in range(num_classes)]
 
+    def min_input_size(self) -> int:
+        """The coarsest pyramid level's stride: the input sides must be multiples of it (so every level is an exact
+        x2 of the next), and this is the smallest one."""
+        return int(self.pyramid_reductions[-1])
+
     def _pyramid(self, x: torch.Tensor, max_level: Optional[int] = None) -> List[torch.Tensor]:
-        check_keypoint_input(x, self.in_chans, self.pyramid_reductions[-1])
+        check_image_input(x, self.in_chans, self.min_input_size(), model_name(self),
+                          multiple=self.pyramid_reductions[-1])
         if isinstance(self.backbone, RCNPaperTrunk):
             return list(self.backbone(x, max_level))
         return list(self.backbone(x))

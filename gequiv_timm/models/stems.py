@@ -50,6 +50,8 @@ from timm.models import generate_default_cfgs, register_model
 from ..layers.stem import EquivariantStem, PooledLift  # noqa: F401  (public here since 0.1.0; pure torch in layers/)
 from ..registry import tagged_cfgs
 from ._helpers import adapt_input_conv_nd, backbone_cfg, create_gequiv_model
+from ._stem_args import STEM_STRIDES, check_stem_args, equivariant_stem_min_size
+from ._timm_api import attach_input_policy
 
 __all__ = ['StemError', 'StemInfo', 'EquivariantStem', 'find_stem', 'inject_stem', 'inject_equivariant_stem',
            'adapt_backbone_state_dict', 'load_backbone_checkpoint', 'get_stem', 'stem_output']
@@ -379,6 +381,8 @@ def inject_equivariant_stem(model: Union[nn.Module, str], group: str = 'p4', mod
         >>> m(torch.randn(1, 3, 64, 64)).shape
         torch.Size([1, 1000])
     """
+    check_stem_args('inject_equivariant_stem', mode=mode, width=width, kernel_size=kernel_size,
+                     depth=depth, stride=stride, group_pool=group_pool, prefix='')
     if isinstance(model, str):
         import timm
         model = timm.create_model(model, **create_kwargs)
@@ -387,8 +391,13 @@ def inject_equivariant_stem(model: Union[nn.Module, str], group: str = 'p4', mod
                         f"only used when `model` is a name)")
     info = find_stem(model, first_conv)
     conv = model.get_submodule(info.first_conv)
-    k = kernel_size or (info.kernel_size if info.kernel_size % 2 else info.kernel_size + 1)
-    stem = EquivariantStem(info.in_chs, info.out_chs, stride or info.stride, group=group, mode=mode, width=width,
+    k = kernel_size if kernel_size is not None else (info.kernel_size if info.kernel_size % 2 else
+                                                     info.kernel_size + 1)
+    stride = info.stride if stride is None else stride
+    if stride not in STEM_STRIDES:
+        raise StemError(f"{_model_name(model)}: its stem conv has stride {stride}; an equivariant stem reduces by "
+                        f"one of {STEM_STRIDES}: pass stride= explicitly")
+    stem = EquivariantStem(info.in_chs, info.out_chs, stride, group=group, mode=mode, width=width,
                            kernel_size=k, depth=depth, group_pool=group_pool,
                            device=conv.weight.device, dtype=conv.weight.dtype)
     if warm_start and conv.weight.device.type != 'meta':
@@ -474,10 +483,12 @@ def _pretrained_filter(state_dict, model, warm_start: bool = True):
 # ----------------------------------------------------------------------------------------------------------------
 # registered models (catalog data: registry/stems.toml)
 # ----------------------------------------------------------------------------------------------------------------
-def _build(backbone: str, group: str, mode: str, stem_args: Dict[str, Any], **kwargs):
+def _build(variant: str, backbone: str, group: str, mode: str, stem_args: Dict[str, Any], **kwargs):
     import timm
     model = timm.create_model(backbone, pretrained=False, **kwargs)
-    return inject_equivariant_stem(model, group, mode, warm_start=False, **stem_args)
+    model = inject_equivariant_stem(model, group, mode, warm_start=False, **stem_args)
+    stem = get_stem(model)
+    return attach_input_policy(model, stem, variant, stem.in_chs, equivariant_stem_min_size(stem, backbone))
 
 
 def _create_stem_model(variant: str, pretrained: bool = False, *, backbone: str, group: str = 'p4', mode: str = 'invariant',
@@ -485,9 +496,11 @@ def _create_stem_model(variant: str, pretrained: bool = False, *, backbone: str,
             stem_stride: Optional[int] = None, stem_group_pool: str = 'max', warm_start: bool = True, **kwargs):
     """Build ``backbone`` with an equivariant stem; ``pretrained=True`` loads the *plain backbone's* checkpoint
     (the cfg's file / Hub id) into every non-stem layer and initialises (warm-starts) the stem."""
+    check_stem_args(variant, mode=mode, width=stem_width, kernel_size=stem_kernel_size,
+                     depth=stem_depth, stride=stem_stride, group_pool=stem_group_pool)
     stem_args = dict(width=stem_width, kernel_size=stem_kernel_size, depth=stem_depth, stride=stem_stride,
                      group_pool=stem_group_pool)
-    builder = partial(_build, backbone, group, mode, stem_args)
+    builder = partial(_build, variant, backbone, group, mode, stem_args)
     feature_cfg = None
     if kwargs.get('features_only') and 'out_indices' not in kwargs:
         import timm

@@ -38,7 +38,13 @@ from timm.models import generate_default_cfgs, register_model
 
 from ..layers.stn import ParallelSpatialTransformer, SpatialTransformer
 from ..registry import tagged_cfgs
+from ._args import check_common, check_float, check_int, check_ints
 from ._helpers import create_gequiv_model
+from ._timm_api import check_image_input, model_name
+from ._timm_api import min_input_size as backbone_min_input_size
+
+# the input check stays one call in plain torch.fx traces too (timm's tracer knows it from models/_fx.py)
+torch.fx.wrap('check_image_input')
 
 __all__ = ['STNFrontEnd']
 
@@ -104,6 +110,24 @@ class _PrefixedMatcher:
         return (float('inf'),)
 
 
+def _check_size(owner: str, arg: str, size) -> None:
+    """``None``, an int >= 1 or a pair of ints >= 1."""
+    ok = size is None or (isinstance(size, int) and not isinstance(size, bool) and size >= 1) or (
+        isinstance(size, (list, tuple)) and len(size) == 2 and
+        all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size))
+    if not ok:
+        raise ValueError(f"{owner}: {arg} must be None, an int >= 1 or a pair (h, w) of ints >= 1, got {size!r}")
+
+
+def _check_loc_kwargs(owner: str, loc_kwargs: Dict[str, Any]) -> None:
+    """The default localisation net's arguments (:class:`~gequiv_timm.layers.stn.LocalisationCNN`)."""
+    if 'channels' in loc_kwargs:
+        check_ints(owner, "loc_kwargs['channels']", loc_kwargs['channels'], 1, min_len=0)
+    for key in ('kernel_size', 'hidden', 'pool_size'):
+        if key in loc_kwargs:
+            check_int(owner, f"loc_kwargs[{key!r}]", loc_kwargs[key], 1, odd=key == 'kernel_size')
+
+
 class STNFrontEnd(nn.Module):
     """A spatial transformer in front of (and optionally inside) a timm backbone.
 
@@ -145,10 +169,18 @@ class STNFrontEnd(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         name = type(self).__name__
-        if not isinstance(num_transforms, int) or num_transforms < 1:
-            raise ValueError(f"{name}: num_transforms must be a positive int, got {num_transforms!r}")
-        if not loc_lr_mult >= 0:
-            raise ValueError(f"{name}: loc_lr_mult must be >= 0, got {loc_lr_mult!r}")
+        check_int(name, 'num_transforms', num_transforms, 1, what='parallel transformers')
+        check_float(name, 'loc_lr_mult', loc_lr_mult, 0.0)
+        check_float(name, 'reg_weight', reg_weight, 0.0)
+        check_float(name, 'boundary_weight', boundary_weight, 0.0)
+        _check_size(name, 'loc_input_size', loc_input_size)
+        if isinstance(out_size, float):
+            check_float(name, 'out_size', out_size, 0.0, 16.0, lo_open=True, what='a scale of the input size')
+        else:
+            _check_size(name, 'out_size', out_size)
+        if loc_backbone is None and loc_kwargs:
+            _check_loc_kwargs(name, loc_kwargs)
+        check_common(name, num_classes, in_chans, drop_rate)
         self.in_chans = in_chans
         self.num_transforms = k = num_transforms
         self.loc_lr_mult = float(loc_lr_mult)
@@ -260,6 +292,29 @@ class STNFrontEnd(nn.Module):
             self._stage_hook = target.register_forward_hook(_ApplyAfter(self.stage_stn))
             self.stage_stn_module = 'backbone.' + info['module']
 
+    # ----- input ------------------------------------------------------------------------------------------------
+    def min_input_size(self) -> int:
+        """The smallest input side: what the backbone needs (its own ``min_input_size()``; 1 for a timm backbone,
+        padded throughout) at the size the transformer hands it (the input size, a fraction of it, or a fixed
+        size). The localisation net takes any size."""
+        b = self._backbones()[0]
+        states = hasattr(b, '_gequiv_input_policy') or callable(getattr(b, 'min_input_size', None))
+        need = backbone_min_input_size(b) if states else 1  # a plain timm backbone: padded convolutions
+        out = self.stn.out_size
+        if out is None:
+            return need
+        if isinstance(out, float):
+            s = 1
+            while max(1, round(out * s)) < need:
+                s += 1
+            return s
+        return 1  # a fixed output size: the backbone always sees the same size
+
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            check_image_input(x, self.in_chans, self.min_input_size(), model_name(self))
+        return x
+
     # ----- helpers ------------------------------------------------------------------------------------------
     def _backbones(self) -> List[nn.Module]:
         return [self.backbone] if self.num_transforms == 1 else list(self.backbones)
@@ -269,7 +324,7 @@ class STNFrontEnd(nn.Module):
 
     def rectify(self, x: torch.Tensor) -> torch.Tensor:
         """The transformer's output: ``[B, C, h, w]`` (``K = 1``) or ``[B, K, C, h, w]``."""
-        return self.stn(x)
+        return self.stn(self._check_input(x))
 
     @property
     def last_theta(self) -> Optional[torch.Tensor]:
@@ -351,7 +406,7 @@ class STNFrontEnd(nn.Module):
                               intermediates_only: bool = False):
         """The backbone's ``forward_intermediates`` on the rectified input; with ``K > 1`` the ``K`` branches'
         maps are concatenated along channels at every level."""
-        y = self.stn(x)
+        y = self.stn(self._check_input(x))
         kw = dict(indices=indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
                   intermediates_only=intermediates_only)
         if self.num_transforms == 1:
@@ -375,7 +430,7 @@ class STNFrontEnd(nn.Module):
         return take
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.stn(x)
+        y = self.stn(self._check_input(x))
         if self.num_transforms == 1:
             return self.backbone.forward_features(y)
         return torch.cat([self._branch(i).forward_features(y[:, i]) for i in range(self.num_transforms)], 1)
