@@ -48,15 +48,95 @@ def test_dtype_kind_mismatch_fails_precision_does_not(tmp_path):
     assert W.check_state_dict(half, _net(1), 'half') == ([], [])  # precision: load_state_dict casts
     bad = dict(state)
     bad['1.num_batches_tracked'] = bad['1.num_batches_tracked'].float()
-    with pytest.raises(W.WeightsError, match=r"bad: .*wrong dtypes \['1\.num_batches_tracked: file torch\.float32"):
+    with pytest.raises(W.WeightsError, match=r"bad: .*wrong dtypes \(1\): \['1\.num_batches_tracked: file torch\.float32"):
         W.check_state_dict(bad, _net(1), 'bad')
+
+
+# the dtype policy (weights.DTYPE_POLICY), one case per class: precisions of the same kind load (cast), other kinds
+# and bad values are refused, by load_weights and check_state_dict alike, before anything is copied
+_FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize('dtype', _FLOATS, ids=str)
+def test_float_precisions_load_cast_to_the_model_dtype(tmp_path, dtype):
+    src = _net(0)
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in src.state_dict().items()}
+    from safetensors.torch import save_file
+    save_file(state, str(tmp_path / 'w.safetensors'))
+    dst = _net(1)
+    assert W.load_weights(dst, tmp_path / 'w.safetensors') == ([], [])
+    for k, v in dst.state_dict().items():
+        assert v.dtype == src.state_dict()[k].dtype, k  # the model keeps its dtype
+        assert torch.equal(v, state[k].to(v.dtype)), k   # holding the file's values, cast
+
+
+def _refused(name, make, match):
+    return pytest.param(make, match, id=name)
+
+
+_BAD = [
+    _refused('int32-weights', lambda s: {k: v.to(torch.int32) if v.is_floating_point() else v for k, v in s.items()},
+             r"wrong dtypes \(\d+\): \['0\.bias: file torch\.int32 vs model torch\.float32'"),
+    _refused('bool-weights', lambda s: {k: v.bool() if v.is_floating_point() else v for k, v in s.items()},
+             r"wrong dtypes .*file torch\.bool vs model torch\.float32"),
+    _refused('complex-weight', lambda s: dict(s, **{'0.weight': s['0.weight'].to(torch.complex64)}),
+             r"wrong dtypes \(1\): \['0\.weight: file torch\.complex64"),
+    _refused('float-counter', lambda s: dict(s, **{'1.num_batches_tracked': s['1.num_batches_tracked'].double()}),
+             r"wrong dtypes \(1\): \['1\.num_batches_tracked: file torch\.float64 vs model torch\.int64"),
+    _refused('nan', lambda s: dict(s, **{'0.weight': s['0.weight'].index_fill(0, torch.tensor([0]), float('nan'))}),
+             r"bad values \(1\): \['0\.weight: 9 NaN / inf value\(s\)'\]"),
+    _refused('inf', lambda s: dict(s, **{'1.running_var': s['1.running_var'] + float('inf')}),
+             r"bad values \(1\): \['1\.running_var: 3 NaN / inf"),
+    _refused('float64-overflow', lambda s: dict(s, **{'0.bias': s['0.bias'].double() * 1e300}),
+             r"bad values \(1\): \['0\.bias: values up to .*e\+\d+ overflow torch\.float32"),
+]
+
+
+@pytest.mark.parametrize('make, match', _BAD)
+def test_dtype_policy_refuses_before_copying(tmp_path, make, match):
+    from safetensors.torch import save_file
+    state = {k: v.contiguous() for k, v in _net(0).state_dict().items()}
+    state['0.bias'] = state['0.bias'] + 1.0  # no zeros: 1e300 * 0 would stay finite
+    f = tmp_path / 'w.safetensors'
+    save_file({k: v.contiguous() for k, v in make(state).items()}, str(f))
+    target = _net(1)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(W.WeightsError, match=rf"{f}: does not fit Sequential: {match}.*Policy: a floating tensor"):
+        W.load_weights(target, f)
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items()), 'half-loaded'
+    with pytest.raises(W.WeightsError, match=match):
+        W.check_state_dict(make(state), target, 'x', strict=False)  # a partial load refuses them too
+
+
+def test_integer_buffers_must_fit_the_model_dtype():
+    net = nn.Module()
+    net.register_buffer('n', torch.zeros(2, dtype=torch.int32))
+    W.check_state_dict({'n': torch.tensor([1, 2], dtype=torch.int64)}, net, 'ok')  # fits: cast
+    with pytest.raises(W.WeightsError, match=r"bad values \(1\): \['n: values in \[1, 4294967296\] do not fit "
+                                             r"torch\.int32'\]"):
+        W.check_state_dict({'n': torch.tensor([1, 2 ** 32], dtype=torch.int64)}, net, 'x')
+
+
+def test_check_finite_names_the_tensors():
+    W.check_finite({'a': torch.ones(2), 'n': torch.tensor([3])}, 'f')
+    with pytest.raises(W.WeightsError, match=r"f: not loadable: bad values \(1\): \['a: 1 NaN / inf value\(s\)'\]"):
+        W.check_finite({'a': torch.tensor([1.0, float('-inf')])}, 'f')
+
+
+def test_long_key_lists_stay_one_readable_line():
+    net = nn.Sequential(*[nn.Linear(1, 1) for _ in range(20)])
+    with pytest.raises(W.WeightsError) as e:
+        W.check_state_dict({}, net, 'empty')
+    msg = str(e.value)
+    assert '\n' not in msg and 'missing keys (40): [' in msg and 'and 32 more' in msg
 
 
 def test_missing_and_unexpected_keys(tmp_path):
     state = dict(_net(0).state_dict())
     state['extra'] = torch.zeros(1)
     del state['0.bias']
-    with pytest.raises(W.WeightsError, match=r"missing keys \['0\.bias'\]; unexpected keys \['extra'\]"):
+    with pytest.raises(W.WeightsError, match=r"unexpected keys \(1\): \['extra'\]; missing keys \(1\): \['0\.bias'\]"
+                                            r".*or pass strict=False"):
         W.check_state_dict(state, _net(1), 'src')
     assert W.check_state_dict(state, _net(1), 'src', strict=False) == (['0.bias'], ['extra'])
 
@@ -100,14 +180,73 @@ def test_manifest_update_is_sorted_and_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ['manifest.json']  # no temporary left behind
 
 
-def test_bad_manifest_is_named(tmp_path):
+_SHA = 'ab' * 32
+_MANIFEST_CASES = [
+    pytest.param('{"a.t": ', r'not valid JSON .*truncated or corrupted', id='truncated'),
+    pytest.param('\x00\xff garbage', r'not valid JSON', id='garbage'),
+    pytest.param('["a.t"]', r'expected a JSON object', id='a-list'),
+    pytest.param('{"at": {}}', r"entry 'at': keys must be 'name.tag'", id='key-without-tag'),
+    pytest.param('{"a.t": 3}', r'entry a.t: expected an object of fields, got int', id='entry-not-object'),
+    pytest.param('{"a.t": {"evaluator": "antigravity:fly"}}', r"entry a.t: field 'evaluator' is not allowed: .*a "
+                 r"manifest names no code", id='evaluator'),
+    pytest.param('{"a.t": {"hook": "os:system"}}', r"entry a.t: unknown field 'hook'; allowed: \['budget'", id='unknown'),
+    pytest.param('{"a.t": {"file": "../../etc/passwd"}}', r"field 'file' must be a file name in the weights folder",
+                 id='file-with-path'),
+    pytest.param('{"a.t": {"sha256": "xyz"}}', r"field 'sha256' must be 64 lowercase hex digits", id='bad-sha'),
+    pytest.param('{"a.t": {"size": "12"}}', r"field 'size' must be a byte count", id='size-string'),
+    pytest.param('{"a.t": {"metrics": [1]}}', r"field 'metrics' must be an object", id='metrics-list'),
+]
+
+
+@pytest.mark.parametrize('text, match', _MANIFEST_CASES)
+def test_bad_manifest_is_named(tmp_path, text, match):
     m = tmp_path / 'manifest.json'
-    m.write_text('{"a.t": ')
-    with pytest.raises(W.WeightsError, match=f'{m}: not valid JSON'):
+    m.write_text(text, encoding='latin-1')
+    with pytest.raises(W.WeightsError, match=f'{m}: .*{match}'):
         W.read_manifest(m)
-    m.write_text('["a.t"]')
-    with pytest.raises(W.WeightsError, match='expected a JSON object'):
-        W.read_manifest(m)
+    # and it is never overwritten by an update (which reads it first)
+    with pytest.raises(W.WeightsError):
+        W.update_manifest(m, 'b.t', {'file': 'b'})
+    assert m.read_text(encoding='latin-1') == text
+
+
+def test_manifest_fields_are_a_fixed_table(tmp_path):
+    good = {'file': 'x.safetensors', 'sha256': _SHA, 'size': 3, 'metrics': {'test_error': 0.1}, 'recipe': 'r',
+            'command': 'c', 'budget': 'b', 'label_names': ['a'], 'converted_from_sha256': _SHA}
+    assert set(good) == set(W.MANIFEST_FIELDS)
+    W.update_manifest(tmp_path / 'm.json', 'a.t', good)
+    assert W.read_manifest(tmp_path / 'm.json') == {'a.t': good}
+    # an update with a field outside the table is refused before the file is touched
+    before = (tmp_path / 'm.json').read_text()
+    with pytest.raises(W.WeightsError, match="field 'evaluator' is not allowed"):
+        W.update_manifest(tmp_path / 'm.json', 'b.t', {'file': 'b', 'evaluator': 'x:y'})
+    assert (tmp_path / 'm.json').read_text() == before
+
+
+def test_unreadable_manifest_is_named(tmp_path):
+    d = tmp_path / 'manifest.json'
+    d.mkdir()
+    with pytest.raises(W.WeightsError, match=f'{d}: cannot read the manifest'):
+        W.read_manifest(d)
+
+
+def test_verify_digest_sha256_and_git_id(tmp_path):
+    import hashlib
+    import shutil
+    import subprocess
+    f = tmp_path / 'f.bin'
+    f.write_bytes(b'some bytes\x00\x01')
+    W.verify_digest(f, hashlib.sha256(f.read_bytes()).hexdigest())
+    if shutil.which('git'):  # git's own object id, computed by git
+        gid = subprocess.run(['git', 'hash-object', str(f)], capture_output=True, text=True, check=True).stdout.strip()
+        assert W.git_blob_sha1(f) == gid
+    assert W.verify_digest(f, f'"{W.git_blob_sha1(f)}"') == 'git-sha1'  # an ETag header keeps its quotes
+    with pytest.raises(W.ChecksumError, match=f'{f}: sha256 .* does not match 0+, the sha256 its source reports'):
+        W.verify_digest(f, '0' * 64)
+    with pytest.raises(W.ChecksumError, match=f'{f}: git-sha1 .* does not match'):
+        W.verify_digest(f, '0' * 40)
+    with pytest.raises(W.ChecksumError, match="reports no sha256 or git id"):
+        W.verify_digest(f, 'W/"abc"')
 
 
 def test_old_import_paths_are_the_same_objects():
