@@ -29,8 +29,8 @@ from ._version import __version__
 from .data.catalog import DATASETS, dataset_of_recipe
 from .training.recipe import measure_checkpoint
 from .weights import (  # save_weights ... update_manifest: re-exported, users import them from here
-    ChecksumError, WeightsError, check_state_dict, load_weights, read_metadata, save_weights, sha256_file,
-    update_manifest, verify_checksum,
+    ChecksumError, WeightsError, check_manifest_entry, check_state_dict, load_weights, read_metadata, save_weights,
+    sha256_file, update_manifest, verify_checksum,
 )
 
 __all__ = ['save_weights', 'load_weights', 'read_metadata', 'update_manifest', 'WeightsError', 'ChecksumError',
@@ -359,13 +359,17 @@ def export(name_tag: str, out_dir, checkpoint=None, repo_id: Optional[str] = Non
         sha, size = sha256_file(src.weights), src.weights.stat().st_size
     else:
         tmp = out / (WEIGHTS_NAME + '.part')
-        if meta.get('architecture') == src.name and meta.get('gequiv_timm_version') and \
-                meta.get('tag', '') == src.tag:
-            shutil.copyfile(src.weights, tmp)
-        else:
-            save_weights(src.model, tmp, src.name, src.tag, src.entry.get('recipe', ''),
-                         extra={'metrics': src.entry['metrics']} if src.entry.get('metrics') else None)
-        tmp.replace(weights_out)
+        try:
+            if meta.get('architecture') == src.name and meta.get('gequiv_timm_version') and \
+                    meta.get('tag', '') == src.tag:
+                shutil.copyfile(src.weights, tmp)
+            else:
+                save_weights(src.model, tmp, src.name, src.tag, src.entry.get('recipe', ''),
+                             extra={'metrics': src.entry['metrics']} if src.entry.get('metrics') else None)
+            tmp.replace(weights_out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk or a kill leaves no half-written file behind
+            raise
         sha, size = sha256_file(weights_out), weights_out.stat().st_size
         files.append(WEIGHTS_NAME)
     config = build_config(src.model, src.name, src.tag, src.entry)
@@ -375,8 +379,12 @@ def export(name_tag: str, out_dir, checkpoint=None, repo_id: Optional[str] = Non
         if card_only and fname != CARD_NAME:
             continue
         part = out / (fname + '.part')
-        part.write_text(text, encoding='utf-8')
-        part.replace(out / fname)
+        try:
+            part.write_text(text, encoding='utf-8')
+            part.replace(out / fname)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
         files.append(fname)
     return ExportResult(out, src.name, src.tag, sha, size, sorted(files))
 
@@ -479,14 +487,17 @@ def check_entry(name_tag: str, entry: Mapping[str, Any], folder=None, metrics: b
     """Check a manifest entry against its file: size, sha256, metadata; with ``metrics`` re-measure the metrics.
 
     The metrics are re-measured by :func:`gequiv_timm.training.measure_checkpoint` on the held-out split of the
-    built-in data set the entry's recipe names (its catalog entry fixes the task and the metric; nothing in the
-    manifest names code to run) and compared with the manifest's values within ``tolerance`` (default: two examples of the evaluated split,
-    ``2 / n``, for an error rate; ``1e-3`` relative otherwise). Raises :class:`WeightsError` /
+    built-in data set the entry's recipe names (its catalog entry fixes the task and the metric) and compared with
+    the manifest's values within ``tolerance`` (default: two examples of the evaluated split, ``2 / n``, for an
+    error rate; ``1e-3`` relative otherwise). Nothing in the manifest names code to run: an entry's fields come
+    from a fixed table (:data:`gequiv_timm.weights.MANIFEST_FIELDS`) and a field such as ``evaluator`` is an
+    error. Raises :class:`WeightsError` /
     :class:`ChecksumError` naming the file; returns ``{'measured': {...}, 'file': path}``.
     """
     import timm
 
     from ._resources import weights_dir
+    check_manifest_entry(name_tag, dict(entry), 'manifest')  # data only: a field naming code ('evaluator') is an error
     folder = Path(folder) if folder is not None else weights_dir()
     if not entry.get('file'):
         raise WeightsError(f"manifest entry {name_tag}: no 'file' field")

@@ -21,7 +21,12 @@ adds the catalog's tags, paper and the shipped weights file to the family's own 
 A tag's weights file, checksum and metrics live in ``weights/manifest.json`` under ``"name.tag"``. When the
 file is present locally it is what ``pretrained=True`` loads (no network needed); otherwise the tag's
 ``hf_hub_id``: the repo its cfg names (a stem model's backbone checkpoint on timm's repo), else ours,
-:func:`hub_id` = ``HUB_ORG/name.tag`` (the one place the organisation is written).
+:func:`hub_id` = ``HUB_ORG/name.tag`` (the one place the organisation is written). A repo the manifest lists
+(:func:`hub_repos`) must serve the manifest's bytes, whichever way it is reached.
+
+A broken manifest (truncated, not JSON, an entry outside the fixed table of fields) does not break ``import
+gequiv_timm``: the models register without its data, and everything that needs it (pretrained loading of a tag,
+``gequiv-timm check``) raises one error naming the file; :func:`manifest_problem` says what is wrong.
 """
 from __future__ import annotations
 
@@ -33,10 +38,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ._resources import registry_dir, weights_dir
-from .weights import read_manifest
+from .weights import WeightsError, read_manifest
 
 __all__ = ['CatalogError', 'CatalogEntry', 'load_catalog', 'load_manifest', 'tagged_cfgs', 'get_entry',
-           'catalog', 'manifest_entry', 'EXTRAS', 'HUB_ORG', 'hub_id']
+           'catalog', 'manifest', 'manifest_entry', 'manifest_problem', 'hub_repos', 'EXTRAS', 'HUB_ORG', 'hub_id']
 
 PREFIX = 'gequiv_'
 #: the Hugging Face organisation of every checkpoint gequiv_timm publishes: ``HUB_ORG/name.tag``
@@ -206,6 +211,7 @@ def load_manifest(path: Optional[Path] = None) -> Dict[str, Dict[str, Any]]:
 
 _CATALOG: Optional[Dict[str, CatalogEntry]] = None
 _MANIFEST: Optional[Dict[str, Dict[str, Any]]] = None
+_MANIFEST_ERROR: Optional[WeightsError] = None
 
 
 def catalog() -> Dict[str, CatalogEntry]:
@@ -215,11 +221,34 @@ def catalog() -> Dict[str, CatalogEntry]:
     return _CATALOG
 
 
-def manifest() -> Dict[str, Dict[str, Any]]:
-    global _MANIFEST
-    if _MANIFEST is None:
-        _MANIFEST = load_manifest()
+def _read_package_manifest() -> None:
+    global _MANIFEST, _MANIFEST_ERROR
+    if _MANIFEST is None and _MANIFEST_ERROR is None:
+        try:
+            _MANIFEST = load_manifest()
+        except WeightsError as e:
+            _MANIFEST_ERROR = e
+        except FileNotFoundError as e:  # no weights/ folder: the installation is broken
+            _MANIFEST_ERROR = WeightsError(str(e))
+
+
+def manifest(strict: bool = True) -> Dict[str, Dict[str, Any]]:
+    """The package's weights manifest (read once). A broken one (truncated, not JSON, a bad entry) raises
+    :class:`~gequiv_timm.weights.WeightsError` naming the file on every call; with ``strict=False`` it reads as
+    empty instead (for the model registration at import and ``gequiv-timm list``, which then say it is broken:
+    :func:`manifest_problem`)."""
+    _read_package_manifest()
+    if _MANIFEST_ERROR is not None:
+        if strict:
+            raise WeightsError(str(_MANIFEST_ERROR))
+        return {}
     return _MANIFEST
+
+
+def manifest_problem() -> Optional[str]:
+    """Why the package manifest cannot be used (the message names the file), or None when it is fine."""
+    _read_package_manifest()
+    return None if _MANIFEST_ERROR is None else str(_MANIFEST_ERROR)
 
 
 def get_entry(name: str) -> CatalogEntry:
@@ -232,7 +261,16 @@ def get_entry(name: str) -> CatalogEntry:
 
 
 def manifest_entry(name_tag: str) -> Optional[Dict[str, Any]]:
+    """The manifest entry of ``name.tag`` (None when it has none); raises naming the file when the manifest is
+    broken."""
     return manifest().get(name_tag)
+
+
+def hub_repos() -> Dict[str, str]:
+    """``{repo id (lower case): 'name.tag'}`` of every manifest entry with a sha256: the Hub repos whose
+    ``model.safetensors`` must be the manifest's bytes, whichever way they are reached (a tag's default, or
+    ``timm.create_model('hf-hub:...')``). Raises naming the file when the manifest is broken."""
+    return {hub_id(k).lower(): k for k, e in manifest().items() if e.get('sha256')}
 
 
 def hub_id(name_tag: str) -> str:
@@ -276,7 +314,7 @@ def tagged_cfgs(cfgs: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
             base.update({k: _to_cfg_value(v) for k, v in entry.tags.get(tag, {}).items()})
             if tag:
                 base.setdefault('hf_hub_id', hub_id(f'{name}.{tag}'))
-            m = manifest_entry(f'{name}.{tag}') if tag else None
+            m = manifest(strict=False).get(f'{name}.{tag}') if tag else None  # broken: said when it is used
             if m and m.get('file'):
                 try:
                     f = weights_dir() / m['file']

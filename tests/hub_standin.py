@@ -20,6 +20,12 @@ Bounded and safe for a test run: it binds to the loopback interface only, refuse
 more than ``max_repos`` repos or ``max_bytes`` stored, and stops by itself after ``max_lifetime`` seconds (and
 after ``idle_timeout`` seconds without a request). Writes need ``Authorization: Bearer <token>``; private repos
 need it to be read. ``fail`` injects HTTP 500 answers (``{'commit': 1}`` fails the next commit once).
+
+Hostile modes for download tests (keys ``'ORG/NAME/path'``): ``flaky[key] = (n, status)`` answers the first ``n``
+requests (HEAD or GET) for that file normally and every later one with ``status`` (404 as "entry not found", 500,
+...); ``corrupt`` (a set of keys) serves the file with its last byte flipped under the original ETag /
+X-Linked-Etag / X-Linked-Size, as a bad mirror or a bit flip in transit would. :meth:`seed` puts files into a repo
+directly (one commit), without going through the HTTP API.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set, Tuple
 from urllib.parse import unquote, urlsplit
 
 __all__ = ['HubStandIn']
@@ -73,6 +79,9 @@ class HubStandIn:
         self.lfs: Dict[str, bytes] = {}
         self.log: List[tuple] = []          # (method, path, status, authorized)
         self.fail: Dict[str, int] = {}
+        self.flaky: Dict[str, Tuple[int, int]] = {}   # 'org/name/path' -> (requests served, then this status)
+        self.corrupt: Set[str] = set()                 # 'org/name/path' served with altered bytes, original etag
+        self.served: Dict[str, int] = {}               # 'org/name/path' -> resolve requests so far
         self._lock = threading.RLock()
         self._server: Optional[ThreadingHTTPServer] = None
         self._last = time.monotonic()
@@ -124,6 +133,25 @@ class HubStandIn:
             repo = self.repos[repo_id]
             commit = self._commit(repo, revision)
             return {p: self._content(ref) for p, ref in commit['files'].items()}
+
+    def seed(self, repo_id: str, files: Dict[str, bytes], private: bool = False) -> str:
+        """Add one commit holding ``files`` to ``repo_id`` (created if needed; ``*.safetensors``, ``*.bin`` and
+        files with a NUL byte are stored as LFS, the rest in git); returns the commit oid."""
+        with self._lock:
+            repo = self.repos.setdefault(repo_id, {'private': private, 'commits': [
+                {'oid': hashlib.sha1(repo_id.encode()).hexdigest(), 'files': {}, 'summary': 'initial commit'}]})
+            parent = repo['commits'][-1]
+            tree = dict(parent['files'])
+            for path, data in files.items():
+                if path.endswith(('.safetensors', '.bin')) or b'\0' in data:
+                    oid = hashlib.sha256(data).hexdigest()
+                    self.lfs[oid] = data
+                    tree[path] = ('lfs', oid)
+                else:
+                    tree[path] = ('regular', data)
+            oid = hashlib.sha1(parent['oid'].encode() + json.dumps(sorted(files)).encode()).hexdigest()
+            repo['commits'].append({'oid': oid, 'files': tree, 'summary': 'seeded', 'operations': sorted(files)})
+            return oid
 
     def commits(self, repo_id: str) -> List[dict]:
         with self._lock:
@@ -362,11 +390,23 @@ class _Handler(BaseHTTPRequestHandler):
         if path not in c['files']:
             raise _Reply(404, {'error': f'Entry not found: {path}'}, {'X-Error-Code': 'EntryNotFound',
                                                                      'X-Repo-Commit': c['oid']})
+        key = f'{repo}/{path}'
+        with self.hub._lock:
+            n = self.hub.served[key] = self.hub.served.get(key, 0) + 1
+            flaky = self.hub.flaky.get(key)
+            corrupt = key in self.hub.corrupt
+        if flaky is not None and n > flaky[0]:
+            status = flaky[1]
+            raise _Reply(status, {'error': f'stand-in: flaky answer {status} for {path}'},
+                         {'X-Error-Code': 'EntryNotFound', 'X-Repo-Commit': c['oid']} if status == 404 else {})
         kind, value = c['files'][path]
         data = self.hub._content((kind, value))
+        etag_data = data
+        if corrupt and data:
+            data = data[:-1] + bytes([data[-1] ^ 0xFF])  # same size, same etag, other bytes
         headers = {'X-Repo-Commit': c['oid'], 'Accept-Ranges': 'none'}
         if kind == 'lfs':
             headers.update({'ETag': f'"{value}"', 'X-Linked-Etag': f'"{value}"', 'X-Linked-Size': str(len(data))})
         else:
-            headers['ETag'] = f'"{git_blob_sha1(data)}"'
+            headers['ETag'] = f'"{git_blob_sha1(etag_data)}"'
         return data, headers

@@ -206,7 +206,8 @@ def test_private_repo_is_not_readable_without_token(server, ckpt, no_xet, tmp_pa
 
 
 def test_corrupted_download_is_named_and_nothing_loads(server, ckpt, no_xet, tmp_path, monkeypatch):
-    """The Hub serves a truncated model.safetensors: the cached file is named, no model comes back."""
+    """The Hub serves a truncated model.safetensors under the original sha256: the cached file is named (its sha256
+    is not the one the Hub reports), no model comes back."""
     _, path, _, _ = ckpt
     hub.push(f'{NAME}.{TAG}', 'org/broken', checkpoint=path, endpoint=server.url, log=lambda *a: None)
     oid = server.repos['org/broken']['commits'][-1]['files']['model.safetensors'][1]
@@ -215,7 +216,8 @@ def test_corrupted_download_is_named_and_nothing_loads(server, ckpt, no_xet, tmp
     # what HF_ENDPOINT sets at import time, set here for this process
     monkeypatch.setattr(C, 'ENDPOINT', server.url)
     monkeypatch.setattr(C, 'HUGGINGFACE_CO_URL_TEMPLATE', server.url + '/{repo_id}/resolve/{revision}/{filename}')
-    with pytest.raises(hub.WeightsError, match=r'model\.safetensors: not a readable safetensors file'):
+    with pytest.raises(hub.ChecksumError, match=rf'models--org--broken/snapshots/.*/model\.safetensors: sha256 .* does '
+                                                rf'not match {oid}, the sha256 its source reports'):
         timm.create_model('hf-hub:org/broken', pretrained=True, cache_dir=tmp_path / 'cache')
 
 

@@ -98,8 +98,8 @@ def _fake_measure(model, entry):
 
 
 def test_check_entry_runs_no_code_the_manifest_names(tmp_path, monkeypatch):
-    """The manifest is data: an 'evaluator' naming a module is not imported; a recipe without a built-in data set
-    cannot be re-measured (one clear error, before any model is built)."""
+    """The manifest is data: an 'evaluator' naming a module is refused by name (never imported), before any model
+    is built; a recipe without a built-in data set cannot be re-measured (one clear error)."""
     import sys
     monkeypatch.setattr(hub, 'measure_checkpoint', _fake_measure)
     torch.manual_seed(0)
@@ -107,8 +107,14 @@ def test_check_entry_runs_no_code_the_manifest_names(tmp_path, monkeypatch):
     info = hub.save_weights(model, tmp_path / 'w.safetensors', 'gequiv_p4cnn', 'rotmnist', 'rotmnist/untrained')
     entry = {'file': 'w.safetensors', 'sha256': info['sha256'], 'size': info['size'],
              'metrics': {'test_error': 0.5, 'seed': 0}, 'recipe': 'rotmnist/untrained', 'evaluator': 'antigravity:fly'}
-    hub.check_entry('gequiv_p4cnn.rotmnist', entry, folder=tmp_path, metrics=True)
-    assert 'antigravity' not in sys.modules
+    built = []
+    monkeypatch.setattr(timm, 'create_model', lambda *a, **k: built.append(a))
+    with pytest.raises(hub.WeightsError, match="entry gequiv_p4cnn.rotmnist: field 'evaluator' is not allowed"):
+        hub.check_entry('gequiv_p4cnn.rotmnist', entry, folder=tmp_path, metrics=True)
+    assert 'antigravity' not in sys.modules and not built
+    monkeypatch.undo()
+    monkeypatch.setattr(hub, 'measure_checkpoint', _fake_measure)
+    del entry['evaluator']
     entry['recipe'] = 'imagefolder/adamw'
     with pytest.raises(hub.WeightsError, match="recipe 'imagefolder/adamw' names no built-in data set"):
         hub.check_entry('gequiv_p4cnn.rotmnist', entry, folder=tmp_path, metrics=True)

@@ -1,15 +1,20 @@
 """Shared plumbing for the timm-facing recipes: building through ``build_model_with_cfg`` and pretrained checks."""
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from timm.models import build_model_with_cfg
 
-from ..weights import WeightsError, check_state_dict, read_metadata, verify_checksum
+from .. import registry
+from ..weights import (
+    WeightsError, check_finite, check_state_dict, read_metadata, verify_checksum, verify_digest,
+)
 
-__all__ = ['create_gequiv_model', 'adapt_input_conv_nd']
+__all__ = ['create_gequiv_model', 'adapt_input_conv_nd', 'dropped_head_keys']
 
 
 def adapt_input_conv_nd(in_chans: int, weight: torch.Tensor) -> torch.Tensor:
@@ -44,23 +49,38 @@ def require_extras(variant: str) -> None:
 
 def create_gequiv_model(model_cls, variant: str, pretrained: bool = False, *,
                         first_conv: Optional[str] = None, feature_cfg: Optional[Dict[str, Any]] = None,
-                        pretrained_filter_fn: Optional[Callable] = None, **kwargs):
+                        pretrained_filter_fn: Optional[Callable] = None, source_architectures: Tuple[str, ...] = (),
+                        **kwargs):
     """``build_model_with_cfg`` with the house defaults.
 
     * features through timm's getter wrapper (the model's ``forward_intermediates``), so ``features_only=True``
       works for every model;
     * ``first_conv`` names a first layer whose weight may be 5-D (GrouPy layout): its input channels are adapted
       to ``in_chans`` here (timm's own adaptation only handles 4-D weights);
-    * a local weights file is checked against the manifest's sha256 before it is read;
+    * ``pretrained=True`` loads exactly the bytes that were verified (:func:`_verified_weights`): the weights file
+      is found (shipped file, ``file=`` / ``local-dir:``, or downloaded from the Hub) and checked before the model is
+      built, and timm is handed that local file, so it never downloads again and never falls back to a pickle file;
+      the model's ``pretrained_cfg`` then reads as timm resolved it (``source='hf-hub'``, ``hf_hub_id``, ...);
+    * the state dict is checked against the model before timm copies anything (names, shapes, dtypes, values:
+      :func:`gequiv_timm.weights.check_state_dict`); missing or unexpected keys are refused unless a partial load
+      is asked for with timm's own ``pretrained_strict=False`` (wrong shapes, dtypes and values never load);
+      ``source_architectures`` are further names a file's ``architecture`` metadata may give (a stem model takes
+      its plain backbone's checkpoint);
     * the extras the catalog entry requires are checked first (:func:`require_extras`).
     """
     require_extras(variant)
     feature_cfg = dict(feature_cls='getter', **(feature_cfg or {}))
     in_chans = kwargs.get('in_chans', None)
 
-    source = _check_pretrained_file(variant, kwargs) if pretrained else None
+    verified = _verified_weights(variant, kwargs, source_architectures) if pretrained else None
+    build_kwargs = dict(kwargs)
+    if verified is not None:
+        build_kwargs['pretrained_cfg'] = verified.run_cfg
+        build_kwargs.pop('pretrained_cfg_overlay', None)
+    source = verified.name if verified is not None else None
 
     def _filter(state_dict, model):
+        check_finite(state_dict, source or 'pretrained weights')  # before a family filter uses any tensor
         if pretrained_filter_fn is not None:
             state_dict = pretrained_filter_fn(state_dict, model)
         if first_conv and in_chans is not None:
@@ -71,7 +91,9 @@ def create_gequiv_model(model_cls, variant: str, pretrained: bool = False, *,
         return state_dict
 
     model = build_model_with_cfg(model_cls, variant, pretrained, feature_cfg=feature_cfg,
-                                 pretrained_filter_fn=_filter, **kwargs)
+                                 pretrained_filter_fn=_filter, **build_kwargs)
+    if verified is not None:
+        verified.show_resolved_cfg(model)
     # the arguments that rebuild this network (the builder's with the user's), for config.json on export
     skip = _BUILD_ONLY_KEYS | (_FEATURE_KEYS if kwargs.get('features_only') else set())
     model._model_args = {k: v for k, v in kwargs.items() if k not in skip}
@@ -90,7 +112,8 @@ def backbone_cfg(backbone: str, tag: str = '', keys: Optional[tuple] = None, **o
 
     ``keys`` keeps only those fields (e.g. the input settings a keypoint model inherits); by default every field
     of the checkpoint's cfg is kept except what names the backbone itself (architecture, tag, paper, notes), so
-    that a model built on the backbone and loading its checkpoint preprocesses as timm does for it.
+    that a model built on the backbone and loading its checkpoint preprocesses as timm does for it. The legacy
+    ``url`` (a pickled ``.pth``) is never kept: gequiv_timm loads safetensors only, from ``hf_hub_id`` or a file.
     """
     from timm.models import get_pretrained_cfg
     name = f'{backbone}.{tag}' if tag else backbone
@@ -101,14 +124,16 @@ def backbone_cfg(backbone: str, tag: str = '', keys: Optional[tuple] = None, **o
     if keys is not None:
         src = {k: src[k] for k in keys if k in src}
     else:
-        # url: timm's legacy (pickled .pth) location; gequiv_timm loads safetensors only, from hf_hub_id
         for k in ('architecture', 'tag', 'url', 'paper_name', 'paper_ids', 'origin_url', 'notes', 'description'):
             src.pop(k, None)
+    if 'url' in overrides:
+        raise ValueError(f"backbone_cfg({name!r}): url= is a pickled checkpoint location; gequiv_timm loads "
+                         f"safetensors only (give hf_hub_id or file)")
     src.update(overrides)
     return src
 
 
-def _resolve_cfg(variant: str, kwargs: Dict[str, Any]):
+def _resolve_cfg(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """The pretrained cfg the builder will use (as timm resolves it), with the overlay applied."""
     from timm.models import resolve_pretrained_cfg
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg', None),
@@ -116,92 +141,204 @@ def _resolve_cfg(variant: str, kwargs: Dict[str, Any]):
     return cfg.to_dict()
 
 
-def _fetch_from_hub(hub_id: str, filename: Optional[str], cache_dir) -> Path:
-    from timm.models._hub import hf_split
-    from huggingface_hub import hf_hub_download
-    repo, revision = hf_split(hub_id)
-    filename = filename or 'model.safetensors'
-    if not filename.endswith('.safetensors'):
-        raise WeightsError(f"hf-hub:{hub_id}: file {filename!r} is not safetensors; gequiv_timm loads "
-                           f"safetensors only (it never unpickles). Publish model.safetensors.")
-    from huggingface_hub.errors import EntryNotFoundError
-    try:
-        return Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir,
-                                    library_name='gequiv_timm'))
-    except EntryNotFoundError:
-        raise WeightsError(f"hf-hub:{hub_id}: the repo has no {filename}; gequiv_timm loads safetensors only "
-                           f"(it never unpickles). Publish it with `gequiv-timm push`.") from None
+# the PretrainedCfg fields that say where weights come from (timm's resolution order: state_dict, file, hf_hub_id,
+# url; source 'hf-hub' / 'local-dir' first)
+_SOURCE_KEYS = ('source', 'file', 'hf_hub_id', 'hf_hub_filename', 'url', 'state_dict', 'custom_load')
+_LOCAL_FIX = "pretrained_cfg_overlay=dict(file='path/to/model.safetensors')"
 
 
-def _check_pretrained_file(variant: str, kwargs: Dict[str, Any]) -> Optional[str]:
-    """Find, fetch and check the weights file the builder is about to read, before the model is built.
+@dataclass
+class _Verified:
+    """A weights file found and checked before the build: ``path`` (local, verified), ``name`` (how errors name
+    it), ``run_cfg`` (the cfg handed to timm: the same fields, but the only source is ``file=path``) and
+    ``shown_cfg`` (the cfg as timm resolved it, what the model shows afterwards)."""
 
-    Resolves the source as timm does (``file`` / ``local-dir`` / ``hf-hub``); a Hub file is fetched into the
-    Hugging Face cache first (timm then finds it there). The file must be readable safetensors (no pickle, ever),
-    its metadata must name ``variant`` when it names an architecture, and when the manifest lists the file (the
-    shipped copy, or the same bytes on the tag's Hub repo) its sha256 must match. Returns the file's path, used to
-    name it in later errors; raises :class:`~gequiv_timm.weights.WeightsError` /
-    :class:`~gequiv_timm.weights.ChecksumError` naming it.
+    path: Path
+    name: str
+    run_cfg: Dict[str, Any]
+    shown_cfg: Dict[str, Any]
+
+    def show_resolved_cfg(self, model) -> None:
+        """Put the resolved source fields back into the built model's cfg (and its feature wrapper's copy)."""
+        for m in model.modules():
+            cfg = getattr(m, 'pretrained_cfg', None)
+            if isinstance(cfg, dict) and cfg.get('file') == str(self.path):
+                for k in _SOURCE_KEYS:
+                    if self.shown_cfg.get(k) is not None:
+                        cfg[k] = self.shown_cfg[k]
+                    else:
+                        cfg.pop(k, None)
+
+
+def _verified_weights(variant: str, kwargs: Dict[str, Any], source_architectures: Tuple[str, ...] = ()
+                      ) -> Optional[_Verified]:
+    """Find, fetch and check the weights file ``pretrained=True`` will load, before the model is built.
+
+    Resolves the source as timm does (``source='hf-hub'`` / ``'local-dir'``, then ``state_dict``, ``file``,
+    ``hf_hub_id``). The file must be readable safetensors (no pickle, ever: a ``url`` source, a ``.pth`` / ``.bin``
+    file and a repo without ``model.safetensors`` are refused); its metadata must name ``variant`` (or one of
+    ``source_architectures``) when it names an architecture; and its bytes must be the expected ones:
+
+    * a shipped file of a tag: the manifest's sha256;
+    * a Hub file from a repo the manifest lists (:func:`gequiv_timm.registry.hub_repos`, whichever way the repo
+      is reached: a tag's default or ``timm.create_model('hf-hub:...')``): the manifest's sha256;
+    * a Hub file from any other repo: the checksum the Hub reports for it (the sha256 of an LFS file, the git id
+      of a file kept in git), read from the Hugging Face cache (where a download is stored under that checksum)
+      or asked from the Hub when the cache does not keep it.
+
+    Returns the verified file with the cfg to build with (None for an in-memory ``state_dict``: no file, checked
+    by the filter like any other); raises :class:`~gequiv_timm.weights.WeightsError` /
+    :class:`~gequiv_timm.weights.ChecksumError` naming the file, before anything is built.
     """
-    from .. import registry
     cfg = _resolve_cfg(variant, kwargs)
     source = cfg.get('source') or ''
     tag = cfg.get('tag') or ''
+    name_tag = f'{variant}.{tag}' if tag else variant
     overlay = kwargs.get('pretrained_cfg_overlay') or {}
-    entry = registry.manifest_entry(f'{variant}.{tag}') if tag else None
-    expected = None
-    if source == 'local-dir':
+    if overlay.get('url'):
+        raise WeightsError(f"{variant}: pretrained_cfg_overlay url={overlay['url']!r} is not supported: a url "
+                           f"names a pickled .pth checkpoint and gequiv_timm never unpickles. Download it, convert "
+                           f"it with safetensors.torch.save_file and pass {_LOCAL_FIX}.")
+    expected, expected_what = None, ''
+    if source == 'hf-hub':
+        path, name, expected, expected_what = _fetch_from_hub(cfg.get('hf_hub_id'), cfg.get('hf_hub_filename'),
+                                                              kwargs.get('cache_dir'), variant)
+    elif source == 'local-dir':
         folder = Path(cfg.get('file') or '')
         path = folder / 'model.safetensors'
+        name = str(path)
         if not path.is_file():
             raise WeightsError(f"local-dir:{folder}: no model.safetensors there; gequiv_timm loads safetensors "
-                               f"only. Write the folder with `gequiv-timm export`.")
-    elif source == 'hf-hub' or (not cfg.get('file') and not cfg.get('state_dict') and cfg.get('hf_hub_id')):
-        hub_id = cfg.get('hf_hub_id')
-        path = _fetch_from_hub(hub_id, cfg.get('hf_hub_filename'), kwargs.get('cache_dir'))
-        if entry and hub_id == registry.hub_id(f'{variant}.{tag}') and source != 'hf-hub':
-            expected = entry.get('sha256')  # the tag's own repo serves the shipped bytes
+                               f"only (it never unpickles). Write the folder with `gequiv-timm export`.")
+    elif cfg.get('state_dict') is not None:
+        return None  # in memory: nothing to download, nothing to unpickle; checked by the filter
     elif cfg.get('file'):
         path = Path(cfg['file'])
-        if 'file' not in overlay and entry and path.name == entry.get('file'):
-            expected = entry.get('sha256')
+        name = str(path)
         if not path.is_file():
-            raise WeightsError(f"{path}: weights file not found for {variant}{'.' + tag if tag else ''}; "
-                               f"reinstall the package or pass pretrained_cfg_overlay=dict(file=...)")
-    elif cfg.get('url') or cfg.get('state_dict') is not None:
-        return None  # url / state_dict: timm's business
+            raise WeightsError(f"{path}: weights file not found for {name_tag}; reinstall the package or pass "
+                               f"{_LOCAL_FIX}")
+        if 'file' not in overlay and tag:
+            entry = registry.manifest_entry(name_tag)  # a broken manifest: an error naming it
+            if entry and path.name == entry.get('file'):
+                expected, expected_what = entry.get('sha256'), name_tag
+    elif cfg.get('hf_hub_id'):
+        path, name, expected, expected_what = _fetch_from_hub(cfg['hf_hub_id'], cfg.get('hf_hub_filename'),
+                                                              kwargs.get('cache_dir'), variant)
+    elif cfg.get('url'):
+        raise WeightsError(f"{name_tag}: its only weights are at url {cfg['url']!r}, a pickled .pth checkpoint; "
+                           f"gequiv_timm never unpickles. Download it, convert it with safetensors.torch.save_file "
+                           f"and pass {_LOCAL_FIX}.")
     else:
         # timm would only warn and keep the random init: a silent change of results, so refuse instead
         import timm
         tagged = [n for n in timm.list_pretrained(f'{variant}.*')]
         hint = f"pretrained tags: {', '.join(tagged)}" if tagged else 'this model has no pretrained weights yet'
-        raise WeightsError(f"{variant}{'.' + tag if tag else ''}: pretrained=True but no weights are known for it "
-                           f"({hint}). Pass pretrained_cfg_overlay=dict(file='weights.safetensors') or "
-                           f"pretrained=False.")
+        raise WeightsError(f"{name_tag}: pretrained=True but no weights are known for it ({hint}). Pass "
+                           f"pretrained_cfg_overlay=dict(file='weights.safetensors') or pretrained=False.")
     if path.suffix != '.safetensors':
-        raise WeightsError(f"{path}: not a .safetensors file; gequiv_timm loads safetensors only (it never "
+        raise WeightsError(f"{name}: not a .safetensors file; gequiv_timm loads safetensors only (it never "
                            f"unpickles). Convert the checkpoint with safetensors.torch.save_file.")
-    verify_checksum(path, expected, f'{variant}.{tag}')
+    if expected:
+        verify_checksum(path, expected, expected_what)
     meta = read_metadata(path)
     arch = meta.get('architecture')
-    if arch and arch != variant:
-        raise WeightsError(f"{path}: weights are for {arch!r}, not {variant!r}; create {arch!r} instead, or "
+    if arch and arch != variant and arch not in source_architectures:
+        raise WeightsError(f"{name}: weights are for {arch!r}, not {variant!r}; create {arch!r} instead, or "
                            f"load a checkpoint trained for {variant!r}")
-    return str(path)
+    run_cfg = {k: v for k, v in cfg.items() if k not in _SOURCE_KEYS}
+    run_cfg.update(file=str(path), custom_load=False)
+    return _Verified(path=path, name=name, run_cfg=run_cfg, shown_cfg=cfg)
+
+
+def _fetch_from_hub(hub_id: str, filename: Optional[str], cache_dir, variant: str
+                    ) -> Tuple[Path, str, Optional[str], str]:
+    """Download ``filename`` (default ``model.safetensors``) of ``hub_id`` (``repo[@revision]``) into the Hugging
+    Face cache and check it against the Hub's own checksum, unless the manifest lists the repo (then the caller
+    checks the manifest's sha256). Returns ``(path, name for errors, expected sha256 or None, what it is for)``."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+        RepositoryNotFoundError, RevisionNotFoundError,
+    )
+    from timm.models._hub import hf_split
+    repo, revision = hf_split(hub_id)
+    filename = filename or 'model.safetensors'
+    name = f"hf-hub:{hub_id}"
+    if not filename.endswith('.safetensors'):
+        raise WeightsError(f"{name}: file {filename!r} is not safetensors; gequiv_timm loads safetensors only (it "
+                           f"never unpickles). Publish model.safetensors.")
+    listed = registry.hub_repos().get(repo.lower()) if filename == 'model.safetensors' else None
+    try:
+        path = Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir,
+                                    library_name='gequiv_timm'))
+    except LocalEntryNotFoundError as e:  # before EntryNotFoundError: it is a subclass of it
+        offline = constants.HF_HUB_OFFLINE or isinstance(e.__cause__ or e.__context__, OfflineModeIsEnabled)
+        why = ('offline mode is on (HF_HUB_OFFLINE)' if offline else
+               f"the Hub at {constants.ENDPOINT} is unreachable ({_cause(e)})")
+        raise WeightsError(f"{name}: cannot download {filename}: {why}, and it is not in the local cache. Connect "
+                           f"(or unset HF_HUB_OFFLINE), or load a local copy: timm.create_model({variant!r}, "
+                           f"pretrained=True, {_LOCAL_FIX}).") from None
+    except EntryNotFoundError:
+        raise WeightsError(f"{name}: the repo has no {filename}; gequiv_timm loads safetensors only "
+                           f"(it never unpickles). Publish it with `gequiv-timm push`.") from None
+    except (RepositoryNotFoundError, GatedRepoError):
+        raise WeightsError(f"{name}: repository not found, or private / gated for this login; check the id or log "
+                           f"in with `hf auth login`") from None
+    except RevisionNotFoundError:
+        raise WeightsError(f"{name}: the repo has no revision {revision!r}") from None
+    except HfHubHTTPError as e:
+        raise WeightsError(f"{name}: the Hub answered {_cause(e)} for {filename}; try again later, or {_LOCAL_FIX}"
+                           ) from None
+    if listed:
+        entry = registry.manifest_entry(listed) or {}
+        return path, name, entry.get('sha256'), f"{listed}, served by {name}"
+    verify_digest(path, _hub_digest(path, repo, filename), f"{name} {filename}")
+    return path, name, None, ''
+
+
+def _cause(e: BaseException) -> str:
+    c = e.__cause__ or e.__context__ or e
+    text = str(c).splitlines()[0] if str(c) else ''
+    return f"{type(c).__name__}: {text}" if text else type(c).__name__
+
+
+def _hub_digest(path: Path, repo: str, filename: str) -> str:
+    """The checksum the Hub reported for a downloaded file: the cache stores a download as ``blobs/<etag>`` (the
+    etag of an LFS file is its sha256, of a git file its git id) and links the snapshot path to it. When the cache
+    keeps no link (symlinks unavailable), the Hub is asked for the file's metadata at the snapshot's commit."""
+    real = Path(os.path.realpath(path))
+    if real.parent.name == 'blobs' and real.name != path.name:
+        return real.name
+    parts = path.parts
+    commit = parts[parts.index('snapshots') + 1] if 'snapshots' in parts[:-1] else None
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    try:
+        return get_hf_file_metadata(hf_hub_url(repo, filename, revision=commit)).etag or ''
+    except Exception as e:  # offline or unreachable: the bytes cannot be verified
+        raise WeightsError(f"{path}: cannot verify this cached download of hf-hub:{repo} {filename}: the cache keeps "
+                           f"no checksum for it (no symlinks) and the Hub cannot be asked ({_cause(e)}). Connect, "
+                           f"or load a local copy you trust with {_LOCAL_FIX}.") from None
+
+
+def dropped_head_keys(state_dict, model, features_only: bool = False) -> set:
+    """The classifier keys timm drops when loading pretrained weights into ``model`` (its ``num_classes`` differs
+    from the cfg's, or ``features_only``): a new head keeps its initialisation by design, so they are left out of
+    the checks. Empty otherwise."""
+    cfg = getattr(model, 'pretrained_cfg', {}) or {}
+    classifiers = cfg.get('classifier')
+    if not classifiers or not (features_only or getattr(model, 'num_classes', None) != cfg.get('num_classes')):
+        return set()
+    classifiers = (classifiers,) if isinstance(classifiers, str) else classifiers
+    return {k for c in classifiers for k in (*state_dict.keys(), *model.state_dict().keys()) if k.startswith(c + '.')}
 
 
 def _check_state_dict_fits(state_dict, model, source: Optional[str], kwargs: Dict[str, Any]) -> None:
-    """Names, shapes of the pretrained state dict against ``model`` (before timm copies anything into it).
-
-    The classifier is left out when timm is about to drop it (``num_classes`` differs, or ``features_only``).
-    """
+    """Names, shapes, dtypes and values of the pretrained state dict against ``model`` (before timm copies anything
+    into it); the classifier is left out when timm is about to drop it (:func:`dropped_head_keys`). Missing and
+    unexpected keys are refused unless ``pretrained_strict=False`` asks for a partial load."""
     cfg = getattr(model, 'pretrained_cfg', {}) or {}
-    ignore = set()
-    classifiers = cfg.get('classifier')
-    if classifiers and (kwargs.get('features_only') or
-                        getattr(model, 'num_classes', None) != cfg.get('num_classes')):
-        classifiers = (classifiers,) if isinstance(classifiers, str) else classifiers
-        ignore = {k for c in classifiers for k in (*state_dict.keys(), *model.state_dict().keys())
-                  if k.startswith(c + '.')}
-    check_state_dict(state_dict, model, source or cfg.get('hf_hub_id') or 'pretrained weights', ignore=ignore,
-                     strict=kwargs.get('pretrained_strict', True) is not False)
+    check_state_dict(state_dict, model, source or cfg.get('hf_hub_id') or 'pretrained weights',
+                     ignore=dropped_head_keys(state_dict, model, bool(kwargs.get('features_only'))),
+                     strict=kwargs.get('pretrained_strict', True) is not False,
+                     partial_hint='pretrained_strict=False')
