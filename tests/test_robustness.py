@@ -1,6 +1,6 @@
 """Robustness: bad input is rejected with a clear error before anything is computed (property tests over the group
-layers, a sweep over the registered models), a fuzz pass over the catalog files and the CLI, and torch.compile /
-channels_last on the G-CNN models.
+layers; the sweep over the registered models is tests/models/test_input_policy.py), a fuzz pass over the catalog
+files and the CLI, and torch.compile / channels_last on the G-CNN models.
 
 Known gaps in files this test's author does not own are ``xfail(strict=True)`` with the fix named: when a fix
 lands, the test turns red so the mark gets removed.
@@ -161,63 +161,9 @@ def test_non_finite_input_is_caught_only_when_asked(pos, bad):
     assert set_finite_check(False) is False
 
 
-# ----- every registered model: bad input is rejected before it computes ---------------------------------------
-def _models():
-    return timm.list_models('gequiv_*')
-
-
-# dtype gaps: these models hand an integer tensor to torch and fail there with "expected scalar type Long";
-# fix: check `x.is_floating_point()` in the model's input check (as GroupCNN/SpatialTransformer do).
-INT_GAPS: set = set()
-
-
-def _model_cases():
-    cases = []
-    for name in _models():
-        for kind in ('rank', 'channels', 'dtype'):
-            marks = []
-            if kind == 'dtype' and name in INT_GAPS:
-                marks = [pytest.mark.xfail(strict=True, raises=(RuntimeError, NotImplementedError),
-                                           reason='no dtype check in the model (reported to the lead)')]
-            cases.append(pytest.param(name, kind, marks=marks, id=f'{name}-{kind}'))
-    return cases
-
-
-_MODEL_CACHE = {}
-
-
-def _model(name):
-    if name not in _MODEL_CACHE:
-        if len(_MODEL_CACHE) > 4:
-            _MODEL_CACHE.clear()
-        _MODEL_CACHE[name] = timm.create_model(name).eval()
-    return _MODEL_CACHE[name]
-
-
-@pytest.mark.parametrize('name, kind', _model_cases())
-def test_registered_models_reject_bad_input(name, kind):
-    if name.startswith('gequiv_escnn'):
-        pytest.importorskip('escnn')
-    model = _model(name)
-    c, h, w = model.pretrained_cfg['input_size']
-    x = {'rank': torch.randn(c, h, w), 'channels': torch.randn(1, c + 1, h, w),
-         'dtype': torch.zeros(1, c, h, w, dtype=torch.uint8)}[kind]
-    with torch.no_grad(), pytest.raises((ValueError, TypeError)) as err:
-        model(x)
-    msg = str(err.value)
-    assert {'rank': 'expected', 'channels': 'channel', 'dtype': 'floating point'}[kind] in msg or \
-        str(c) in msg, msg
-
-
-@pytest.mark.parametrize('name', ['gequiv_p4cnn', 'gequiv_p4mcnn', 'gequiv_z2cnn'])
-def test_gcnn_models_name_the_smallest_input(name):
-    model = _model(name)
-    m = model.min_input_size()
-    model(torch.randn(1, 1, m, m))
-    with pytest.raises(ValueError, match=f'at least {m}x{m}'):
-        model(torch.randn(1, 1, m - 1, m + 5))
-    with finite_check(), pytest.raises(ValueError, match='NaN'):
-        model(torch.full((1, 1, m, m), float('nan')))
+# ----- every registered model: the one input policy -----------------------------------------------------------
+# tests/models/test_input_policy.py: every registered model x every kind of bad input (rank, channels, dtype, too
+# small, NaN with GEQUIV_TIMM_CHECK_FINITE, an empty batch), plus that each stated minimum input size is tight.
 
 
 # ----- catalog fuzz -----------------------------------------------------------------------------------------
