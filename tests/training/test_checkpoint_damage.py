@@ -26,8 +26,8 @@ from gequiv_timm.training.checkpoint import CheckpointCorruptError, verify_check
 ROOT = Path(__file__).resolve().parents[2]
 # 96 digits, batch 16: 6 steps per epoch, 12 in all; checkpoints at 3, 6, 9, 12 (every 3 and at epoch ends)
 COMMON = ['train', 'gequiv_p4cnn', '--epochs', '2', '--batch-size', '16', '--limit-train', '96', '--limit-eval', '40',
-          '--threads', '1', '--no-progress', '--model-kwargs', 'widths=[4,4,4]', '--log-every', '1', '--seed', '3',
-          '--checkpoint-every', '3']
+          '--threads', '1', '--device', 'cpu', '--no-progress', '--model-kwargs', 'widths=[4,4,4]', '--log-every', '1',
+          '--seed', '3', '--checkpoint-every', '3']
 
 
 def _assert_same(a, b):

@@ -99,7 +99,7 @@ def test_a_changed_job_setting_is_named(name, tmp_path):
 
 # ----- through the command ---------------------------------------------------------------------------------------
 COMMON = ['train', 'gequiv_p4cnn', '--epochs', '2', '--batch-size', '16', '--limit-train', '96', '--limit-eval', '40',
-          '--threads', '1', '--no-progress', '--seed', '3']
+          '--threads', '1', '--device', 'cpu', '--no-progress', '--seed', '3']
 
 
 def test_resume_refuses_the_settings_the_issue_named_and_says_each_one(tmp_path, capsys):
