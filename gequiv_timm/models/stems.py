@@ -39,6 +39,7 @@ Cohen & Welling, "Group Equivariant Convolutional Networks", ICML 2016 (lifting 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -49,7 +50,8 @@ from timm.models import generate_default_cfgs, register_model
 
 from ..layers.stem import EquivariantStem, PooledLift  # noqa: F401  (public here since 0.1.0; pure torch in layers/)
 from ..registry import tagged_cfgs
-from ._helpers import adapt_input_conv_nd, backbone_cfg, create_gequiv_model
+from ..weights import WeightsError, check_finite, check_state_dict, read_state
+from ._helpers import adapt_input_conv_nd, backbone_cfg, create_gequiv_model, dropped_head_keys
 from ._stem_args import STEM_STRIDES, check_stem_args, equivariant_stem_min_size
 from ._timm_api import attach_input_policy
 
@@ -410,13 +412,16 @@ def inject_equivariant_stem(model: Union[nn.Module, str], group: str = 'p4', mod
 # ----------------------------------------------------------------------------------------------------------------
 def adapt_backbone_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, warm_start: bool = True
                               ) -> Tuple[Dict[str, torch.Tensor], Dict[str, List[str]]]:
-    """Map a plain backbone's state dict onto a stem-injected model.
+    """Map a plain backbone's state dict onto a stem-injected model, changing only what the stem replaced.
 
-    Returns ``(new_state_dict, report)``. ``new_state_dict`` holds every source tensor whose key and shape the
-    model has outside the stem, plus the model's own (initialised, or warm-started) stem tensors, so that it
-    loads strictly. ``report``: ``loaded`` (keys taken from the source), ``initialised`` (stem keys kept from the
-    model), ``not_loaded`` (source keys dropped, each with the reason), ``missing`` (model keys that neither the
-    source nor the stem provide).
+    Returns ``(new_state_dict, report)``. ``new_state_dict`` is the source without the keys of the replaced stem
+    (``conv1.weight``, ``bn1.*`` of a ResNet; they are extra by design) plus the model's own stem tensors (absent
+    from the source by design; warm-started from the source's stem conv when ``warm_start``). Every other key is
+    passed through untouched, so the checks that follow (:func:`gequiv_timm.weights.check_state_dict`) see and
+    name the keys that do not fit: unexpected (another backbone's layers), missing, wrong shapes. ``report``:
+    ``loaded`` (source keys that fit the model), ``initialised`` (stem keys taken from the model),
+    ``not_loaded`` (source keys with the reason: replaced stem, not in the model, wrong shape), ``missing``
+    (model keys neither the source nor the stem provide). The model is not modified.
     """
     rec = getattr(model, '_gequiv_stem', None)
     if not rec:
@@ -427,31 +432,43 @@ def adapt_backbone_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Mod
     stem_prefix = rec['path'] + '.'
     source_stem = set(rec['source_keys'])
     conv_key = rec['path'] + '.weight'
+    warm: Dict[str, torch.Tensor] = {}
     if warm_start and conv_key in state_dict and hasattr(stem, 'init_from_conv'):
         w = state_dict[conv_key]
-        if w.dim() == 4 and w.shape[1] != rec['in_chs']:
+        if not w.is_floating_point() or w.dim() != 4 or w.shape[0] != rec['out_chs']:
+            raise WeightsError(f"{_model_name(model)}: the source's stem conv {conv_key} ({w.dtype}, "
+                               f"{tuple(w.shape)}) is not a floating [{rec['out_chs']}, C_in, k, k] weight of this "
+                               f"backbone's stem, so it cannot warm-start the equivariant stem; use this backbone's "
+                               f"checkpoint, or warm_start=False")
+        if w.shape[1] != rec['in_chs']:
             w = adapt_input_conv_nd(rec['in_chs'], w)
-        if stem.lift.weight.device.type != 'meta':
-            stem.init_from_conv(w)
-            own = model.state_dict()
+        lift = stem.lift.weight
+        if lift.device.type != 'meta':
+            lift_key = stem_prefix + 'lift.weight'
+            saved = lift.detach().clone()
+            with torch.no_grad():
+                stem.init_from_conv(w)
+                warm[lift_key] = lift.detach().clone()
+                lift.copy_(saved)  # the model is only written by load_state_dict, after every check
     out: Dict[str, torch.Tensor] = {}
     report: Dict[str, List[str]] = dict(loaded=[], initialised=[], not_loaded=[], missing=[])
     for k, v in state_dict.items():
         if k in source_stem or (k.startswith(stem_prefix) and k not in own):
-            reason = 'replaced stem' + (' (warm-started the lifting filters)' if k == conv_key and warm_start else '')
+            reason = 'replaced stem' + (' (warm-started the lifting filters)' if k == conv_key and warm else '')
             report['not_loaded'].append(f"{k}: {reason}")
-        elif k not in own:
+            continue
+        out[k] = v
+        if k not in own:
             report['not_loaded'].append(f"{k}: not in the model")
         elif tuple(own[k].shape) != tuple(v.shape):
             report['not_loaded'].append(f"{k}: shape {tuple(v.shape)} != model {tuple(own[k].shape)}")
         else:
-            out[k] = v
             report['loaded'].append(k)
     for k, v in own.items():
         if k in out:
             continue
         if k.startswith(stem_prefix):
-            out[k] = v
+            out[k] = warm.get(k, v)
             report['initialised'].append(k)
         else:
             report['missing'].append(k)
@@ -459,23 +476,38 @@ def adapt_backbone_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Mod
 
 
 def load_backbone_checkpoint(model: nn.Module, checkpoint: Union[str, Dict[str, torch.Tensor]],
-                             warm_start: bool = True) -> Dict[str, List[str]]:
-    """Load a plain backbone checkpoint (a path to a ``.safetensors`` / ``.pth`` file, or a state dict) into a
-    stem-injected model; return the report of :func:`adapt_backbone_state_dict`. Keys the source lacks (e.g. a new
-    classifier) keep the model's values and are listed under ``missing``."""
+                             warm_start: bool = True, strict: bool = True) -> Dict[str, List[str]]:
+    """Load a plain backbone checkpoint (a path to a ``.safetensors`` file, or a state dict) into a stem-injected
+    model; return the report of :func:`adapt_backbone_state_dict` (also kept as ``model.pretrained_load_report``).
+
+    Only the keys the stem replaces may be absent or extra, and the classifier when the model's ``num_classes``
+    differs from its cfg's (a new head keeps its initialisation, as in timm). Any other unexpected or missing key
+    is refused unless ``strict=False`` (a partial load); wrong shapes, dtypes and NaN / inf values are always
+    refused. Every check runs before anything is copied. Files are read with safetensors only (never unpickled):
+    convert a ``.pth`` with ``safetensors.torch.save_file``."""
+    source = 'state dict'
     if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, '__fspath__'):
-        from timm.models import load_state_dict
-        checkpoint = load_state_dict(str(checkpoint))
+        source = os.fsdecode(checkpoint)
+        if not source.endswith('.safetensors'):
+            raise WeightsError(f"{source}: not a .safetensors file; gequiv_timm loads safetensors only (it never "
+                               f"unpickles). Convert it with safetensors.torch.save_file(state_dict, "
+                               f"'{os.path.splitext(os.path.basename(source))[0]}.safetensors').")
+        checkpoint = read_state(source)
+    check_finite(checkpoint, source)
     sd, report = adapt_backbone_state_dict(checkpoint, model, warm_start=warm_start)
-    model.load_state_dict(sd, strict=False)
+    head = dropped_head_keys(sd, model)
+    check_state_dict(sd, model, source, strict=strict, ignore=head)
+    model.load_state_dict({k: v for k, v in sd.items() if k not in head}, strict=False)
     model.pretrained_load_report = report
     return report
 
 
 def _pretrained_filter(state_dict, model, warm_start: bool = True):
+    """The stem models' ``pretrained_filter_fn``: :func:`adapt_backbone_state_dict`; the checks (strict unless
+    ``pretrained_strict=False``) follow in :func:`~gequiv_timm.models._helpers.create_gequiv_model`."""
     sd, report = adapt_backbone_state_dict(state_dict, model, warm_start=warm_start)
     model.pretrained_load_report = report
-    _logger.info(f"{_model_name(model)}: loaded {len(report['loaded'])} backbone tensors; stem initialised "
+    _logger.info(f"{_model_name(model)}: {len(report['loaded'])} backbone tensors fit; stem initialised "
                  f"({len(report['initialised'])} tensors); not loaded: {report['not_loaded']}")
     return sd
 
@@ -508,7 +540,8 @@ def _create_stem_model(variant: str, pretrained: bool = False, *, backbone: str,
             n = len(timm.create_model(backbone, pretrained=False, device='meta').feature_info)
         feature_cfg = dict(out_indices=tuple(range(n)))
     return create_gequiv_model(builder, variant, pretrained, feature_cfg=feature_cfg,
-                               pretrained_filter_fn=partial(_pretrained_filter, warm_start=warm_start), **kwargs)
+                               pretrained_filter_fn=partial(_pretrained_filter, warm_start=warm_start),
+                               source_architectures=(backbone,), **kwargs)
 
 
 def stem_cfg(backbone: str, stem_first_conv: str = EquivariantStem.first_conv):
