@@ -19,7 +19,8 @@ def _net(seed=0):
 
 def test_round_trip_with_metadata(tmp_path):
     src, dst = _net(0), _net(1)
-    info = W.save_weights(src, tmp_path / 'a' / 'w.safetensors', 'toy', tag='t', recipe='r', extra={'metrics': {'x': 1}})
+    info = W.save_weights(src, tmp_path / 'a' / 'w.safetensors', 'toy', tag='t', recipe='r',
+                          extra={'metrics': {'x': 1}})
     path = tmp_path / 'a' / 'w.safetensors'
     assert info['file'] == 'w.safetensors' and info['size'] == path.stat().st_size
     assert info['sha256'] == W.sha256_file(path)
@@ -48,7 +49,8 @@ def test_dtype_kind_mismatch_fails_precision_does_not(tmp_path):
     assert W.check_state_dict(half, _net(1), 'half') == ([], [])  # precision: load_state_dict casts
     bad = dict(state)
     bad['1.num_batches_tracked'] = bad['1.num_batches_tracked'].float()
-    with pytest.raises(W.WeightsError, match=r"bad: .*wrong dtypes \(1\): \['1\.num_batches_tracked: file torch\.float32"):
+    with pytest.raises(W.WeightsError,
+                       match=r"bad: .*wrong dtypes \(1\): \['1\.num_batches_tracked: file torch\.float32"):
         W.check_state_dict(bad, _net(1), 'bad')
 
 
@@ -189,7 +191,8 @@ _MANIFEST_CASES = [
     pytest.param('{"a.t": 3}', r'entry a.t: expected an object of fields, got int', id='entry-not-object'),
     pytest.param('{"a.t": {"evaluator": "antigravity:fly"}}', r"entry a.t: field 'evaluator' is not allowed: .*a "
                  r"manifest names no code", id='evaluator'),
-    pytest.param('{"a.t": {"hook": "os:system"}}', r"entry a.t: unknown field 'hook'; allowed: \['budget'", id='unknown'),
+    pytest.param('{"a.t": {"hook": "os:system"}}', r"entry a.t: unknown field 'hook'; allowed: \['budget'",
+                 id='unknown'),
     pytest.param('{"a.t": {"file": "../../etc/passwd"}}', r"field 'file' must be a file name in the weights folder",
                  id='file-with-path'),
     pytest.param('{"a.t": {"sha256": "xyz"}}', r"field 'sha256' must be 64 lowercase hex digits", id='bad-sha'),
