@@ -4,6 +4,7 @@ what is data about them (summary, paper, extras, symmetry claim, tags), and the 
 from .. import registry as _registry
 from . import escnn_baselines, gcnn, gresnet, pde, rcn, stems, stn  # noqa: F401  (registers the builders)
 from ._fx import register_fx_leaves
+from ._timm_api import min_input_size  # noqa: F401  (every registered model's smallest input side)
 
 FAMILIES = ('escnn_baselines', 'gcnn', 'gresnet', 'pde', 'rcn', 'stems', 'stn')
 
