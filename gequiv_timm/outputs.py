@@ -15,7 +15,8 @@ folder, is flushed and ``fsync``-ed, then moved over the target with ``os.replac
 the old file or the new one, never a half-written one, and on any failure (a full disk, ``ENOSPC``; an
 interrupt) the temporary file is removed.
 
-Every problem is an :class:`OutputError` (a ``ValueError``) with one line naming the option, the path and the fix.
+Every problem is an :class:`OutputError` (a ``ValueError``) with one line naming the option, the path and the fix;
+a write that fails while being done is its subclass :class:`OutputWriteError`.
 
 This module is pure standard library (rank 0 of the import rule): any room may use it.
 """
@@ -24,13 +25,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
-__all__ = ['OutputError', 'check_output_file', 'check_output_dir', 'atomic_path', 'atomic_write_bytes',
-           'atomic_write_text', 'atomic_copy', 'describe_os_error']
+__all__ = ['OutputError', 'OutputWriteError', 'check_output_file', 'check_output_dir', 'atomic_path',
+           'atomic_write_bytes', 'atomic_write_text', 'atomic_copy', 'describe_os_error']
 
 PathLike = Union[str, 'os.PathLike[str]']
 
@@ -45,7 +47,13 @@ _FIX = {
 
 
 class OutputError(ValueError):
-    """An output location that cannot be written; the message names the option, the path and the fix."""
+    """An output location that cannot be written; the message names the option, the path and the fix. Raised as
+    such by the checks (before any work: the command is refused)."""
+
+
+class OutputWriteError(OutputError):
+    """A write that failed while being done (a disk that filled up, a folder made read-only meanwhile): the work
+    ran, its output could not be stored. Raised by the atomic writers; the command failed (exit code 1)."""
 
 
 def _label(what: str, path) -> str:
@@ -171,12 +179,25 @@ def _shareable(path, mode: Optional[int]) -> None:
     os.chmod(path, mode)
 
 
+def _as_os_error(e: BaseException) -> Optional[OSError]:
+    """``e`` as an ``OSError``: itself, or one rebuilt from a writer that reports the operating system's error in
+    its text (safetensors: ``I/O error: No space left on device (os error 28)``); else None."""
+    if isinstance(e, OSError):
+        return e
+    m = re.search(r'\(os error (\d+)\)', str(e)) if isinstance(e, Exception) else None
+    if m:
+        code = int(m.group(1))
+        return OSError(code, os.strerror(code))
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike, what: str = '', mode: Optional[int] = None) -> Iterator[Path]:
     """``with atomic_path('x.safetensors') as tmp: save_file(state, tmp)``: a temporary path in the target's
     folder (created if missing) for a writer that wants a path; when the block ends without an error the file is
-    ``fsync``-ed and moved over ``path``. On any error the temporary file is removed; an ``OSError`` becomes an
-    :class:`OutputError` naming ``what`` and ``path``."""
+    ``fsync``-ed and moved over ``path``. On any error the temporary file is removed; an ``OSError`` (or a
+    writer's error carrying one, as safetensors reports a full disk) becomes an :class:`OutputWriteError` naming
+    ``what`` and ``path``."""
     p = Path(path)
     label = _label(what, p)
     try:
@@ -184,7 +205,7 @@ def atomic_path(path: PathLike, what: str = '', mode: Optional[int] = None) -> I
         fd, tmp = tempfile.mkstemp(prefix=f'.{p.name}.', suffix='.part', dir=p.parent)
         os.close(fd)
     except OSError as e:
-        raise OutputError(f"{label}: cannot write ({describe_os_error(e)})") from e
+        raise OutputWriteError(f"{label}: cannot write ({describe_os_error(e)})") from e
     try:
         yield Path(tmp)
         _fsync_file(tmp)
@@ -193,8 +214,9 @@ def atomic_path(path: PathLike, what: str = '', mode: Optional[int] = None) -> I
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise OutputError(f"{label}: cannot write ({describe_os_error(e)})") from e
+        os_error = _as_os_error(e)
+        if os_error is not None:
+            raise OutputWriteError(f"{label}: cannot write ({describe_os_error(os_error)})") from e
         raise
     _fsync_dir(p.parent)
 

@@ -5,20 +5,25 @@ re-measurement of a shipped checkpoint's metric (:func:`measure_checkpoint`), ch
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
+import time
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch.nn as nn
 
 from ..data.catalog import IMAGE_FOLDER, DATASETS, DataBundle, dataset_of_recipe, load_data
-from ..weights import load_weights, save_weights, sha256_file, update_manifest
+from ..outputs import OutputError, OutputWriteError, atomic_path, check_output_dir, check_output_file, describe_os_error
+from ..weights import load_weights, read_manifest, save_weights, sha256_file, update_manifest
 from .checkpoint import fingerprint_value
 from .distributed import DistInfo
 from .loop import evaluate, seed_everything
 from .trainer import TrainConfig, TrainResult, train
 
-__all__ = ['TrainJob', 'run_job', 'measure_checkpoint', 'RESUMABLE_JOB_FIELDS']
+__all__ = ['TrainJob', 'run_job', 'check_outputs', 'measure_checkpoint', 'RESUMABLE_JOB_FIELDS']
 
 #: :class:`TrainJob` fields that may change when a run resumes: where the final weights and the manifest entry go
 #: (``out``, ``tag``, ``manifest``) and the command line recorded with them; ``config`` is compared field by field
@@ -115,23 +120,90 @@ def _metrics(job: TrainJob, data: DataBundle, res: TrainResult, dist: DistInfo) 
     return metrics
 
 
+def check_outputs(job: TrainJob) -> None:
+    """Refuse, before any work, an output location the job could not write (:class:`~gequiv_timm.outputs.OutputError`
+    naming the option): ``--out`` (a ``.safetensors`` file), ``--manifest`` (a JSON file; an existing one must be a
+    readable manifest), ``--checkpoint-dir`` (a folder) and ``--metrics-log`` (a file)."""
+    c = job.config
+    if job.out:
+        check_output_file(job.out, '--out', suffix='.safetensors')
+    if job.manifest:
+        check_output_file(job.manifest, '--manifest', suffix='.json')
+        if os.path.exists(job.manifest):
+            read_manifest(job.manifest)  # a broken manifest is refused now, not after training
+    if c.checkpoint_dir:
+        check_output_dir(c.checkpoint_dir, '--checkpoint-dir')
+    if c.log_path:
+        check_output_file(c.log_path, '--metrics-log')
+
+
+def _check_num_classes(job: TrainJob, data: DataBundle, num_classes: int) -> None:
+    if data.task == 'classify' and num_classes < data.num_classes:
+        raise ValueError(f"--num-classes {num_classes} is fewer than the {data.num_classes} classes of {job.data}: "
+                         f"labels up to {data.num_classes - 1} would not fit; leave --num-classes out (it is taken "
+                         f"from the data) or give at least {data.num_classes}")
+
+
+def _save(model: nn.Module, path, what: str, job: TrainJob, recipe: str, metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """Save the weights atomically to ``path`` (``what``: the option, for the error message)."""
+    with atomic_path(path, what) as tmp:
+        info = save_weights(model, tmp, job.model, job.tag, recipe, extra={'metrics': metrics})
+    info['file'] = Path(path).name
+    return info
+
+
+def _rescue(model: nn.Module, job: TrainJob, recipe: str, metrics: Dict[str, Any], err: Exception
+            ) -> OutputWriteError:
+    """``--out`` could not be written after training: save the weights where they can be (a temporary folder,
+    else the checkpoint folder); returns the error to raise, which says where they are."""
+    name = f"{job.model}{'.' + job.tag if job.tag else ''}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.safetensors"
+    places = [Path(tempfile.gettempdir()) / 'gequiv-timm-rescue']
+    if job.config.checkpoint_dir:
+        places.append(Path(job.config.checkpoint_dir))
+    tried = []
+    for folder in places:
+        try:
+            info = _save(model, folder / name, 'fallback', job, recipe, metrics)
+        except (OutputError, OSError) as e2:
+            tried.append(f"{folder} ({e2})")
+            continue
+        return OutputWriteError(f"{err}. The trained weights were saved to {folder / name} instead "
+                                f"(sha256={info['sha256']}): move them where you want them")
+    return OutputWriteError(f"{err}. The trained weights could not be saved anywhere: also failed in "
+                            f"{'; '.join(tried)}")
+
+
 def _write(job: TrainJob, model: nn.Module, metrics: Dict[str, Any], res: TrainResult, dist: DistInfo) -> None:
     recipe = job.recipe.format(gbatch=job.config.batch_size * dist.world_size)
-    info = save_weights(model, job.out, job.model, job.tag, recipe, extra={'metrics': metrics})
+    try:
+        info = _save(model, job.out, '--out', job, recipe, metrics)
+    except (OutputError, OSError) as e:
+        raise _rescue(model, job, recipe, metrics, e) from e
     print(f"wrote {job.out} sha256={info['sha256']}")
     if not (job.manifest and job.tag):
         return
     entry = {'file': info['file'], 'sha256': info['sha256'], 'size': info['size'], 'metrics': metrics,
              'recipe': recipe, 'command': job.command, 'budget': f'{res.epochs_done:g} epochs, {res.seconds:.0f} s'}
-    update_manifest(job.manifest, f'{job.model}.{job.tag}', entry)
+    try:
+        update_manifest(job.manifest, f'{job.model}.{job.tag}', entry)
+    except OSError as e:
+        raise OutputWriteError(f"--manifest {job.manifest}: cannot write ({describe_os_error(e)}). The weights "
+                               f"are saved in {job.out}; only the manifest entry {job.model}.{job.tag} is missing"
+                               ) from e
 
 
 def run_job(job: TrainJob, dist: DistInfo, verbose: bool = True) -> Dict[str, Any]:
     """Run ``job`` in this process (one rank of ``dist``): build data and model, train, print the metrics as one
-    JSON line and write the outputs (rank 0). Returns the metrics (empty on the other ranks)."""
+    JSON line and write the outputs (rank 0). Returns the metrics (empty on the other ranks).
+
+    Output locations are checked before anything else (:func:`check_outputs`); when ``--out`` cannot be written
+    after training all the same (a disk filled meanwhile), the weights are saved to a fallback folder and the
+    :class:`~gequiv_timm.outputs.OutputError` says where."""
+    check_outputs(job)
     seed_everything(job.config.seed)
     data, pcfg = _data(job)
     num_classes = _num_classes(job, data, pcfg)
+    _check_num_classes(job, data, num_classes)
     model = _model(job, num_classes, data)
     job.config.fingerprint = job.fingerprint(num_classes)
     job.config.architecture = job.model
