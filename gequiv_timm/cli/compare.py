@@ -2,12 +2,12 @@
 
 ``gequiv-timm compare [--models ...] [--budget N] [--seeds N] [--out DIR] ...``: parses the options into a
 :class:`gequiv_timm.compare.CompareConfig` and runs :func:`gequiv_timm.compare.run_comparison`, which says what it
-measures; prints the markdown table; exit code 2 on a user-facing problem (one line on standard error).
+measures; prints the markdown table; exit code 2 on a user-facing problem (one line on standard error, checked before
+any work).
 """
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..compare import (
     CORE_MODELS,
@@ -16,9 +16,9 @@ from ..compare import (
     EXTENDED_MODELS,
     REFERENCE,
     CompareConfig,
-    CompareError,
     run_comparison,
 )
+from ._errors import reports_errors
 
 __all__ = ['add_arguments', 'config_from_args', 'run']
 
@@ -66,11 +66,8 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
                          plots=not args.no_plots, progress=not args.no_progress)
 
 
+@reports_errors('compare')
 def run(args: argparse.Namespace) -> int:
-    try:
-        result = run_comparison(config_from_args(args))
-    except CompareError as e:
-        print(f"gequiv-timm compare: error: {e}", file=sys.stderr)
-        return 2
+    result = run_comparison(config_from_args(args))  # a CompareError is one line from gequiv_timm.cli.main, exit 2
     print(result.markdown)
     return 0

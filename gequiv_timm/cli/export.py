@@ -6,9 +6,9 @@ timm's ``hf-hub:`` / ``local-dir:`` loading reads them (:func:`gequiv_timm.hub.e
 from __future__ import annotations
 
 import argparse
-import sys
 
-from ._common import add_model_arg, model_args
+from ._common import add_model_arg, check_input_file, check_model_args, check_repo_id, model_args
+from ._errors import reports_errors
 
 __all__ = ['add_arguments', 'run']
 
@@ -22,14 +22,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arg(p)
 
 
+@reports_errors('export')
 def run(args) -> int:
-    from ..hub import ChecksumError, WeightsError, export
-    try:
-        res = export(args.model, args.dir, checkpoint=args.checkpoint, repo_id=args.repo, card_only=args.card_only,
-                     model_args=model_args(args.model_arg))
-    except (WeightsError, ChecksumError, KeyError, FileNotFoundError, ValueError) as e:
-        print(f"gequiv-timm export: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 1
+    from ..hub import export
+    from ..outputs import check_output_dir
+    check_output_dir(args.dir, 'DIR')
+    check_repo_id(args.repo)
+    if args.checkpoint:
+        check_input_file(args.checkpoint, '--checkpoint', 'weights file')
+    margs = model_args(args.model_arg)
+    if margs:
+        check_model_args(args.model.split('.', 1)[0], margs, '--model-arg')
+    res = export(args.model, args.dir, checkpoint=args.checkpoint, repo_id=args.repo, card_only=args.card_only,
+                 model_args=margs)
     print(f"wrote {', '.join(res.files)} to {res.dir}" + ('' if args.card_only else
           f" (model.safetensors sha256={res.sha256}, {res.size:,} bytes)"))
     return 0

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ._errors import reports_errors
+
 __all__ = ['add_arguments', 'run']
 
 
@@ -21,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='with --measure: store the measurements in registry/symmetry.json')
 
 
+@reports_errors('list')
 def run(args) -> int:
     import time
 

@@ -6,9 +6,9 @@ reload it through timm and compare with the source model, then upload the folder
 from __future__ import annotations
 
 import argparse
-import sys
 
-from ._common import add_model_arg, model_args
+from ._common import add_model_arg, check_input_file, check_model_args, check_repo_id, model_args
+from ._errors import reports_errors
 
 __all__ = ['add_arguments', 'run']
 
@@ -24,16 +24,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arg(p)
 
 
+@reports_errors('push')
 def run(args) -> int:
-    from ..hub import ChecksumError, PushError, WeightsError, default_repo, push
+    from ..hub import default_repo, push
+    from ..outputs import check_output_dir
+    check_repo_id(args.repo)
+    if args.export_dir:
+        check_output_dir(args.export_dir, '--export-dir')
+    if args.checkpoint:
+        check_input_file(args.checkpoint, '--checkpoint', 'weights file')
+    margs = model_args(args.model_arg)
+    if margs:
+        check_model_args(args.model.split('.', 1)[0], margs, '--model-arg')
     repo = args.repo or default_repo(args.model)
     if not repo:
-        print(f"gequiv-timm push: {args.model} has no hf_hub_id in the catalog; give --repo ORG/NAME", file=sys.stderr)
-        return 2
-    try:
-        push(args.model, repo, private=args.private, dry_run=args.dry_run, checkpoint=args.checkpoint,
-             export_dir=args.export_dir, commit_message=args.message, model_args=model_args(args.model_arg))
-    except (WeightsError, ChecksumError, PushError, KeyError, ValueError, FileNotFoundError) as e:
-        print(f"gequiv-timm push: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 1
+        raise ValueError(f"{args.model} has no hf_hub_id in the catalog; give --repo ORG/NAME")
+    push(args.model, repo, private=args.private, dry_run=args.dry_run, checkpoint=args.checkpoint,
+         export_dir=args.export_dir, commit_message=args.message, model_args=margs)
     return 0

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import argparse
 
+from ._common import check_input_file, check_range
+from ._errors import reports_errors
+
 __all__ = ['add_arguments', 'run']
 
 
@@ -23,14 +26,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--out', default='stn.png', help='PNG file to write')
 
 
+@reports_errors('stn-viz')
 def run(args) -> int:
-    from ..viz import StnVizError, render_stn
-    try:
-        path = render_stn(args.model, args.out, checkpoint=args.checkpoint, protocol=args.protocol, num=args.num,
-                          grid=args.grid, fit_epochs=args.fit_epochs, seed=args.seed,
-                          log=lambda msg: print(msg, flush=True))
-    except StnVizError as e:
-        print(f"stn-viz: {e}")
-        return 2
+    from ..outputs import check_output_file
+    from ..viz import render_stn
+    check_range('--num', args.num, args.num >= 1, 'at least 1 (images, one row each)')
+    check_range('--grid', args.grid, 2 <= args.grid <= 64, 'in [2, 64] (grid lines per side)')
+    check_range('--fit-epochs', args.fit_epochs, args.fit_epochs >= 0, '>= 0 (0: no fitting)')
+    check_range('--seed', args.seed, 0 <= args.seed < 2 ** 31, 'in [0, 2**31)')
+    check_output_file(args.out, '--out', suffix='.png')
+    if args.checkpoint:
+        check_input_file(args.checkpoint, '--checkpoint', 'weights file')
+    path = render_stn(args.model, args.out, checkpoint=args.checkpoint, protocol=args.protocol, num=args.num,
+                      grid=args.grid, fit_epochs=args.fit_epochs, seed=args.seed,
+                      log=lambda msg: print(msg, flush=True))
     print(f"wrote {path}")
     return 0

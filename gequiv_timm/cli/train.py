@@ -10,6 +10,7 @@ import ast
 import math
 import shlex
 import sys
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -17,7 +18,10 @@ import torch
 from ..data.catalog import describe
 from ..training import recipe
 from ..training.distributed import init_distributed
+from ..training.loop import amp_dtype
 from ..training.trainer import TrainConfig
+from ._common import check_input_file, check_model_args
+from ._errors import reports_errors
 
 __all__ = ['add_arguments', 'run']
 
@@ -179,30 +183,59 @@ def _job(args, model_kwargs: Dict[str, Any]) -> recipe.TrainJob:
                            manifest=args.manifest, command=command)
 
 
-def _fail(msg) -> int:
-    print(f"gequiv-timm train: {msg}", file=sys.stderr)
-    return 2
+def _check_optim(args) -> None:
+    """Build the optimizer and the scheduler the run would build, on a one-parameter stand-in: an unknown --opt /
+    --sched or a value they refuse is an error now, not after the data is loaded."""
+    from ..training.trainer import _optimizer, _scheduler
+    cfg = _config(args)
+    try:
+        opt = _optimizer(torch.nn.Linear(1, 1), cfg)
+    except (ValueError, KeyError, AssertionError, TypeError) as e:
+        raise ValueError(f"--opt {args.opt}: {e}; see timm.optim.list_optimizers()") from None
+    try:
+        _scheduler(opt, cfg, 1)
+    except (ValueError, KeyError, AssertionError, TypeError) as e:
+        raise ValueError(f"--sched {args.sched}: {e or 'not supported with per-step updates'}; use e.g. cosine, "
+                         f"step, multistep, poly, tanh, constant") from None
 
 
-def run(args) -> int:
-    import timm
+def _check_before_work(args, model_kwargs: Dict[str, Any]) -> None:
+    """Everything that can be checked without the data: values, model arguments, inputs, optimizer, outputs."""
     err = _check_args(args)
     if err:
-        return _fail(err)
+        raise ValueError(err)
+    for key, option in (('num_classes', '--num-classes'), ('pretrained', '--pretrained'),
+                        ('checkpoint_path', '--initial-checkpoint')):
+        if key in model_kwargs:
+            raise ValueError(f"--model-kwargs {key}=...: use {option} instead")
+    if args.initial_checkpoint:
+        check_input_file(args.initial_checkpoint, '--initial-checkpoint', 'weights file')
+    if args.resume not in (None, 'auto') and not Path(args.resume).is_dir():
+        raise ValueError(f"--resume {args.resume}: no such folder; give a checkpoint folder (or its parent "
+                         f"--checkpoint-dir), or --resume alone with --checkpoint-dir")
+    kw = dict(model_kwargs)
+    if args.num_classes:
+        kw['num_classes'] = args.num_classes
+    check_model_args(args.model, kw, '--model-kwargs')
+    _check_optim(args)
+
+
+@reports_errors('train')
+def run(args) -> int:
+    model_kwargs = _parse_kwargs(args.model_kwargs)
+    _check_before_work(args, model_kwargs)
+    job = _job(args, model_kwargs)
+    recipe.check_outputs(job)  # run_job checks them again first thing; here they come before init_distributed
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.model not in timm.list_models('gequiv_*') and args.model not in timm.list_models():
-        return _fail(f"unknown model {args.model!r}; see `gequiv-timm list`")
     try:
-        job = _job(args, _parse_kwargs(args.model_kwargs))
         dist = init_distributed(args.device)
-    except (ValueError, RuntimeError) as e:
-        return _fail(e)
+    except RuntimeError as e:  # no CUDA device although --device cuda, a process group that cannot start
+        raise ValueError(str(e)) from None
     try:
+        amp_dtype(args.amp, dist.device)
         recipe.run_job(job, dist, verbose=not args.no_progress)
         return 0
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        return _fail(e)
     finally:
         if dist.distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
