@@ -27,6 +27,7 @@ import torch
 
 from ._version import __version__
 from .data.catalog import DATASETS, dataset_of_recipe
+from .outputs import atomic_write_text
 from .training.recipe import measure_checkpoint
 from .weights import (  # save_weights ... update_manifest: re-exported, users import them from here
     ChecksumError, WeightsError, check_manifest_entry, check_state_dict, load_weights, read_metadata, save_weights,
@@ -564,7 +565,7 @@ def write_cards(names: Optional[Sequence[str]] = None, folder=None) -> List[Path
     for n in names:
         p = card_path(n, folder)
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(render_card(n), encoding='utf-8')
+        atomic_write_text(p, render_card(n), 'model card')  # a crash leaves the old card or the new one
         out.append(p)
     return out
 

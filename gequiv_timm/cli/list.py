@@ -35,7 +35,10 @@ def run(args) -> int:
         return 2
     table = {} if args.measure else symmetry.load_table()
     measured, t0 = {}, time.perf_counter()
-    man = registry.manifest()
+    broken = registry.manifest_problem()  # a broken manifest: list the models anyway, say so, exit 1
+    if broken:
+        print(f"gequiv-timm list: {broken}; tags are listed without their files and metrics", file=sys.stderr)
+    man = registry.manifest(strict=False)
     for n in timm.list_models(args.pattern):
         try:
             e = registry.get_entry(n)
@@ -55,16 +58,16 @@ def run(args) -> int:
         print(f"    symmetry: {sym}")
         for t in tags:
             m = man.get(t, {})
-            where = 'local' if m.get('file') else 'hub'
+            where = 'manifest broken' if broken else 'local' if m.get('file') else 'hub'
             metric = m.get('metrics', {})
             mtxt = ', '.join(f"{k}={v}" for k, v in metric.items() if not isinstance(v, (dict, list)))
             print(f"    .{t.split('.', 1)[1]:28s} [{where}] {mtxt}")
     if not args.measure:
-        return 0
+        return 1 if broken else 0
     print(f"measured {len(measured)} models in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     problems = symmetry.table_problems(measured, {n: registry.get_entry(n) for n in measured})
     for p in problems:
         print(f"gequiv-timm list: {p}", file=sys.stderr)
     if args.write and measured:
         print(f"wrote {symmetry.write_table(measured)}", file=sys.stderr)
-    return 1 if problems else 0
+    return 1 if problems or broken else 0
