@@ -307,9 +307,10 @@ def _hub_digest(path: Path, repo: str, filename: str) -> str:
     """The checksum the Hub reported for a downloaded file: the cache stores a download as ``blobs/<etag>`` (the
     etag of an LFS file is its sha256, of a git file its git id) and links the snapshot path to it. When the cache
     keeps no link (symlinks unavailable), the Hub is asked for the file's metadata at the snapshot's commit."""
-    real = Path(os.path.realpath(path))
-    if real.parent.name == 'blobs' and real.name != path.name:
-        return real.name
+    if path.is_symlink():  # the snapshot's own link (a blob may itself link on into a shared store)
+        target = Path(os.readlink(path))
+        if target.parent.name == 'blobs':
+            return target.name
     parts = path.parts
     commit = parts[parts.index('snapshots') + 1] if 'snapshots' in parts[:-1] else None
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
