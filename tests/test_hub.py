@@ -144,7 +144,7 @@ def test_cli_export_and_dry_run_push(ckpt, tmp_path, capsys, monkeypatch):
 
 
 def test_cli_export_without_weights_says_what_to_do(tmp_path, capsys):
-    assert cli_main(['export', NAME, str(tmp_path / 'e')]) == 1
+    assert cli_main(['export', NAME, str(tmp_path / 'e')]) == 2  # refused before any work (cli exit codes)
     assert 'nothing to export' in capsys.readouterr().err
 
 
@@ -278,7 +278,7 @@ def test_fine_tuned_head_exports_with_its_model_args(tmp_path, capsys):
     torch.manual_seed(0)
     model = timm.create_model(NAME, num_classes=7).eval()
     hub.save_weights(model, tmp_path / 'ft.safetensors', NAME, 'ft', 'folder/adamw')
-    assert cli_main(['export', NAME, str(tmp_path / 'a'), '--checkpoint', str(tmp_path / 'ft.safetensors')]) == 1
+    assert cli_main(['export', NAME, str(tmp_path / 'a'), '--checkpoint', str(tmp_path / 'ft.safetensors')]) == 2
     assert "head.fc.weight: file (7, 10) vs model (10, 10)" in capsys.readouterr().err
     assert cli_main(['export', NAME, str(tmp_path / 'b'), '--checkpoint', str(tmp_path / 'ft.safetensors'),
                      '--model-arg', 'num_classes=7']) == 0
