@@ -27,7 +27,7 @@ import torch
 
 from ._version import __version__
 from .data.catalog import DATASETS, dataset_of_recipe
-from .outputs import atomic_write_text
+from .outputs import atomic_copy, atomic_path, atomic_write_text
 from .training.recipe import measure_checkpoint
 from .weights import (  # save_weights ... update_manifest: re-exported, users import them from here
     ChecksumError, WeightsError, check_manifest_entry, check_state_dict, load_weights, read_metadata, save_weights,
@@ -359,18 +359,15 @@ def export(name_tag: str, out_dir, checkpoint=None, repo_id: Optional[str] = Non
     if card_only:
         sha, size = sha256_file(src.weights), src.weights.stat().st_size
     else:
-        tmp = out / (WEIGHTS_NAME + '.part')
-        try:
-            if meta.get('architecture') == src.name and meta.get('gequiv_timm_version') and \
-                    meta.get('tag', '') == src.tag:
-                shutil.copyfile(src.weights, tmp)
-            else:
+        # atomic (gequiv_timm.outputs): a full disk or a kill leaves no half-written file behind, and a failed
+        # write is one OutputWriteError naming the file
+        if meta.get('architecture') == src.name and meta.get('gequiv_timm_version') and \
+                meta.get('tag', '') == src.tag:
+            atomic_copy(src.weights, weights_out, 'DIR')
+        else:
+            with atomic_path(weights_out, 'DIR') as tmp:
                 save_weights(src.model, tmp, src.name, src.tag, src.entry.get('recipe', ''),
                              extra={'metrics': src.entry['metrics']} if src.entry.get('metrics') else None)
-            tmp.replace(weights_out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a full disk or a kill leaves no half-written file behind
-            raise
         sha, size = sha256_file(weights_out), weights_out.stat().st_size
         files.append(WEIGHTS_NAME)
     config = build_config(src.model, src.name, src.tag, src.entry)
@@ -379,13 +376,7 @@ def export(name_tag: str, out_dir, checkpoint=None, repo_id: Optional[str] = Non
     for fname, text in ((CONFIG_NAME, json.dumps(config, indent=2) + '\n'), (CARD_NAME, card)):
         if card_only and fname != CARD_NAME:
             continue
-        part = out / (fname + '.part')
-        try:
-            part.write_text(text, encoding='utf-8')
-            part.replace(out / fname)
-        except BaseException:
-            part.unlink(missing_ok=True)
-            raise
+        atomic_write_text(out / fname, text, 'DIR')
         files.append(fname)
     return ExportResult(out, src.name, src.tag, sha, size, sorted(files))
 
