@@ -72,7 +72,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .measure import count_macs, invariance_error, time_round_robin, train_memory_bytes
-from .outputs import OutputError, atomic_write_text, check_output_dir, check_output_file, describe_os_error
+from .outputs import (
+    OutputError,
+    atomic_path,
+    atomic_write_text,
+    check_output_dir,
+    check_output_file,
+    describe_os_error,
+)
 
 __all__ = [
     'PAIRS',
@@ -683,6 +690,12 @@ def _markdown_run_time(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _save_png(fig, path: Path) -> None:
+    """``fig`` as a PNG at ``path``, atomically (a full disk leaves no half-written plot: OutputWriteError)."""
+    with atomic_path(path, '--out') as tmp:
+        fig.savefig(tmp, dpi=110, format='png')
+
+
 def _plots(report: dict[str, Any], out: Path, name: str = 'compare') -> dict[str, str]:
     import matplotlib
     matplotlib.use('Agg')
@@ -709,7 +722,7 @@ def _plots(report: dict[str, Any], out: Path, name: str = 'compare') -> dict[str
     fig.suptitle(f"rotated MNIST, seeds {report['seeds']}, {report['budget_epochs']} epochs")
     fig.tight_layout()
     f = out / f'{name}_accuracy_vs_angle.png'
-    fig.savefig(f, dpi=110)
+    _save_png(fig, f)
     plt.close(fig)
     files['accuracy vs input rotation'] = f.name
 
@@ -727,7 +740,7 @@ def _plots(report: dict[str, Any], out: Path, name: str = 'compare') -> dict[str
     ax.set_title('error against parameters (squares: escnn)')
     fig.tight_layout()
     f = out / f'{name}_error_vs_params.png'
-    fig.savefig(f, dpi=110)
+    _save_png(fig, f)
     plt.close(fig)
     files['error vs parameters'] = f.name
     return files
@@ -783,7 +796,9 @@ def run_comparison(config: CompareConfig, log: Callable[[str], None] | None = No
     """Run the comparison ``config`` describes and write its outputs to ``config.out``.
 
     Checks everything it can before any work (values, model names, extras, a writable output directory) and
-    raises :class:`CompareError` with one line saying what is wrong and what to do. ``log`` receives the progress
+    raises :class:`CompareError` with one line saying what is wrong and what to do. The outputs are written
+    atomically; one that cannot be written at the end after all (a disk that filled meanwhile) raises
+    :class:`~gequiv_timm.outputs.OutputWriteError`. ``log`` receives the progress
     lines (default: standard error). Sets this process's torch thread count to ``config.threads`` (when not 0).
     """
     log = log or _stderr_log
@@ -856,11 +871,8 @@ def _job_specs(cfg: CompareConfig, models: Sequence[str], seeds: Sequence[int], 
 def _write(report: dict[str, Any], out: Path, cfg: CompareConfig, log: Callable[[str], None]) -> Comparison:
     """Write ``NAME.json`` and ``NAME.md`` (the plots are written already)."""
     md = _markdown(report)
-    try:
-        atomic_write_text(out / f'{cfg.name}.json', json.dumps(report, indent=1), '--out')
-        atomic_write_text(out / f'{cfg.name}.md', md, '--out')
-    except OutputError as e:
-        raise CompareError(str(e)) from None
+    atomic_write_text(out / f'{cfg.name}.json', json.dumps(report, indent=1), '--out')
+    atomic_write_text(out / f'{cfg.name}.md', md, '--out')
     files = [out / f'{cfg.name}.md', out / f'{cfg.name}.json'] + [out / f for f in report.get('plots', {}).values()]
     log(f"wrote {out / (cfg.name + '.md')}, {out / (cfg.name + '.json')}" + (' and the plots' if cfg.plots else '') +
         f"; {report['wall_minutes']:.1f} min wall clock, {report['cpu_minutes']:.1f} min CPU")
