@@ -222,6 +222,14 @@ def test_check_fails_on_a_name_not_in_the_manifest_and_passes_an_empty_manifest(
     assert main(['check', 'gequiv_p4cnn.rotmnist', '--manifest', str(empty)]) == 1
 
 
+def test_check_write_cards_refuses_an_unwritable_cards_folder(places, no_work, monkeypatch, capsys):
+    cards = Path(places['ro']) / 'cards'
+    monkeypatch.setattr(H, 'card_path', lambda name_tag, folder=None: cards / f'{name_tag}.md')
+    rc = main(['check', '--write-cards', 'gequiv_p4cnn.rotmnist'])  # write_cards is a tripwire: refused before it
+    out, err = capsys.readouterr()
+    _one_line_error(rc, out, err, 2, r'--write-cards .*cards: cannot write in the folder')
+
+
 def test_a_diverging_loss_is_one_line_exit_1(capsys):
     # a real divergence: a learning rate of 1e30 turns the loss into NaN within a few steps
     rc = main(['train', 'gequiv_p4cnn', '--lr', '1e30', '--max-steps', '4', '--batch-size', '16', '--limit-train',
