@@ -42,6 +42,7 @@ COMMANDS = {
     'stn-viz': 'gequiv_timm.cli.stn_viz',
 }
 
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line usage errors (``gequiv-timm train: argument --lr: ... (see ...)``), and an empty
     value for an option whose default is not empty (``--checkpoint ''``, ``--data ''``) refused as a usage error
