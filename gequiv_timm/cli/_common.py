@@ -93,6 +93,7 @@ def check_model_args(name: str, kwargs: Mapping[str, Any], option: str) -> None:
                          ) from None
     except (ValueError, AssertionError) as e:  # timm checks some arguments with assert (global_pool)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = msg[len(name) + 2:] if msg.startswith(f'{name}: ') else msg  # the model is named once
         raise ValueError(f"{option}: {name} rejects {dict(kwargs)}: {msg}") from None
     except Exception:  # noqa: BLE001  (not buildable on the meta device: the real build reports its own errors)
         return

@@ -10,7 +10,8 @@ import math
 import numbers
 from typing import Any, Iterable, Optional, Sequence, Tuple
 
-__all__ = ['check_int', 'check_ints', 'check_indices', 'check_float', 'check_choice', 'check_common']
+__all__ = ['check_int', 'check_ints', 'check_indices', 'check_float', 'check_choice', 'check_common',
+           'TIMM_RATES', 'check_timm_kwargs']
 
 
 def _is_int(v: Any) -> bool:
@@ -89,3 +90,29 @@ def check_common(owner: str, num_classes: Any, in_chans: Any, drop_rate: Any) ->
     check_int(owner, 'num_classes', num_classes, 0, what='0 = no classifier')
     check_int(owner, 'in_chans', in_chans, 1)
     check_float(owner, 'drop_rate', drop_rate, 0.0, 1.0, hi_open=True)
+
+
+# timm's regularisation rates (dropout before the classifier, stochastic depth, DropBlock): probabilities in [0, 1)
+TIMM_RATES = ('drop_rate', 'drop_path_rate', 'drop_block_rate')
+
+
+def check_timm_kwargs(owner: str, kwargs: Any, where: str = '', rates: Sequence[str] = ('drop_rate',)) -> None:
+    """The arguments every timm model takes, as far as ``kwargs`` (on their way to a constructor) give them:
+    ``num_classes >= 0``, ``in_chans >= 1`` and each rate of ``rates`` in ``[0, 1)`` (every model takes
+    ``drop_rate``; a family that passes its arguments on to a timm backbone also takes that backbone's
+    ``drop_path_rate`` / ``drop_block_rate``: ``rates=TIMM_RATES``). An absent key or ``None`` is the model's
+    default. ``where`` names the dict the keys sit in (``'backbone_kwargs'`` -> ``backbone_kwargs['drop_rate']``).
+    Every registered model's build starts here (:func:`~gequiv_timm.models._helpers.create_gequiv_model`), so a
+    family whose own constructor never sees these values (a timm backbone behind a new stem) is covered too."""
+    if not isinstance(kwargs, dict):
+        return
+
+    def name(key: str) -> str:
+        return f'{where}[{key!r}]' if where else key
+    if kwargs.get('num_classes') is not None:
+        check_int(owner, name('num_classes'), kwargs['num_classes'], 0, what='0 = no classifier')
+    if kwargs.get('in_chans') is not None:
+        check_int(owner, name('in_chans'), kwargs['in_chans'], 1)
+    for key in rates:
+        if kwargs.get(key) is not None:
+            check_float(owner, name(key), kwargs[key], 0.0, 1.0, hi_open=True)

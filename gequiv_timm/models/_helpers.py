@@ -13,6 +13,7 @@ from .. import registry
 from ..weights import (
     WeightsError, check_finite, check_state_dict, read_metadata, verify_checksum, verify_digest,
 )
+from ._args import check_timm_kwargs
 
 __all__ = ['create_gequiv_model', 'adapt_input_conv_nd', 'dropped_head_keys']
 
@@ -66,8 +67,11 @@ def create_gequiv_model(model_cls, variant: str, pretrained: bool = False, *,
       is asked for with timm's own ``pretrained_strict=False`` (wrong shapes, dtypes and values never load);
       ``source_architectures`` are further names a file's ``architecture`` metadata may give (a stem model takes
       its plain backbone's checkpoint);
-    * the extras the catalog entry requires are checked first (:func:`require_extras`).
+    * the extras the catalog entry requires are checked first (:func:`require_extras`), and before them the
+      arguments every timm model takes (:func:`~gequiv_timm.models._args.check_timm_kwargs`: ``num_classes``,
+      ``in_chans``, ``drop_rate``, ``drop_path_rate``, ``drop_block_rate``), for every family alike.
     """
+    check_timm_kwargs(variant, kwargs)
     require_extras(variant)
     feature_cfg = dict(feature_cls='getter', **(feature_cfg or {}))
     in_chans = kwargs.get('in_chans', None)

@@ -29,7 +29,9 @@ from timm.models import generate_default_cfgs, register_model
 
 from ..layers.pde import BatchNormM2, CDEPdeLayerM2, LiftM2Cartesian, MaxProjectM2, PDEStem
 from ..registry import tagged_cfgs
-from ._args import check_common, check_float, check_indices, check_int, check_ints
+from ._args import (
+    TIMM_RATES, check_common, check_float, check_indices, check_int, check_ints, check_timm_kwargs,
+)
 from ._helpers import create_gequiv_model
 from ._stem_args import pde_stem_min_size
 from ._timm_api import TimmApiMixin, attach_input_policy
@@ -237,6 +239,7 @@ def create_pde_stem_model(backbone: str, stem_width: int = 16, stem_orientations
     replaced by a :class:`PDEStem` of the same output channels and stride, via ``inject_stem``."""
     _check_pde_stem_args('create_pde_stem_model', stem_width, stem_orientations, stem_depth, stem_kernel_size,
                          stem_pde_kernel_size, stem_alpha)
+    check_timm_kwargs('create_pde_stem_model', kwargs, rates=TIMM_RATES)
     import timm
     model = timm.create_model(backbone, pretrained=False, **kwargs)
     info = find_stem(model)
@@ -290,6 +293,7 @@ def _create_pde(variant: str, pretrained: bool = False, *, backbone: Optional[st
     a = dict(defaults, **stem_args)  # checked here to name the variant (create_pde_stem_model checks them too)
     _check_pde_stem_args(variant, a['stem_width'], a['stem_orientations'], a['stem_depth'], a['stem_kernel_size'],
                          a['stem_pde_kernel_size'], a['stem_alpha'])
+    check_timm_kwargs(variant, kwargs, rates=TIMM_RATES)  # passed on to the timm backbone
     builder = partial(_build_pde_stem_model, variant, backbone, stem_args)
     return create_gequiv_model(builder, variant, pretrained,
                                pretrained_filter_fn=partial(_pretrained_filter, warm_start=False), **kwargs)

@@ -471,6 +471,8 @@ def _create_keypoint_net(variant: str, pretrained: bool = False, **kwargs) -> Ke
     # the builders' keypoint_names describe their default keypoints; a user asking for another count gets generic
     # names unless they pass their own
     k = kwargs.get('num_keypoints', None)
+    if k is not None:  # checked under its own name before it stands in for timm's num_classes
+        check_int(variant, 'num_keypoints', k, 0, what='0 = headless')
     if k is None and kwargs.get('num_classes') is not None and 'keypoint_names' in kwargs:
         k = kwargs['num_classes']
     if k is not None:

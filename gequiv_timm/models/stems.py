@@ -51,6 +51,7 @@ from timm.models import generate_default_cfgs, register_model
 from ..layers.stem import EquivariantStem, PooledLift  # noqa: F401  (public here since 0.1.0; pure torch in layers/)
 from ..registry import tagged_cfgs
 from ..weights import WeightsError, check_finite, check_state_dict, read_state
+from ._args import TIMM_RATES, check_timm_kwargs
 from ._helpers import adapt_input_conv_nd, backbone_cfg, create_gequiv_model, dropped_head_keys
 from ._stem_args import STEM_STRIDES, check_stem_args, equivariant_stem_min_size
 from ._timm_api import attach_input_policy
@@ -387,6 +388,7 @@ def inject_equivariant_stem(model: Union[nn.Module, str], group: str = 'p4', mod
                      depth=depth, stride=stride, group_pool=group_pool, prefix='')
     if isinstance(model, str):
         import timm
+        check_timm_kwargs('inject_equivariant_stem', create_kwargs, rates=TIMM_RATES)
         model = timm.create_model(model, **create_kwargs)
     elif create_kwargs:
         raise TypeError(f"inject_equivariant_stem: unexpected keyword arguments {sorted(create_kwargs)} (they are "
@@ -530,6 +532,7 @@ def _create_stem_model(variant: str, pretrained: bool = False, *, backbone: str,
     (the cfg's file / Hub id) into every non-stem layer and initialises (warm-starts) the stem."""
     check_stem_args(variant, mode=mode, width=stem_width, kernel_size=stem_kernel_size,
                      depth=stem_depth, stride=stem_stride, group_pool=stem_group_pool)
+    check_timm_kwargs(variant, kwargs, rates=TIMM_RATES)  # passed on to the timm backbone
     stem_args = dict(width=stem_width, kernel_size=stem_kernel_size, depth=stem_depth, stride=stem_stride,
                      group_pool=stem_group_pool)
     builder = partial(_build, variant, backbone, group, mode, stem_args)

@@ -38,7 +38,7 @@ from timm.models import generate_default_cfgs, register_model
 
 from ..layers.stn import ParallelSpatialTransformer, SpatialTransformer
 from ..registry import tagged_cfgs
-from ._args import check_common, check_float, check_int, check_ints
+from ._args import TIMM_RATES, check_common, check_float, check_int, check_ints, check_timm_kwargs
 from ._helpers import create_gequiv_model
 from ._timm_api import check_image_input, model_name
 from ._timm_api import min_input_size as backbone_min_input_size
@@ -181,6 +181,10 @@ class STNFrontEnd(nn.Module):
         if loc_backbone is None and loc_kwargs:
             _check_loc_kwargs(name, loc_kwargs)
         check_common(name, num_classes, in_chans, drop_rate)
+        if isinstance(backbone, str):
+            check_timm_kwargs(name, backbone_kwargs, 'backbone_kwargs', rates=TIMM_RATES)
+        if isinstance(loc_backbone, str):
+            check_timm_kwargs(name, loc_kwargs, 'loc_kwargs', rates=TIMM_RATES)
         self.in_chans = in_chans
         self.num_transforms = k = num_transforms
         self.loc_lr_mult = float(loc_lr_mult)

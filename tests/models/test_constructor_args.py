@@ -28,8 +28,6 @@ TABLES = {
         (dict(kernel_size=-1), 'kernel_size must be an odd int >= 1'),
         (dict(padding=-1), 'padding must be an int >= 0'),
         (dict(group_pool='sum'), "group_pool must be one of ('max', 'mean')"),
-        (dict(num_classes=-1), 'num_classes must be an int >= 0'),
-        (dict(in_chans=0), 'in_chans must be an int >= 1'),
         (dict(drop_rate=1.0), 'drop_rate must be a finite number in [0.0, 1.0)'),
         (dict(drop_rate=NAN), 'drop_rate must be a finite number'),
     ]),
@@ -41,12 +39,10 @@ TABLES = {
         (dict(stem_width=0), 'stem_width must be an int >= 1 or None'),
         (dict(stem_type='tiny'), "stem_type must be one of ('cifar', 'imagenet')"),
         (dict(group_pool='sum'), 'group_pool must be one of'),
-        (dict(in_chans=-3), 'in_chans must be an int >= 1'),
     ]),
     'allcnn': ('gequiv_p4_allcnnc', [
         (dict(widths=(48,)), 'widths must be a sequence of 2 ints >= 1'),
         (dict(widths=(48, 0)), 'widths must be a sequence of 2 ints >= 1'),
-        (dict(num_classes=-2), 'num_classes must be an int >= 0'),
     ]),
     'pde': ('gequiv_pde_cnn_rotmnist', [
         (dict(pool_after=[99]), 'pool_after must be a sequence of ints in [0, 5]'),
@@ -92,9 +88,7 @@ TABLES = {
         (dict(loc_kwargs=dict(channels=(20, 0))), "loc_kwargs['channels'] must be a sequence of ints >= 1"),
         (dict(loc_kwargs=dict(kernel_size=0)), "loc_kwargs['kernel_size'] must be an odd int >= 1"),
         (dict(loc_kwargs=dict(hidden=0)), "loc_kwargs['hidden'] must be an int >= 1"),
-        (dict(num_classes=-1), 'STNFrontEnd: num_classes must be an int >= 0'),
-        (dict(in_chans=0), 'STNFrontEnd: in_chans must be an int >= 1'),
-        (dict(drop_rate=-0.1), 'STNFrontEnd: drop_rate must be a finite number in [0.0, 1.0)'),
+        (dict(backbone_kwargs=dict(drop_rate=2)), "backbone_kwargs['drop_rate'] must be a finite number in [0.0, 1.0)"),
     ]),
     'rcn': ('gequiv_rcn_paper', [
         (dict(convs_per_branch=-1), 'convs_per_branch must be an int >= 0'),
@@ -103,9 +97,12 @@ TABLES = {
         (dict(output_stride=0), 'output_stride must be an int >= 1'),
         (dict(trunk_channels=(16, 0, 48, 64, 64)), 'trunk_channels must be a sequence of at least 1 ints >= 1'),
         (dict(trunk_channels=()), 'trunk_channels must be a sequence of at least 1 ints >= 1'),
-        (dict(in_chans=0), 'KeypointNet: in_chans must be an int >= 1'),
-        (dict(drop_rate=-0.5), 'KeypointNet: drop_rate must be a finite number in [0.0, 1.0)'),
-        (dict(num_classes=-1), 'num_keypoints must be an int >= 0'),
+        (dict(num_keypoints=-1), 'num_keypoints must be an int >= 0'),
+    ]),
+    'stn_timm': ('gequiv_stn_resnet18', [
+        (dict(backbone_kwargs=dict(drop_path_rate=2)),
+         "backbone_kwargs['drop_path_rate'] must be a finite number in [0.0, 1.0)"),
+        (dict(loc_backbone='resnet18', loc_kwargs=dict(in_chans=0)), "loc_kwargs['in_chans'] must be an int >= 1"),
     ]),
     'rcn_timm': ('gequiv_rcn_resnet18', [
         (dict(out_indices=(-1,)), 'out_indices must be a sequence of at least 1 ints >= 0'),
@@ -116,8 +113,6 @@ TABLES = {
         (dict(widths=[0]), 'widths must be a sequence of at least 1 ints >= 1'),
         (dict(kernel_size=4), 'kernel_size must be an odd int >= 1'),
         (dict(padding=-1), 'padding must be an int >= 0'),
-        (dict(in_chans=0), 'in_chans must be an int >= 1'),
-        (dict(num_classes=-1), 'num_classes must be an int >= 0'),
     ]),
     'escnn_wrn': ('gequiv_escnn_c8_wrn', [
         (dict(kernel_size=-1), 'kernel_size must be an odd int >= 1'),
@@ -127,6 +122,25 @@ TABLES = {
         (dict(widths=5), 'widths must be a sequence'),
     ]),
 }
+
+# The arguments every timm model takes, one row per family per key, every family alike (they are checked once, where
+# every registered model's build starts: models/_args.check_timm_kwargs from create_gequiv_model). Issue 15 found
+# them unchecked behind a stem: gequiv_p4_resnet18 with in_chans=0 ended in a torch traceback, drop_rate=2 built.
+COMMON = [
+    (dict(in_chans=0), 'in_chans must be an int >= 1'),
+    (dict(num_classes=-1), 'num_classes must be an int >= 0'),
+    (dict(drop_rate=2), 'drop_rate must be a finite number in [0.0, 1.0)'),
+    (dict(drop_rate=-1), 'drop_rate must be a finite number in [0.0, 1.0)'),
+]
+# ... and the rates of the timm backbone a family passes its arguments on to (stem models, the PDE stem)
+BACKBONE_RATES = [
+    (dict(drop_path_rate=2), 'drop_path_rate must be a finite number in [0.0, 1.0)'),
+    (dict(drop_path_rate=-1), 'drop_path_rate must be a finite number in [0.0, 1.0)'),
+    (dict(drop_block_rate=1.0), 'drop_block_rate must be a finite number in [0.0, 1.0)'),
+]
+BACKBONE_FAMILIES = ('stems', 'pde_stem')
+for _family, (_model, _table) in TABLES.items():
+    _table.extend(COMMON + (BACKBONE_RATES if _family in BACKBONE_FAMILIES else []))
 
 CASES = [pytest.param(model, kwargs, fragment, id=f'{family}-{"-".join(f"{k}={v}" for k, v in kwargs.items())}')
          for family, (model, table) in TABLES.items() for kwargs, fragment in table]
@@ -155,6 +169,35 @@ def test_out_of_range_constructor_values_are_refused_before_building(parameters_
     assert fragment in msg and '\n' not in msg, msg
     assert ', got ' in msg, msg  # says what was given
     assert parameters_created[0] == 0, f'{parameters_created[0]} parameters were built before the error'
+
+
+@pytest.mark.parametrize('model', timm.list_models('gequiv_*'))
+def test_every_registered_model_checks_the_timm_arguments(parameters_created, model):
+    """Every registered model, the ones added later too: the arguments every timm model takes are refused out of
+    range with the one line naming the registered model, before anything is built."""
+    for kwargs, fragment in COMMON:
+        with pytest.raises(ValueError) as err:
+            timm.create_model(model, **kwargs)
+        msg = str(err.value)
+        assert msg.startswith(f'{model}: {fragment}') and '\n' not in msg and ', got ' in msg, msg
+    assert parameters_created[0] == 0, f'{parameters_created[0]} parameters were built before an error'
+
+
+@pytest.mark.parametrize('model', ['gequiv_p4_resnet18', 'gequiv_p4m_resnet50', 'gequiv_p4_convnext_tiny',
+                                   'gequiv_p4m_efficientnet_b0', 'gequiv_p4_regnety_016', 'gequiv_pde_resnet18'])
+def test_stem_models_check_the_backbone_rates_and_pass_good_ones_on(parameters_created, model):
+    """A timm backbone behind a new stem: its stochastic-depth rate is checked like drop_rate (each backbone let
+    drop_path_rate=2 through; efficientnet_b0 and resnet took drop_rate=2 too), and values in range reach it."""
+    for kwargs, fragment in [(dict(drop_path_rate=2), 'drop_path_rate must be'), (dict(drop_rate=1), 'drop_rate')]:
+        with pytest.raises(ValueError, match=f'^{model}: {fragment}'):
+            timm.create_model(model, **kwargs)
+    assert parameters_created[0] == 0
+    m = timm.create_model(model, drop_rate=0.25, drop_path_rate=0.1, num_classes=3, in_chans=2, device='meta')
+    stem = get_stem(m)
+    assert m.drop_rate == 0.25 and m.num_classes == 3
+    assert getattr(stem, 'in_chs', getattr(stem, 'in_chans', None)) == 2
+    rates = [mod.drop_prob for mod in m.modules() if type(mod).__name__ == 'DropPath']  # a schedule up to the rate
+    assert rates and 0 < max(rates) <= 0.1 + 1e-6, rates
 
 
 def test_parameter_counter_counts():
