@@ -14,6 +14,7 @@ Example:
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -177,10 +178,26 @@ class SeededTransformDataset(Dataset):
                 np.random.set_state(np_state)
 
 
-def _limit(ds: Dataset, n: Optional[int], seed: int = 0) -> Dataset:
+_LIMITS = {'limit_train': ('--limit-train', 'training set'), 'limit_eval': ('--limit-eval', 'evaluation set')}
+
+
+def _limit(ds: Optional[Dataset], n: Optional[int], seed: int = 0, arg: str = 'limit_train', of: str = '') -> \
+        Optional[Dataset]:
     """A fixed random subset of ``n`` samples (seeded; the built-in splits are sorted by class, so the first
-    ``n`` would be one or two classes only)."""
-    if n is None or n <= 0 or n >= len(ds):
+    ``n`` would be one or two classes only). ``None``: the whole set. A limit is never bent to fit: ``n`` below 1,
+    above the set's size, or for a set that does not exist (an image folder without ``val/``) is a ``ValueError``
+    naming ``arg`` (its command-line option), the set ``of`` and its size."""
+    if n is None:
+        return ds
+    option, which = _LIMITS[arg]
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"{arg} ({option}) must be a number of samples >= 1, or None for the whole set; got {n!r}")
+    if ds is None:
+        raise ValueError(f"{arg} ({option}) {n}: {of} has no {which} to limit; leave {option} out")
+    if n > len(ds):
+        raise ValueError(f"{arg} ({option}) {n} is more than the {len(ds):,} samples of {of}'s {which}; pass at most "
+                         f"{len(ds)}, or leave {option} out to use the whole set")
+    if n == len(ds):
         return ds
     g = torch.Generator().manual_seed(104_729 + seed)
     return Subset(ds, torch.randperm(len(ds), generator=g)[:n].sort().values.tolist())
@@ -218,14 +235,17 @@ def load_data(name: str, seed: int = 0, data_config: Optional[Dict[str, Any]] = 
     (``root/train`` and ``root/val`` or ``root/validation`` when present, else ``root`` is the training set and
     there is no evaluation set) and transformed with ``timm.data.create_transform(**data_config)``; training
     augmentation is timm's (random resized crop, flip, colour jitter) unless ``augment=False``.
+
+    ``limit_train`` / ``limit_eval``: a fixed random subset of that many samples, at most the set's size (a larger
+    limit, or a limit for a set that is absent, is a ``ValueError`` naming the size: never the whole set instead).
     """
     cfg = dict(data_config or {})
     ds = DATASETS.get(str(name).lower())
     if ds is None:
         return _load_folder(Path(name), seed, cfg, augment, hflip, limit_train, limit_eval)
     bundle = _load_builtin(ds, seed, cfg)
-    bundle.train = _limit(bundle.train, limit_train, seed)
-    bundle.eval = _limit(bundle.eval, limit_eval, seed)
+    bundle.train = _limit(bundle.train, limit_train, seed, 'limit_train', ds.name)
+    bundle.eval = _limit(bundle.eval, limit_eval, seed, 'limit_eval', ds.name)
     return bundle
 
 
@@ -261,8 +281,10 @@ def _load_folder(root: Path, seed: int, cfg: Dict[str, Any], augment: bool, hfli
                             class_map=dict(classes), transform=create_transform(**tcfg, is_training=False))
     desc = f'image folder {root} ({len(tr)} train images, {len(classes)} classes' + (
         f', {len(te)} eval images)' if te is not None else ', no val/ folder: no evaluation)')
-    train_ds = SeededTransformDataset(_limit(tr, limit_train, seed), seed)
-    return DataBundle(train_ds, _limit(te, limit_eval, seed) if te is not None else None, 'classify', len(classes),
+    train_ds = SeededTransformDataset(_limit(tr, limit_train, seed, 'limit_train', f'image folder {root}'), seed)
+    te = _limit(te, limit_eval, seed, 'limit_eval', f'image folder {root} (no val/ or validation/ folder)'
+                if te is None else f'image folder {root}')
+    return DataBundle(train_ds, te, 'classify', len(classes),
                       chans, desc, image_size=int(cfg.get('input_size', (0, 0, 0))[-1]))
 
 
