@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import gequiv_timm  # noqa: F401
 from gequiv_timm.models.stems import inject_equivariant_stem, load_backbone_checkpoint
-from gequiv_timm.weights import WeightsError
+from gequiv_timm.weights import WeightsError, save_weights
 
 STEM_SRC = {'conv1.weight', 'bn1.weight', 'bn1.bias', 'bn1.running_mean', 'bn1.running_var', 'bn1.num_batches_tracked'}
 
@@ -94,6 +94,25 @@ def test_the_backbones_own_checkpoint_loads_strictly(tmp_path, r18, kw):
     new_head = {'fc.weight', 'fc.bias'} if 'num_classes' in kw else set()  # a new head: dropped, as in timm
     assert {k.split(':')[0] for k in rep['not_loaded']} == STEM_SRC | new_head
     assert rep['missing'] == [] and rep['initialised']
+
+
+@pytest.mark.parametrize('model', ['gequiv_p4_resnet18', 'gequiv_pde_resnet18'])
+def test_every_model_on_a_backbone_takes_the_file_of_that_backbone(tmp_path, model):
+    """A file written for the plain backbone (metadata architecture 'resnet18') loads into each model built on it,
+    whichever stem replaced the backbone's (the PDE stem model refused it: 'weights are for resnet18'); a file for
+    another architecture is refused by both."""
+    torch.manual_seed(3)
+    plain = timm.create_model('resnet18')
+    path = tmp_path / 'resnet18.safetensors'
+    save_weights(plain, path, architecture='resnet18')
+    m = timm.create_model(model, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert torch.equal(m.layer4[1].conv2.weight, plain.layer4[1].conv2.weight)
+    assert torch.equal(m.fc.weight, plain.fc.weight)
+    assert m.pretrained_load_report['missing'] == [] and m.pretrained_load_report['initialised']
+    other = tmp_path / 'other.safetensors'
+    save_weights(plain, other, architecture='resnet34')
+    with pytest.raises(WeightsError, match=rf"weights are for 'resnet34', not '{model}'"):
+        timm.create_model(model, pretrained=True, pretrained_cfg_overlay=dict(file=str(other)))
 
 
 def test_a_checkpoint_for_another_architecture_is_refused(tmp_path, r18):

@@ -296,7 +296,8 @@ def _create_pde(variant: str, pretrained: bool = False, *, backbone: Optional[st
     check_timm_kwargs(variant, kwargs, rates=TIMM_RATES)  # passed on to the timm backbone
     builder = partial(_build_pde_stem_model, variant, backbone, stem_args)
     return create_gequiv_model(builder, variant, pretrained,
-                               pretrained_filter_fn=partial(_pretrained_filter, warm_start=False), **kwargs)
+                               pretrained_filter_fn=partial(_pretrained_filter, warm_start=False),
+                               source_architectures=(backbone,), **kwargs)  # the plain backbone's file loads
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
