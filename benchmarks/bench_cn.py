@@ -10,7 +10,8 @@
 3. **Speed** (``--part speed``): a C8 layer (16 -> 16 regular fields, 3x3, padding 1, 32x32, batch 32, no bias)
    train step (forward + backward) against its expanded-conv floor (one ``F.conv2d`` with a fixed bank of the
    same shape) and against escnn's ``R2Conv`` on C8 with 16 regular fields (same number of weights: 12,288), side by
-   side in one run (:func:`gequiv_timm.measure.time_round_robin`), repeated ``--runs`` times; medians of the ratios.
+   side in one run (rounds of one call each, in a random order; wall and CPU time: :func:`shuffled_round_robin`),
+   repeated ``--runs`` times; medians of the ratios.
 
 How the error is measured (all float64, He-random weights, seeds 0..2, mean over seeds): inputs are random
 band-limited fields (:class:`gequiv_timm.layers.RandomField`, wavelengths >= ``--wavelength`` pixels, batch 8 of
@@ -39,7 +40,7 @@ from gequiv_timm.layers import (  # noqa: E402
     GroupAvgPool2d, GroupBatchNorm, GroupConv2d, GroupMaxPool2d, GroupPool, RandomField, centre, get_group,
 )
 from gequiv_timm.layers.checks import check_equivariance  # noqa: E402
-from gequiv_timm.measure import time_round_robin  # noqa: E402
+from gequiv_timm.layers.filter_basis import expansion_map, rotation_maps  # noqa: E402
 
 SEEDS = (0, 1, 2)
 
@@ -96,19 +97,16 @@ def bicubic_rotation_maps(group, k):
 
 
 def with_map(conv, maps):
-    """Give ``conv`` (a 'bilinear' GroupConv2d) other rotation maps [|G|, k*k, nb] (for the comparison only)."""
-    go = conv.out_group.order
-    conv.filter_map = maps.permute(2, 0, 1).reshape(maps.shape[2], go * conv.kernel_size ** 2).to(conv.weight.dtype)
+    """Give ``conv`` other rotation maps [|G|, k*k, nb] (for the comparison only)."""
+    fmap, idx = expansion_map(conv.in_group, conv.out_group, conv.kernel_size, maps=maps)
+    conv.filter_map, conv.filter_idx = fmap.to(conv.weight.dtype), idx
     return conv
 
 
 def unrotated(conv):
     """The deliberately broken map: every element gets the identity's filter (the group axis is still permuted)."""
-    kk = conv.kernel_size ** 2
-    go = conv.out_group.order
-    nb = conv.filter_map.shape[0]
-    conv.filter_map = conv.filter_map[:, :kk].repeat(1, go).view(nb, go * kk).clone()
-    return conv
+    maps = rotation_maps(conv.out_group, conv.kernel_size, conv.filter_basis, conv.max_frequency)
+    return with_map(conv, maps[:1].expand_as(maps))
 
 
 def make_pair(group, k, variant, seed, fields=8):
@@ -263,30 +261,39 @@ def speed_part(runs, repeats, fields=16, size=32, batch=32):
     esc.train()
     fns = {'ours': ours_train, 'escnn': esc_train, 'floor': floor_train}
     ratios = {k: [] for k in TARGETS}
-    for _ in range(runs):
-        t = time_round_robin(fns, reps=repeats, warmup=3)
-        c = cpu_round_robin(fns, reps=repeats)
-        ratios['train_vs_floor'].append(t['ours'] / t['floor'])
-        ratios['train_vs_escnn'].append(t['ours'] / t['escnn'])
-        ratios['train_vs_floor (CPU time)'].append(c['ours'] / c['floor'])
-        ratios['train_vs_escnn (CPU time)'].append(c['ours'] / c['escnn'])
+    for run in range(runs):
+        wall, cpu = shuffled_round_robin(fns, reps=repeats, seed=run)
+        ratios['train_vs_floor'].append(wall['ours'] / wall['floor'])
+        ratios['train_vs_escnn'].append(wall['ours'] / wall['escnn'])
+        ratios['train_vs_floor (CPU time)'].append(cpu['ours'] / cpu['floor'])
+        ratios['train_vs_escnn (CPU time)'].append(cpu['ours'] / cpu['escnn'])
     out = {k: statistics.median(v) for k, v in ratios.items()}
     out['runs'] = ratios
     out['weights'] = {'ours': ours.weight.numel(), 'escnn': esc.weights.numel()}
     return out
 
 
-def cpu_round_robin(fns, reps):
-    """As :func:`gequiv_timm.measure.time_round_robin` (order rotated every round, medians) but in CPU seconds of
-    this process (all its threads): less sensitive than wall time to other jobs on a shared machine."""
+def shuffled_round_robin(fns, reps, seed=0, warmup=3):
+    """Median wall and CPU seconds (this process, all threads) per call of each callable, timed in rounds of one
+    call each, in a fresh random order every round (seeded): unlike a rotated order, no candidate always runs right
+    after the same other one (what a candidate leaves behind, e.g. freed memory or cold caches, falls on all alike).
+    CPU time is less sensitive than wall time to other jobs on a shared machine."""
+    import random
+    rng = random.Random(seed)
     keys = list(fns)
-    times = {k: [] for k in keys}
-    for r in range(reps):
-        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
-            t = time.process_time()
+    for _ in range(warmup):
+        for k in keys:
             fns[k]()
-            times[k].append(time.process_time() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    wall = {k: [] for k in keys}
+    cpu = {k: [] for k in keys}
+    for _ in range(reps):
+        rng.shuffle(keys)
+        for k in keys:
+            t, c = time.perf_counter(), time.process_time()
+            fns[k]()
+            wall[k].append(time.perf_counter() - t)
+            cpu[k].append(time.process_time() - c)
+    return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()})
 
 
 TARGETS = {'train_vs_floor': 1.10, 'train_vs_escnn': 1.00, 'train_vs_floor (CPU time)': 1.10,
@@ -316,7 +323,7 @@ def main():
         r = speed_part(args.runs, args.repeats)
         res['speed'] = r
         lines = [f"## Speed: C8 16 -> 16 regular fields, 3x3, 32x32, batch 32, train step (medians of {args.runs} "
-                 f"runs of {args.repeats} interleaved rounds; wall time and process CPU time)", '',
+                 f"runs of {args.repeats} shuffled rounds; wall time and process CPU time)", '',
                  '| measure | ratio | target | |', '|---|---|---|---|']
         for k, tgt in TARGETS.items():
             lines.append(f"| {k} | {r[k]:.3f} (runs: {', '.join(f'{v:.3f}' for v in r['runs'][k])}) | <= {tgt} | "

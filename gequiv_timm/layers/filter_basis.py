@@ -59,7 +59,8 @@ import torch
 
 from .groups import get_group
 
-__all__ = ['FILTER_BASES', 'DEFAULT_MAX_FREQUENCY', 'default_filter_basis', 'resolve_filter_basis', 'basis_size',
+__all__ = ['FILTER_BASES', 'DEFAULT_MAX_FREQUENCY', 'DENSE_LIMIT', 'default_filter_basis', 'resolve_filter_basis',
+           'basis_size',
            'harmonic_frequencies', 'rotation_maps', 'expansion_map', 'count_parameters']
 
 FILTER_BASES = ('pixel', 'harmonic', 'bilinear')
@@ -242,32 +243,60 @@ def rotation_maps(group, kernel_size: int, filter_basis: Optional[str] = None,
     return _rotation_maps(g.name, int(kernel_size), basis, mf).clone()
 
 
+DENSE_LIMIT = 1 << 20  # entries of the one-matmul group-to-group map (4 MiB in float32); above it: matmul + gather
+
+
 def expansion_map(in_group, out_group, kernel_size: int, filter_basis: Optional[str] = None,
-                  max_frequency: Optional[int] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                  max_frequency: Optional[int] = None, dense: Optional[bool] = None,
+                  maps: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The fixed map of a group convolution ``in_group -> out_group`` in a resampling basis: ``(fmap, idx)``.
 
-    * ``fmap`` ``[n_basis, |G_out| * k * k]`` float64: ``w.reshape(-1, n_basis) @ fmap`` rotates every base filter
-      ``[C_out, C_in, |G_in|, n_basis]`` to every output element: ``[C_out * C_in * |G_in|, |G_out| * k * k]``;
-    * ``idx`` ``[|G_out| * |G_in| * k * k]`` (``None`` for a lifting layer, ``|G_in| = 1``): the filter for output
-      element ``h`` on input element ``k`` is the base filter of input element ``h^-1 k`` rotated by ``h``
-      (``(h . psi)(p, k) = psi(h^-1 p, h^-1 k)``), i.e. entry ``(h, k, pixel)`` of the bank reads entry
-      ``(h^-1 k, h, pixel)`` of the rotated filters: one ``index_select``.
+    The bank's filter for output element ``h`` on input element ``k`` is the base filter of input element
+    ``h^-1 k`` rotated by ``h`` (``(h . psi)(p, k) = psi(h^-1 p, h^-1 k)``). Two layouts compute it:
+
+    * one matmul (``idx`` is ``None``): ``fmap`` ``[|G_in| * n_basis, |G_out| * |G_in| * k * k]`` float64, and
+      ``w.reshape(C_out * C_in, -1) @ fmap`` is the bank in ``(C_out, C_in, h, k, pixel)`` order (the rotation and
+      the permutation of the input group axis in one map). Always for a lifting layer (``|G_in| = 1``: then it is
+      just the rotation maps), and by default when the map has at most :data:`DENSE_LIMIT` entries (C8, D8, C16
+      3x3; C8, C12 5x5): the fewest operations, which matters on a busy machine (``benchmarks/bench_cn.py``);
+    * matmul + gather (``dense=False``, or larger maps): ``fmap`` ``[n_basis, |G_out| * k * k]`` rotates every base
+      filter to every output element, ``[C_out * C_in * |G_in|, |G_out| * k * k]``, and ``idx``
+      ``[|G_out| * |G_in| * k * k]`` (one ``index_select``) reads entry ``(h^-1 k, h, pixel)`` for ``(h, k,
+      pixel)``: ``|G_in|`` times fewer multiply-adds and a map ``|G_in|^2`` times smaller.
+
+    Either way ``w.reshape(-1, fmap.shape[0]) @ fmap`` (then ``index_select(1, idx)`` on the ``[C_out * C_in, -1]``
+    view when ``idx`` is given) is the bank. ``maps`` ``[|G_out|, k * k, n_basis]`` replaces
+    :func:`rotation_maps` (to try another way of rotating filters: ``conv.filter_map, conv.filter_idx =
+    expansion_map(..., maps=mine)``).
     """
     gi, go = get_group(in_group), get_group(out_group)
     if gi.order > 1 and gi.name != go.name:
         raise ValueError(f"expansion_map: a group convolution maps {gi.name}->{go.name}: expected 'z2' (lifting) or "
                          f"the same group in and out")
-    maps = rotation_maps(go, kernel_size, filter_basis, max_frequency)  # [Go, k*k, nb]
     kk = kernel_size * kernel_size
-    fmap = maps.permute(2, 0, 1).reshape(maps.shape[2], go.order * kk)
+    if maps is None:
+        maps = rotation_maps(go, kernel_size, filter_basis, max_frequency)  # [Go, k*k, nb]
+    elif maps.dim() != 3 or maps.shape[:2] != (go.order, kk):
+        raise ValueError(f"expansion_map: maps must be [|G|={go.order}, k*k={kk}, n_basis], got {tuple(maps.shape)}")
+    maps = maps.to(torch.float64)
+    nb = maps.shape[2]
+    fmap = maps.permute(2, 0, 1).reshape(nb, go.order * kk)
     if gi.order == 1:
         return fmap, None
+    n = go.order
+    src = torch.tensor([go.permutation(h) for h in range(n)], dtype=torch.long, device='cpu')  # [h, k] = h^-1 k
+    if dense is None:
+        dense = n * nb * n * n * kk <= DENSE_LIMIT
+    if dense:
+        out = torch.zeros(n, nb, n, n, kk, dtype=torch.float64, device='cpu')  # [src, b, h, k, pixel]
+        rot = maps.permute(0, 2, 1)  # [h, b, pixel]
+        for h in range(n):
+            out[src[h], :, h, torch.arange(n)] = rot[h].unsqueeze(0).expand(n, nb, kk)
+        return out.reshape(n * nb, n * n * kk), None
     pix = torch.arange(kk, device='cpu')
-    rows = []
-    for h in range(go.order):
-        for k, src in enumerate(go.permutation(h)):  # src = h^-1 k
-            rows.append(src * go.order * kk + h * kk + pix)
-    return fmap, torch.cat(rows)
+    h = torch.arange(n, device='cpu')
+    idx = src[:, :, None] * (n * kk) + h[:, None, None] * kk + pix[None, None, :]  # [h, k, pixel]
+    return fmap, idx.reshape(-1)
 
 
 def count_parameters(in_channels: int, out_channels: int, kernel_size: int = 3, in_group='z2', out_group='p4',

@@ -29,10 +29,10 @@ centre pixel, so their rotations are off by half a pixel: they are rejected.
 
 C_N and D_N (issue 16): the same layout, the same one ``conv2d``; the filter at a rotation by ``2 pi r / N`` is made
 from the base weights by a fixed linear map (:mod:`.filter_basis`; by default a band-limited ``'harmonic'`` basis,
-steerable to any angle) with one matmul, plus one ``index_select`` that permutes the input group axis for a
-group-to-group layer. Quarter turns (when 4 divides ``N``) and mirrors are exact to float rounding (the map of
-``R^(r + N/4)`` is the exact ``rot90`` of the map of ``R^r``). At the other elements the pixel grid cannot rotate
-exactly; the error, measured by ``benchmarks/bench_cn.py`` (float64, He-random weights, mean of 3 seeds; inputs:
+steerable to any angle) with one matmul (for large group-to-group maps, a matmul and one ``index_select`` that
+permutes the input group axis: :func:`~.filter_basis.expansion_map`). Quarter turns (when 4 divides ``N``) and
+mirrors are exact to float rounding (the map of ``R^(r + N/4)`` is the exact ``rot90`` of the map of ``R^r``). At the
+other elements the pixel grid cannot rotate exactly; the error, measured by ``benchmarks/bench_cn.py`` (float64, He-random weights, mean of 3 seeds; inputs:
 random band-limited fields with wavelengths >= 8 pixels rotated exactly, outputs compared at the rotation centre;
 relative error ``max |f(g x) - g f(x)| / max |f(x)|``) at the rotation ``2 pi / N``:
 
@@ -66,7 +66,7 @@ import torch.nn.functional as F
 
 from .checks import EquivarianceError, check_equivariance, check_float_tensor
 from .fields import RandomField, centre
-from .filter_basis import basis_size, expansion_map, resolve_filter_basis, rotation_maps
+from .filter_basis import basis_size, expansion_map, resolve_filter_basis
 from .groups import filter_indices, get_group
 
 __all__ = [
@@ -364,7 +364,7 @@ class GroupConv2d(EquivariantMixin, nn.Module):
             self.register_buffer('filter_idx', filter_indices(self.in_group, self.out_group, kernel_size),
                                  persistent=False)
             self.register_buffer('filter_map', None, persistent=False)
-        else:  # one matmul with the fixed rotation map, then (group to group) one index_select
+        else:  # one matmul with the fixed map (and, for large group-to-group maps, one index_select)
             fmap, idx = expansion_map(self.in_group, self.out_group, kernel_size, self.filter_basis,
                                       self.max_frequency)
             self.register_buffer('filter_map', fmap.to(torch.get_default_dtype()), persistent=False)
@@ -399,9 +399,9 @@ class GroupConv2d(EquivariantMixin, nn.Module):
         if fmap is None:  # 'pixel': one index_select (its backward is a cheap index_add) -> [Co, Ci, Go, Gi*k*k]
             assert idx is not None
             w = weight.reshape(co * ci, gi * k * k).index_select(1, idx.flatten())
-        else:  # rotate every base filter to every output element: one matmul -> [Co*Ci*Gi, Go*k*k]
-            w = weight.reshape(co * ci * gi, fmap.shape[0]).matmul(fmap)
-            if idx is not None:  # (h, k) reads the base filter of h^-1 k rotated by h: one index_select
+        else:  # one matmul: -> [Co*Ci, Go*Gi*k*k] (or, large maps, [Co*Ci*Gi, Go*k*k] then one index_select)
+            w = weight.reshape(-1, fmap.shape[0]).matmul(fmap)
+            if idx is not None:  # (h, k) reads the base filter of h^-1 k rotated by h
                 w = w.view(co * ci, gi * go * k * k).index_select(1, idx)
         return w.view(co, ci, go, gi * k * k).transpose(1, 2).reshape(co * go, ci * gi, k, k)
 
@@ -436,8 +436,8 @@ class GroupConv2d(EquivariantMixin, nn.Module):
         fmap = self.filter_map
         if fmap is None or not fmap.is_floating_point():
             return
-        maps = rotation_maps(self.out_group, self.kernel_size, self.filter_basis, self.max_frequency)
-        exact = maps.permute(2, 0, 1).reshape(fmap.shape)  # as expansion_map lays it out
+        exact, _ = expansion_map(self.in_group, self.out_group, self.kernel_size, self.filter_basis,
+                                 self.max_frequency, dense=self.filter_idx is None and self.in_order > 1)
         if fmap.device.type != 'meta':
             self.filter_map = exact.to(device=fmap.device, dtype=fmap.dtype)
 
