@@ -208,6 +208,14 @@ CITATIONS = {
   eprint    = {1911.08251},
   archivePrefix = {arXiv}
 }""",
+    '1711.07289': """@inproceedings{weiler2018learning,
+  title     = {Learning Steerable Filters for Rotation Equivariant {CNN}s},
+  author    = {Weiler, Maurice and Hamprecht, Fred A. and Storath, Martin},
+  booktitle = {IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2018},
+  eprint    = {1711.07289},
+  archivePrefix = {arXiv}
+}""",
 }
 TIMM_CITATION = """@misc{rw2019timm,
   author       = {Wightman, Ross},

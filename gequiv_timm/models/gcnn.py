@@ -1,4 +1,5 @@
-"""Plain G-CNNs as timm models: P4CNN / P4MCNN and their planar twin Z2CNN (Cohen & Welling, ICML 2016).
+"""Plain G-CNNs as timm models: P4CNN / P4MCNN and their planar twin Z2CNN (Cohen & Welling, ICML 2016), and the
+same layout on the cyclic and dihedral groups C8, D8 and C16 (issue 16).
 
 The network is a stack of stages ``group conv -> group batch norm -> ReLU [-> 2x2 spatial max pool]``; the first
 stage lifts the planar image to the group (``P4ConvZ2`` / ``P4MConvZ2``; a plain conv for ``z2``). After the last
@@ -9,18 +10,28 @@ Exactness: every convolution is unpadded (``padding=0``, "valid") or symmetrical
 spatial max pool is 2x2 on an even map, so the invariance is exact (float rounding) for 28x28 input, and for any
 input whose map is even-sized where it is pooled (:meth:`GroupCNN.exact_input_sizes` checks a size).
 
-Builders at the bottom (``gequiv_p4cnn``, ``gequiv_p4mcnn``, ``gequiv_z2cnn``); their tags, papers and
-descriptions: ``registry/gcnn.toml``.
+C_N / D_N (``gequiv_c8cnn``, ``gequiv_d8cnn``, ``gequiv_c16cnn``): the P4CNN layout with
+:class:`~gequiv_timm.layers.gconv.GroupConv2d` on ``'c8'`` / ``'d8'`` / ``'c16'``, whose filters at the rotations by
+``2 pi / N`` are steered in a band-limited circular-harmonic basis (6 weights per 3x3 filter; Weiler, Hamprecht &
+Storath, CVPR 2018; :mod:`gequiv_timm.layers.filter_basis`). Widths are chosen so the parameter counts are within
+10% of P4CNN's 21,940 (``num_classes=10``): C8 9 fields (23,608), D8 and C16 6 fields (20,926). The quarter turns
+(and, for D8, the mirrors) act exactly on the pixel grid, so the logits are exactly invariant to them, by the same
+size rule as P4CNN; at the other rotations (45 degrees for C8 / D8, 22.5 for C16) the invariance is approximate:
+``gequiv_timm.symmetry`` measures it on smooth inputs and ``registry/symmetry.json`` stores the figure.
+
+Builders at the bottom (``gequiv_p4cnn``, ``gequiv_p4mcnn``, ``gequiv_z2cnn``, ``gequiv_c8cnn``, ``gequiv_d8cnn``,
+``gequiv_c16cnn``); their tags, papers and descriptions: ``registry/gcnn.toml``.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 
 from ..layers.gconv import GroupBatchNorm, GroupConv2d, GroupMaxPool2d, GroupPool, stride_is_exact
+from ..layers.filter_basis import resolve_filter_basis
 from ..layers.groups import get_group
 from ..registry import tagged_cfgs
 from ._args import check_choice, check_common, check_indices, check_int, check_ints
@@ -34,11 +45,13 @@ class GroupConvStage(nn.Module):
     """``GroupConv2d -> GroupBatchNorm -> ReLU [-> GroupMaxPool2d(2)]`` on ``[B, C, |G|, H, W]``."""
 
     def __init__(self, in_chs: int, out_chs: int, group: str, kernel_size: int = 3, padding: int = 0,
-                 lift: bool = False, pool: bool = False):
+                 lift: bool = False, pool: bool = False, filter_basis: Optional[str] = None,
+                 max_frequency: Optional[int] = None):
         super().__init__()
         g = get_group(group)
         self.conv = GroupConv2d(in_chs, out_chs, kernel_size, 'z2' if lift else g.name, g.name, padding=padding,
-                                bias=False, planar_input=lift)
+                                bias=False, planar_input=lift, filter_basis=filter_basis,
+                                max_frequency=max_frequency)
         self.bn = GroupBatchNorm(out_chs, g)
         self.act = nn.ReLU(inplace=True)
         self.pool = GroupMaxPool2d(2, group=g) if pool else nn.Identity()
@@ -51,9 +64,14 @@ class GroupCNN(TimmApiMixin, nn.Module):
     """A stack of group-convolution stages with group pooling and a timm classifier head.
 
     Args:
-        group: ``'z2'`` (planar), ``'p4'`` or ``'p4m'``.
+        group: ``'z2'`` (planar), ``'p4'``, ``'p4m'``, or a cyclic / dihedral group ``'cN'`` / ``'dN'`` (``'c8'``,
+            ``'d8'``, ``'c16'``...): logits exactly invariant to the quarter turns (and mirrors) when 4 divides N,
+            approximately to the other rotations.
         widths: channels (fields) per stage; the first stage lifts the image to the group.
         kernel_size: odd kernel size of every convolution.
+        filter_basis, max_frequency: how every convolution makes its rotated filters
+            (:class:`~gequiv_timm.layers.gconv.GroupConv2d`; default: ``'pixel'`` for z2 / p4 / p4m, ``'harmonic'``
+            with ``max_frequency=2`` for ``cN`` / ``dN``).
         padding: padding of every convolution (0 = valid, as in the paper).
         pool_after: stage indices followed by a 2x2 spatial max pool.
         group_pool: ``'max'`` or ``'mean'`` pooling over the group axis before the head.
@@ -67,7 +85,7 @@ class GroupCNN(TimmApiMixin, nn.Module):
 
     def __init__(self, group: str = 'p4', widths: Sequence[int] = (10,) * 7, kernel_size: int = 3,
                  padding: int = 0, pool_after: Sequence[int] = (1,), group_pool: str = 'max',
-                 num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0., global_pool: str = 'avg',
+                 filter_basis: Optional[str] = None, max_frequency: Optional[int] = None, num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0., global_pool: str = 'avg',
                  device=None, dtype=None):
         super().__init__()
         widths = check_ints('GroupCNN', 'widths', widths, 1, what='fields per stage, at least one stage')
@@ -78,6 +96,8 @@ class GroupCNN(TimmApiMixin, nn.Module):
         check_choice('GroupCNN', 'group_pool', group_pool, ('max', 'mean'))
         check_common('GroupCNN', num_classes, in_chans, drop_rate)
         self.group = get_group(group)
+        # before anything is built: one line naming the argument (the layer's own check, said once)
+        resolve_filter_basis(filter_basis, self.group, max_frequency, 'GroupCNN')
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
@@ -91,7 +111,8 @@ class GroupCNN(TimmApiMixin, nn.Module):
         prev, reduction = in_chans, 1
         for i, w in enumerate(widths):
             pool = i in self.pool_after
-            stages.append(GroupConvStage(prev, w, self.group.name, kernel_size, padding, lift=i == 0, pool=pool))
+            stages.append(GroupConvStage(prev, w, self.group.name, kernel_size, padding, lift=i == 0, pool=pool,
+                                         filter_basis=filter_basis, max_frequency=max_frequency))
             reduction *= 2 if pool else 1
             self.feature_info.append(dict(num_chs=w * self.group.order, reduction=reduction, module=f'stages.{i}',
                                           group=self.group.name, layout='folded'))
@@ -126,7 +147,9 @@ class GroupCNN(TimmApiMixin, nn.Module):
         return s
 
     def exact_input_sizes(self, h: int, w: int) -> bool:
-        """Whether 90-degree rotations of an ``h x w`` input give exactly invariant logits."""
+        """Whether 90-degree rotations (and the group's mirrors) of an ``h x w`` input give exactly invariant logits
+        (for ``cN`` / ``dN``: the elements that map the pixel grid to itself; the other rotations are approximate at
+        every size)."""
         return self._trace_size(h)[1] and self._trace_size(w)[1] and self._trace_size(h)[0] >= 1 and \
             self._trace_size(w)[0] >= 1
 
@@ -154,6 +177,9 @@ default_cfgs = generate_default_cfgs(tagged_cfgs({
     'gequiv_p4cnn': _cfg(),
     'gequiv_p4mcnn': _cfg(),
     'gequiv_z2cnn': _cfg(),
+    'gequiv_c8cnn': _cfg(paper_ids='arXiv:1602.07576,arXiv:1711.07289'),
+    'gequiv_d8cnn': _cfg(paper_ids='arXiv:1602.07576,arXiv:1711.07289'),
+    'gequiv_c16cnn': _cfg(paper_ids='arXiv:1602.07576,arXiv:1711.07289'),
 }))
 
 
@@ -179,3 +205,28 @@ def gequiv_z2cnn(pretrained: bool = False, **kwargs) -> GroupCNN:
     model_args = dict(group='z2', widths=(20,) * 7, kernel_size=3, padding=0, pool_after=(1,), in_chans=1,
                       num_classes=10)
     return _create_gcnn('gequiv_z2cnn', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gequiv_c8cnn(pretrained: bool = False, **kwargs) -> GroupCNN:
+    """C8-CNN: the P4CNN layout on C8 (rotations by 45 degrees, harmonic 3x3 filters), 9 fields (P4CNN's
+    parameters within 8%)."""
+    model_args = dict(group='c8', widths=(9,) * 7, kernel_size=3, padding=0, pool_after=(1,), in_chans=1,
+                      num_classes=10)
+    return _create_gcnn('gequiv_c8cnn', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gequiv_d8cnn(pretrained: bool = False, **kwargs) -> GroupCNN:
+    """D8-CNN: the P4CNN layout on D8 (rotations by 45 degrees and mirrors, harmonic 3x3 filters), 6 fields."""
+    model_args = dict(group='d8', widths=(6,) * 7, kernel_size=3, padding=0, pool_after=(1,), in_chans=1,
+                      num_classes=10)
+    return _create_gcnn('gequiv_d8cnn', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gequiv_c16cnn(pretrained: bool = False, **kwargs) -> GroupCNN:
+    """C16-CNN: the P4CNN layout on C16 (rotations by 22.5 degrees, harmonic 3x3 filters), 6 fields."""
+    model_args = dict(group='c16', widths=(6,) * 7, kernel_size=3, padding=0, pool_after=(1,), in_chans=1,
+                      num_classes=10)
+    return _create_gcnn('gequiv_c16cnn', pretrained, **dict(model_args, **kwargs))
