@@ -8,7 +8,9 @@ Each TOML file in ``registry/`` holds one family. Every top-level table is one m
     paper = "Cohen & Welling, Group Equivariant Convolutional Networks, ICML 2016"   # optional
     requires = []                    # optional: extras needed (e.g. ["escnn"])
     symmetry = {group = "p4", claim = "invariant"}   # optional: the claimed symmetry, checked against the
-                                     # measurement (gequiv_timm.symmetry, tests/test_symmetry.py)
+                                     # measurement (gequiv_timm.symmetry, tests/test_symmetry.py); a C_N / D_N
+                                     # classifier adds approx = "c8" (its larger group, exact only on p4 / p4m:
+                                     # the figure at the other rotations is measured, not claimed)
 
     [gequiv_p4cnn.tags.rotmnist]     # pretrained tags, the first one is the default; any PretrainedCfg field
     description = "Trained on rotated MNIST ..."   # of that checkpoint
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,12 +117,15 @@ def _check_cfg_values(cfg: Dict[str, Any], where: str) -> None:
 
 def _check_symmetry(sym: Any, where: str) -> Dict[str, str]:
     """The ``symmetry`` field: ``{group = "p4" | "p4m", claim = one of SYMMETRY_CLAIMS}`` (group optional for
-    ``claim = "none"``)."""
+    ``claim = "none"``), and for an invariant C_N / D_N classifier ``approx = "cN" | "dN"``: N a multiple of 4 above
+    4, mirrors iff the group is p4m (its quarter turns and mirrors are the claimed group; its other rotations are
+    measured)."""
     if not isinstance(sym, dict):
         raise CatalogError(f"{where}: field 'symmetry' must be a table like {{group = \"p4\", claim = \"invariant\"}}")
-    bad = set(sym) - {'group', 'claim'}
+    bad = set(sym) - {'group', 'claim', 'approx'}
     if bad:
-        raise CatalogError(f"{where}: field 'symmetry' has unknown key(s) {sorted(bad)}; allowed: ['claim', 'group']")
+        raise CatalogError(f"{where}: field 'symmetry' has unknown key(s) {sorted(bad)}; allowed: ['approx', "
+                           f"'claim', 'group']")
     if not sym:
         return {}
     claim = sym.get('claim')
@@ -132,6 +138,15 @@ def _check_symmetry(sym: Any, where: str) -> Dict[str, str]:
     if group is not None and group not in ('p4', 'p4m'):
         raise CatalogError(f"{where}: field 'symmetry.group' must be 'p4' or 'p4m' (the groups that act exactly on "
                            f"the pixel grid), got {group!r}")
+    approx = sym.get('approx')
+    if approx is not None:
+        m = re.fullmatch(r'([cd])(\d+)', str(approx))
+        want = 'd' if group == 'p4m' else 'c'
+        if claim != 'invariant' or m is None or m.group(1) != want or int(m.group(2)) % 4 or int(m.group(2)) <= 4:
+            raise CatalogError(f"{where}: field 'symmetry.approx' names the larger group of an invariant classifier "
+                               f"whose quarter turns{' and mirrors' if want == 'd' else ''} are the claimed "
+                               f"{group or 'group'}: '{want}N' with N a multiple of 4 above 4 (e.g. '{want}8'), "
+                               f"with claim = \"invariant\"; got approx = {approx!r}, claim = {claim!r}")
     return dict(sym)
 
 

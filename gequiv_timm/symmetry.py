@@ -34,6 +34,17 @@ How (every choice is recorded in the report):
   equivariant, measure 4e-7..1.4e-6 even in float64: float32 rounding, 70x below the threshold. Every model that
   is not exactly symmetric measures 0.4 or more (4000x above it).
 
+**Approximate symmetry (C_N / D_N classifiers).** A C8 model is exactly invariant to quarter turns only: its
+claim is ``'invariant'`` on ``p4`` (D8: ``p4m``), measured as above. Its catalog entry adds ``approx = "c8"``, and
+the rotations of that group that do not map the pixel grid to itself (45 degrees, 135...) are measured on top and
+stored as a figure, never as a class: pixels cannot be rotated by 45 degrees exactly, so the input is a smooth
+random field (:class:`~gequiv_timm.layers.fields.RandomField`, wavelengths >= :data:`APPROX_WAVELENGTH` pixels,
+sampled exactly at the rotated coordinates) inside a disc (a radial taper to zero at the border, which commutes
+with every rotation), and the figure is the same relative change of the logits, ``max_g ||f(g x) - f(x)|| /
+||f(x) - f(x')||`` over those rotations (``approx_error``; ``approx_per_element`` has every element of the larger
+group, the exact ones included). For scale, a p4 model measured the same way (``approx='c8'``) is given by
+``tests/test_symmetry.py``.
+
 The claim each catalog entry makes (``symmetry = {group = "p4", claim = "invariant"}`` in ``registry/*.toml``) is
 data; this module is the measurement. ``registry/symmetry.json`` stores the measured table that
 ``gequiv-timm list`` shows (``gequiv-timm list --measure --write`` regenerates it); ``tests/test_symmetry.py``
@@ -53,26 +64,32 @@ import torch
 import torch.nn as nn
 
 from ._resources import registry_dir
+from .layers.fields import RandomField
 from .layers.gconv import fold_group, unfold_group
 from .layers.groups import Group, get_group
 from .models.stems import stem_output
 from .registry import SYMMETRY_CLAIMS
 
-__all__ = ['CLASSES', 'THRESHOLD', 'TABLE_FILE', 'SymmetryReport', 'measure_symmetry', 'measurement_size',
-           'claim_of', 'load_table', 'write_table', 'table_problems', 'summary_problems', 'format_report']
+__all__ = ['CLASSES', 'THRESHOLD', 'TABLE_FILE', 'APPROX_WAVELENGTH', 'SymmetryReport', 'measure_symmetry',
+           'measurement_size', 'claim_of', 'approx_of', 'load_table', 'write_table', 'table_problems',
+           'summary_problems', 'format_report']
 
 CLASSES = SYMMETRY_CLAIMS  # 'invariant', 'equivariant', 'equivariant stem', 'none'
 THRESHOLD = 1e-4
 NOISE = 0.1
 TABLE_FILE = 'symmetry.json'
 DEFAULT_GROUP = 'p4m'  # what a model that claims nothing is measured against: every symmetry of the pixel grid
+APPROX_WAVELENGTH = 8.0  # shortest wavelength (pixels) of the smooth inputs of the approximate measurement
+APPROX_TAPER = 4.0  # width (pixels) of the disc's cosine edge
 
 
 @dataclass
 class SymmetryReport:
     """One measurement. ``error`` is the output's relative error (max over the group), ``stem_error`` the
     injected stem's (``None`` when the model has no injected stem); ``per_element`` the output error per group
-    element (index ``h`` = the group's element ``h``)."""
+    element (index ``h`` = the group's element ``h``). ``approx_group`` / ``approx_error`` /
+    ``approx_per_element``: the approximate measurement on the larger C_N / D_N group (``None`` when not asked;
+    module docstring)."""
 
     name: str
     group: str
@@ -86,12 +103,20 @@ class SymmetryReport:
     dtype: str = 'float64'
     seed: int = 0
     seconds: float = 0.0
+    approx_group: Optional[str] = None
+    approx_error: Optional[float] = None
+    approx_per_element: Optional[List[float]] = None
 
     _STORED = ('cls', 'group', 'error', 'stem_error', 'output', 'input_size', 'dtype', 'seed', 'per_element')
+    _APPROX = ('approx_group', 'approx_error', 'approx_per_element')
 
     def to_dict(self) -> Dict[str, Any]:
-        """What the stored table keeps (the claim lives in the catalog, the timing is not a property)."""
-        return {('class' if k == 'cls' else k): getattr(self, k) for k in self._STORED}
+        """What the stored table keeps (the claim lives in the catalog, the timing is not a property); the approximate
+        figures only where they were measured."""
+        d = {('class' if k == 'cls' else k): getattr(self, k) for k in self._STORED}
+        if self.approx_group is not None:
+            d.update({k: getattr(self, k) for k in self._APPROX})
+        return d
 
     @classmethod
     def from_dict(cls, name: str, d: Dict[str, Any]) -> 'SymmetryReport':
@@ -180,6 +205,13 @@ def claim_of(name: str) -> Tuple[str, str]:
     return sym.get('group', DEFAULT_GROUP), sym.get('claim', 'none')
 
 
+def approx_of(name: str) -> Optional[str]:
+    """The larger C_N / D_N group whose other rotations a catalog entry's figure is measured on (``symmetry.approx``),
+    or ``None``."""
+    from .registry import get_entry
+    return (get_entry(name).symmetry or {}).get('approx')
+
+
 def _reduction(model: nn.Module) -> int:
     info = getattr(model, 'feature_info', None)
     try:
@@ -229,7 +261,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor, ref: torch.Tensor) -> float:
 def measure_symmetry(name_or_model: Union[str, nn.Module], group: Union[str, Group, None] = None, *,
                      size: Optional[int] = None, seed: int = 0, dtype: torch.dtype = torch.float64,
                      batch: int = 2, threshold: float = THRESHOLD, generic_weights: bool = True,
-                     in_chans: Optional[int] = None) -> SymmetryReport:
+                     in_chans: Optional[int] = None, approx: Union[str, Group, None] = None) -> SymmetryReport:
     """Measure how a registered model (by name) or a model instance behaves under a point group.
 
     Args:
@@ -243,6 +275,9 @@ def measure_symmetry(name_or_model: Union[str, nn.Module], group: Union[str, Gro
         threshold: relative error below which a property counts as exact.
         generic_weights: add 10% noise to every parameter first (see the module docstring).
         in_chans: input channels (default: the model's ``pretrained_cfg`` / ``in_chans``).
+        approx: a larger ``'cN'`` / ``'dN'`` group (its quarter turns and mirrors must be ``group``) whose other
+            rotations are measured on smooth inputs (module docstring); default: the catalog's ``symmetry.approx``
+            for a name, none otherwise. Classifiers only.
 
     Returns a :class:`SymmetryReport`. Example::
 
@@ -261,9 +296,11 @@ def measure_symmetry(name_or_model: Union[str, nn.Module], group: Union[str, Gro
         name = name_or_model.split('.', 1)[0]
         g_claim, claim = claim_of(name)
         group = group or g_claim
+        approx = approx or approx_of(name)
     grp = get_group(group or DEFAULT_GROUP)
     if grp.order == 1:
         raise ValueError("measure_symmetry: group 'z2' has no rotations or mirrors to measure; use 'p4' or 'p4m'")
+    big = _approx_group(approx, grp)
     if isinstance(name_or_model, str):
         import timm
         torch.manual_seed(seed)
@@ -301,10 +338,55 @@ def measure_symmetry(name_or_model: Union[str, nn.Module], group: Union[str, Gro
         cls = 'equivariant stem'
     else:
         cls = 'none'
+    approx_err = approx_per = None
+    if big is not None:
+        if kind != 'logits':
+            raise ValueError(f"measure_symmetry: approx={big.name!r} measures how much the logits change; {name} "
+                             f"returns {kind}")
+        approx_per = _approx_figures(model, big, batch, c, side, seed, dtype)
+        approx_err = max(e for g, e in enumerate(approx_per) if not big.is_grid_element(g))
     return SymmetryReport(name=name, group=grp.name, cls=cls, output=kind, error=err, stem_error=stem_err,
                           per_element=per, input_size=[c, side, side], claim=claim,
                           dtype=str(dtype).replace('torch.', ''), seed=seed,
-                          seconds=round(time.perf_counter() - t0, 2))
+                          seconds=round(time.perf_counter() - t0, 2),
+                          approx_group=None if big is None else big.name, approx_error=approx_err,
+                          approx_per_element=approx_per)
+
+
+def _approx_group(approx: Union[str, Group, None], grp: Group) -> Optional[Group]:
+    """The larger group of an approximate measurement, checked against the exact one: its grid elements (quarter
+    turns and mirrors) must be ``grp``, and it must have other rotations to measure."""
+    if approx is None:
+        return None
+    big = get_group(approx)
+    grid = big.grid_elements()
+    mirrors = any(big.decompose(g)[0] for g in grid)
+    if big.exact or len(grid) != grp.order or mirrors != grp.mirror:
+        raise ValueError(f"measure_symmetry: approx={big.name!r} must be a 'cN' / 'dN' group with N a multiple of 4 "
+                         f"above 4 whose quarter turns{' and mirrors' if grp.mirror else ''} are {grp.name!r} (e.g. "
+                         f"{'d8' if grp.mirror else 'c8'})")
+    return big
+
+
+def _smooth_disc(field: RandomField, group: Group, g: int, side: int) -> torch.Tensor:
+    """The smooth field turned by ``g`` (sampled exactly), times a radial taper: 1 inside, a cosine edge of
+    :data:`APPROX_TAPER` pixels down to 0 at the inscribed circle (a radial window commutes with every rotation)."""
+    r = torch.arange(side, dtype=torch.float64) - (side - 1) / 2
+    rad = (r.view(-1, 1) ** 2 + r.view(1, -1) ** 2).sqrt()
+    edge = (side - 1) / 2
+    t = ((edge - rad) / APPROX_TAPER).clamp(0, 1)
+    window = torch.sin(t * math.pi / 2) ** 2
+    return field.sample(group, g, group_axis=False) * window.to(field.dtype)
+
+
+def _approx_figures(model: nn.Module, big: Group, batch: int, c: int, side: int, seed: int,
+                    dtype: torch.dtype) -> List[float]:
+    """``||f(g x) - f(x)|| / ||f(x) - f(x')||`` for every element ``g`` of ``big`` on smooth disc inputs."""
+    field = RandomField((batch, c), (side, side), APPROX_WAVELENGTH, seed=seed, dtype=dtype)
+    x = _smooth_disc(field, big, 0, side)
+    fx = model(x)
+    ref = fx - fx.roll(1, 0)
+    return [_rel(model(_smooth_disc(field, big, g, side)), fx, ref) for g in big.elements()]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -400,6 +482,9 @@ def table_problems(table: Dict[str, SymmetryReport], entries: Dict[str, Any]) ->
         group, claim = sym.get('group', DEFAULT_GROUP), sym.get('claim', 'none')
         if r.group != group:
             out.append(f"{n}: measured on {r.group} but the catalog names {group}; re-measure")
+        if r.approx_group != sym.get('approx'):
+            out.append(f"{n}: the catalog's approx group is {sym.get('approx')!r} but the table's is "
+                       f"{r.approx_group!r}; run 'gequiv-timm list {n} --measure --write'")
         if r.cls != claim:
             out.append(f"{n}: the catalog claims {claim!r} on {group}, measured {r.cls!r} "
                        f"(error {r.error:.2g}{'' if r.stem_error is None else f', stem {r.stem_error:.2g}'}); "
@@ -416,4 +501,9 @@ def format_report(r: SymmetryReport) -> str:
     stem = '' if r.stem_error is None else f", stem {r.stem_error:.1e}"
     size = f"{r.input_size[-1]}x{r.input_size[-1]}"
     label = f"{r.group}-{r.cls}" if r.cls != 'none' else f"none ({r.group})"
-    return f"{label}: {what} change {r.error:.1e} (relative){stem}; measured {r.dtype}, {size}"
+    approx = ''
+    if r.approx_group is not None:
+        step = 360 / get_group(r.approx_group).rotations
+        approx = (f"; {r.approx_group} turns off the pixel grid ({step:g} degrees...): approximate, {what} change "
+                  f"{r.approx_error:.1e} on smooth inputs")
+    return f"{label}: {what} change {r.error:.1e} (relative){stem}{approx}; measured {r.dtype}, {size}"

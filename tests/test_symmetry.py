@@ -55,7 +55,40 @@ def test_remeasured_symmetry_matches_table_and_claim(name):
             assert now <= S.THRESHOLD, f"{name}: {now:.3g} (stored {then:.3g})"
         else:  # deterministic float64 on the same seed: the stored 4 digits
             assert now == pytest.approx(then, rel=2e-3), f"{name}: figure {now:.4g}, stored {then:.4g}; {REGEN}"
+    assert r.approx_group == stored.approx_group == entry.symmetry.get('approx')
+    if r.approx_group is not None:  # deterministic float64 smooth inputs; the exact elements at rounding level
+        assert r.approx_error == pytest.approx(stored.approx_error, rel=2e-3), f"{name}: {REGEN}"
+        grid = get_group(r.approx_group).grid_elements()
+        assert max(r.approx_per_element[g] for g in grid) <= S.THRESHOLD
     assert not S.summary_problems(entry.summary, r.cls, r.group)
+
+
+def test_cn_models_exact_on_quarter_turns_approximate_off_the_grid():
+    # the C_N / D_N models claim what holds exactly (p4 / p4m) and carry the measured figure of their larger group
+    for name, group, approx in (('gequiv_c8cnn', 'p4', 'c8'), ('gequiv_d8cnn', 'p4m', 'd8'),
+                                ('gequiv_c16cnn', 'p4', 'c16')):
+        r, e = TABLE[name], CATALOG[name].symmetry
+        assert (r.cls, r.group, r.approx_group) == ('invariant', group, approx) == (e['claim'], e['group'],
+                                                                                    e['approx'])
+        assert r.error < S.THRESHOLD < r.approx_error < 1.0
+
+
+def test_approx_measurement_tells_steerable_from_quarter_turn_filters():
+    # the figure can fail: P4CNN (the same layout, filters turned by quarter turns only) moves far more under
+    # 45-degree turns than C8-CNN
+    c8 = S.measure_symmetry('gequiv_c8cnn')
+    p4 = S.measure_symmetry('gequiv_p4cnn', approx='c8')
+    assert p4.cls == 'invariant' and p4.approx_group == 'c8'
+    assert p4.approx_error > 1.8 * c8.approx_error, (p4.approx_error, c8.approx_error)
+    # the exact elements of the larger group measure at rounding level for both
+    assert max(p4.approx_per_element[g] for g in (0, 2, 4, 6)) < 1e-12
+    # the larger group must extend the measured one
+    with pytest.raises(ValueError, match="approx='c8' must be"):
+        S.measure_symmetry('gequiv_p4mcnn', approx='c8')
+    with pytest.raises(ValueError, match="approx='p4' must be"):
+        S.measure_symmetry('gequiv_p4cnn', approx='p4')
+    with pytest.raises(ValueError, match="approx='c6' must be"):
+        S.measure_symmetry('gequiv_p4cnn', approx='c6')
 
 
 def test_stem_models_are_not_invariant():
@@ -202,6 +235,11 @@ def test_table_problems_catch_wrong_claims_and_missing_rows():
     old = dataclasses.replace(CATALOG[name], summary="ResNet-18 with a p4 equivariant stem, invariant to rotations")
     assert any("says 'invariant'" in p for p in S.table_problems(TABLE, {name: old}))
     assert any('not in the symmetry table' in p for p in S.table_problems({}, {name: CATALOG[name]}))
+    c8 = CATALOG['gequiv_c8cnn']
+    no_approx = dataclasses.replace(c8, symmetry={'group': 'p4', 'claim': 'invariant'})
+    assert any("approx group is None but the table's is 'c8'" in p
+               for p in S.table_problems(TABLE, {'gequiv_c8cnn': no_approx}))
+    assert not S.table_problems({'gequiv_c8cnn': TABLE['gequiv_c8cnn']}, {'gequiv_c8cnn': c8})
 
 
 @pytest.mark.parametrize('field, msg', [
@@ -210,6 +248,11 @@ def test_table_problems_catch_wrong_claims_and_missing_rows():
     ('symmetry = {claim = "invariant"}', "names no group"),
     ('symmetry = {group = "c8", claim = "invariant"}', "must be 'p4' or 'p4m'"),
     ('symmetry = {group = "p4", claim = "none", by = "me"}', "unknown key"),
+    ('symmetry = {group = "p4", claim = "invariant", approx = "d8"}', "symmetry.approx"),
+    ('symmetry = {group = "p4m", claim = "invariant", approx = "c8"}', "symmetry.approx"),
+    ('symmetry = {group = "p4", claim = "invariant", approx = "c6"}', "symmetry.approx"),
+    ('symmetry = {group = "p4", claim = "invariant", approx = "c4"}', "symmetry.approx"),
+    ('symmetry = {group = "p4", claim = "none", approx = "c8"}', "symmetry.approx"),
 ])
 def test_catalog_symmetry_field_checks(tmp_path, field, msg):
     (tmp_path / 'x.toml').write_text(f'[gequiv_a]\nfamily = "gcnn"\nsummary = "x"\n{field}\n', encoding='utf-8')
@@ -226,6 +269,14 @@ def test_cli_list_shows_the_measured_class_and_figure(capsys):
     r = TABLE['gequiv_p4_resnet18']
     assert 'symmetry: p4-equivariant stem' in out and f"logits change {r.error:.1e}" in out
     assert f"stem {r.stem_error:.1e}" in out
+
+
+def test_cli_list_shows_the_approximate_figure(capsys):
+    assert cli_main(['list', 'gequiv_c8cnn']) == 0
+    out = capsys.readouterr().out
+    assert 'symmetry: p4-invariant: logits change' in out
+    assert f"c8 turns off the pixel grid (45 degrees...): approximate, logits change " \
+           f"{TABLE['gequiv_c8cnn'].approx_error:.1e}" in out
 
 
 def test_table_round_trip(tmp_path):
