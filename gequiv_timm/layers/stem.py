@@ -9,13 +9,15 @@ Cohen & Welling, "Group Equivariant Convolutional Networks", ICML 2016 (lifting 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .checks import EquivarianceError, check_equivariance
+from .fields import RandomField, centre
+from .filter_basis import rotation_maps
 from .gconv import GroupBatchNorm, GroupConv2d, GroupPool, _check_float, fold_group, unfold_group
 from .groups import get_group
 
@@ -87,7 +89,10 @@ class EquivariantStem(nn.Module):
 
     Args:
         in_chs, out_chs, stride: planar channels in/out and the spatial reduction (1, 2 or 4).
-        group: ``'p4'`` or ``'p4m'``. mode: ``'invariant'`` or ``'equivariant'`` (needs ``out_chs % |G| == 0``).
+        group: ``'p4'``, ``'p4m'``, or ``'cN'`` / ``'dN'`` (``'c8'``, ``'d8'``, ...: the group convolutions'
+            harmonic filter basis; exact for the quarter turns and mirrors when 4 divides N, approximate at the
+            other rotations: :meth:`check_equivariance`).
+        mode: ``'invariant'`` or ``'equivariant'`` (needs ``out_chs % |G| == 0``).
         width: fields of the group layers (default ``out_chs // |G|``: as many channels as the original stem).
         kernel_size: odd size of the lifting filters. depth: number of group convs after the lift.
         group_pool: ``'max'`` or ``'mean'`` (invariant mode).
@@ -106,7 +111,8 @@ class EquivariantStem(nn.Module):
         super().__init__()
         g = get_group(group)
         if g.order == 1:
-            raise ValueError("EquivariantStem: group must be 'p4' or 'p4m', got 'z2' (that is the plain stem)")
+            raise ValueError(f"EquivariantStem: group must be 'p4', 'p4m' or 'cN' / 'dN' with |G| > 1 (e.g. 'c8'), got "
+                             f"{g.name!r} (that is the plain stem)")
         if mode not in ('invariant', 'equivariant'):
             raise ValueError(f"EquivariantStem: mode must be 'invariant' or 'equivariant', got {mode!r}")
         if mode == 'equivariant' and out_chs % g.order:
@@ -170,17 +176,40 @@ class EquivariantStem(nn.Module):
 
     @torch.no_grad()
     def check_equivariance(self, x: Optional[torch.Tensor] = None, size: int = 32, atol: Optional[float] = None,
-                           rtol: Optional[float] = None) -> EquivarianceError:
-        """``max_g |f(g x) - T_g f(x)|`` over the group on a random (or given) input, in eval mode
-        (:func:`~gequiv_timm.layers.checks.check_equivariance`: a float, the absolute error, with ``.relative``)."""
+                           rtol: Optional[float] = None, elements: Optional[Sequence[int]] = None,
+                           wavelength: float = 8.0) -> EquivarianceError:
+        """``max_g |f(g x) - T_g f(x)|`` on a random (or given) input, in eval mode
+        (:func:`~gequiv_timm.layers.checks.check_equivariance`: a float, the absolute error, with ``.relative``).
+
+        ``elements`` defaults to those that map the pixel grid to itself: every element of p4 / p4m, the quarter
+        turns and mirrors of ``cN`` / ``dN``; they are exact (float rounding). Asked for another rotation (45 degrees
+        in C8), the stem is measured as the group layers are: on smooth inputs
+        (:class:`~gequiv_timm.layers.fields.RandomField`, wavelengths >= ``wavelength`` pixels, turned exactly), at
+        the output's centre pixel (the input side is ``stride`` times the first odd number at or above
+        ``size / stride``); ``x`` is then ignored.
+        """
         was = self.training
         self.eval()
-        if x is None:
-            p = self.lift.weight
-            x = torch.randn(2, self.in_chs, size, size, device=p.device, dtype=p.dtype)
+        g = self.group
+        els = list(g.grid_elements() if elements is None else elements)
+        p = self.lift.weight
         try:
-            return check_equivariance(self, x, self.group.transform_plane, self.transform_output,
-                                      self.group.elements(), atol=atol, rtol=rtol, name='EquivariantStem')
+            if all(g.is_grid_element(e) for e in els):
+                if x is None:
+                    x = torch.randn(2, self.in_chs, size, size, device=p.device, dtype=p.dtype)
+                return check_equivariance(self, x, g.transform_plane, self.transform_output, els, atol=atol,
+                                          rtol=rtol, name='EquivariantStem')
+            m = -(-size // self.stride)
+            n = self.stride * (m + 1 - m % 2)
+            field = RandomField((2, self.in_chs), (n, n), wavelength, seed=0, dtype=p.dtype, device=p.device)
+
+            def act_out(y: torch.Tensor, e: int) -> torch.Tensor:  # at the centre pixel only the group axis moves
+                if self.mode == 'invariant':
+                    return y
+                return fold_group(unfold_group(y[..., None, None], g.order)[..., g.permutation(e), :, :])[..., 0, 0]
+            return check_equivariance(lambda t: centre(self(t)), field.sample(),
+                                      lambda t, e: field.sample(g, e, group_axis=False), act_out, els, atol=atol,
+                                      rtol=rtol, name='EquivariantStem')
         finally:
             self.train(was)
 
@@ -190,13 +219,15 @@ class EquivariantStem(nn.Module):
 
         The ``width`` filters of largest L2 norm are copied into the lifting weight (one per field; the group
         convolution then applies every rotated / mirrored copy of each). An even ``k0`` is zero-padded at the end
-        to the odd size, a larger ``k0`` is centre-cropped, a smaller one centre-padded.
+        to the odd size, a larger ``k0`` is centre-cropped, a smaller one centre-padded. With the ``'harmonic'``
+        basis (``cN`` / ``dN``) each filter is replaced by its least-squares fit in the basis (its band-limited
+        part: the basis cannot hold the rest).
         """
-        lw = self.lift.weight  # [width, C_in, 1, k, k]
+        lw = self.lift.weight  # [width, C_in, 1, k, k], or [width, C_in, 1, n_basis] (harmonic)
         if weight.dim() != 4 or weight.shape[1] != lw.shape[1]:
             raise ValueError(f"EquivariantStem.init_from_conv: expected a conv weight [C, {lw.shape[1]}, k, k], got "
                              f"{tuple(weight.shape)}")
-        k = lw.shape[-1]
+        k = self.lift.kernel_size
         w = weight.to(device=lw.device, dtype=lw.dtype)
         norms = w.flatten(1).norm(dim=1)
         idx = norms.argsort(descending=True)[:lw.shape[0]]
@@ -209,6 +240,11 @@ class EquivariantStem(nn.Module):
             lo = (k - k0) // 2
             hi = k - k0 - lo
             w = F.pad(w, (lo, hi, lo, hi))
+        if self.lift.filter_basis == 'harmonic':  # [k*k, n_basis] at the identity; least squares per filter
+            basis = rotation_maps(self.group, k, 'harmonic', self.lift.max_frequency)[0]
+            flat = w.reshape(-1, k * k).to(torch.float64).cpu()
+            w = torch.linalg.lstsq(basis, flat.T).solution.T.reshape(w.shape[0], w.shape[1], -1)
+            w = w.to(device=lw.device, dtype=lw.dtype)
         out = lw.clone()
         out[:w.shape[0], :, 0] = w
         lw.copy_(out)

@@ -5,8 +5,8 @@
   (``gequiv_p4m_resnet18``: 4 stages of 2 basic blocks, 23/45/91/181 fields ~ 64/128/256/512 / sqrt(8)).
 * :class:`GroupAllCNN`: Springenberg et al.'s All-CNN-C on p4 (48/96 fields ~ 96/192 / 2) or p4m (34/68).
 
-Every network is a stack of group convolutions on ``[B, C, |G|, H, W]``; before the head the group axis is
-pooled, so ``forward_features`` is *invariant* (it rotates/flips with the input, spatially only) and the logits
+Every network is a stack of group convolutions on ``[B, C, |G|, H, W]`` (p4, p4m, or any C_N / D_N through the
+``group`` argument: ``'c8'``, ``'d8'``...); before the head the group axis is pooled, so ``forward_features`` is *invariant* (it rotates/flips with the input, spatially only) and the logits
 are invariant to the group. Feature maps handed out by ``forward_intermediates`` / ``features_only`` are 4-D,
 folded ``[B, C*|G|, H, W]`` (channel-major: channel ``c*|G| + g`` is field ``c`` at group element ``g``);
 ``feature_info`` entries say so (``layout='folded'``, ``group=...``).
@@ -123,7 +123,9 @@ class GroupResNet(TimmApiMixin, nn.Module):
     """ResNet of group basic blocks, invariant end to end (group pooling before the head).
 
     Args:
-        group: ``'p4'`` or ``'p4m'``.
+        group: ``'p4'`` or ``'p4m'``; or ``'cN'`` / ``'dN'`` (``'c8'``, ``'d8'``...: harmonic filters; the logits are
+            exactly invariant to the quarter turns and mirrors when 4 divides N, approximately to the other
+            rotations).
         layers: blocks per stage (``(7, 7, 7)`` = ResNet44, ``(2, 2, 2, 2)`` = ResNet18).
         widths: fields per stage.
         stem_type: ``'cifar'`` (3x3 lift, full resolution) or ``'imagenet'`` (2x2 avg pool, 7x7 lift, 2x2 max pool:
@@ -220,7 +222,8 @@ class GroupAllCNN(TimmApiMixin, nn.Module):
     global average pooling and the linear classifier (the paper's final 1x1 conv to the classes + global average
     pool, in the other order: both are linear). 32x32 input -> 6x6 features.
 
-    Args: group, widths, group_pool, num_classes, in_chans, drop_rate, global_pool, device, dtype.
+    Args: group (as :class:`GroupResNet`: ``'p4'``, ``'p4m'``, ``'cN'``, ``'dN'``), widths, group_pool, num_classes,
+    in_chans, drop_rate, global_pool, device, dtype.
     """
 
     stem_tap = False

@@ -20,7 +20,8 @@ Two entry points:
   channels and stride, optionally warm-started from the original stem's filters.
 
 The stem's output transforms as follows (``g`` a 90-degree rotation, or for p4m also a mirror, about the image
-centre; exact when ``H`` and ``W`` are multiples of the stem's stride):
+centre; exact when ``H`` and ``W`` are multiples of the stem's stride; a ``'cN'`` / ``'dN'`` stem also has the other
+rotations of its group, approximately):
 
 * ``mode='invariant'``: ``stem(g x) = g stem(x)``, the spatial rotation/flip only (channels untouched),
 * ``mode='equivariant'``: the output is folded ``[B, C'*|G|, H', W']``; ``stem(g x) = fold(g . unfold(stem(x)))``:
@@ -367,7 +368,9 @@ def inject_equivariant_stem(model: Union[nn.Module, str], group: str = 'p4', mod
 
     Args:
         model: a timm model or a model name (created with ``timm.create_model(model, **create_kwargs)``).
-        group: ``'p4'`` (90-degree rotations) or ``'p4m'`` (rotations and mirrors).
+        group: ``'p4'`` (90-degree rotations) or ``'p4m'`` (rotations and mirrors); or ``'cN'`` / ``'dN'``
+            (``'c8'``: 45-degree rotations in harmonic filters, exact for the quarter turns when 4 divides N,
+            approximate at the others: :meth:`EquivariantStem.check_equivariance`).
         mode: ``'invariant'`` (pool over the group) or ``'equivariant'`` (learned equivariant fold to the width).
         width, depth, group_pool: see :class:`EquivariantStem`.
         kernel_size: lifting filter size; default: the stem conv's, made odd (ConvNeXt's 4 -> 5).
