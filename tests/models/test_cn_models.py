@@ -171,3 +171,61 @@ def test_inject_c8_stem_into_a_timm_backbone():
 def test_stem_refuses_the_trivial_group():
     with pytest.raises(ValueError, match=r"group must be 'p4', 'p4m' or 'cN' / 'dN'"):
         EquivariantStem(3, 16, 2, group='c1')
+
+
+# ----- TorchScript and torch.fx of the expansion path -------------------------------------------------------
+def _script(m):
+    import warnings
+    with warnings.catch_warnings():  # torch 2.x: "torch.jit.script is deprecated" (timm still tests it)
+        warnings.simplefilter('ignore', FutureWarning)
+        return torch.jit.script(m)
+
+
+def _randomise_bn(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize('name', sorted(CN))
+def test_scripted_and_traced_equal_eager_and_keep_the_invariance(name):
+    from timm.models import create_feature_extractor, get_graph_node_names
+    torch.manual_seed(0)
+    model = timm.create_model(name, widths=[2, 3, 3]).eval()
+    _randomise_bn(model)
+    x = torch.randn(2, 1, 28, 28)
+    nodes = get_graph_node_names(model)[1]
+    traced = create_feature_extractor(model, return_nodes=[nodes[-1]])
+    scripted = _script(model)
+    with torch.no_grad():
+        y = model(x)
+        torch.testing.assert_close(scripted(x), y, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(traced(x)[nodes[-1]], y, rtol=1e-5, atol=1e-6)
+        for move in _moves(CN[name]):
+            torch.testing.assert_close(scripted(move(x)), y, rtol=1e-5, atol=1e-5)
+    # the scripted and traced models follow writes to the weights (no cached filter bank)
+    with torch.no_grad():
+        model.stages[1].conv.weight.mul_(-1.5)
+        torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(traced(x)[nodes[-1]], model(x), rtol=1e-5, atol=1e-6)
+    # and train: the expansion is differentiable through the script
+    out = scripted.train()(x)
+    out.sum().backward()
+    assert model.stages[1].conv.weight.grad is not None
+
+
+def test_scripted_cn_stem_and_resnet():
+    torch.manual_seed(0)
+    for model, shape in ((EquivariantStem(3, 16, 2, group='c8', mode='equivariant', kernel_size=5), (2, 3, 16, 16)),
+                         (GroupResNet('d8', layers=(1, 1), widths=(2, 2), stem_type='imagenet', num_classes=3),
+                          (2, 3, 16, 16))):
+        model.eval()
+        _randomise_bn(model)
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            torch.testing.assert_close(_script(model)(x), model(x), rtol=1e-5, atol=1e-6)

@@ -61,8 +61,8 @@ DEPARTURES: tuple[Departure, ...] = (
                    'checks after first_conv)'),
     Departure(
         ('test_model_forward_features',),
-        ('gequiv_p4cnn', 'gequiv_p4mcnn', 'gequiv_z2cnn', 'gequiv_escnn_c4cnn', 'gequiv_escnn_c8cnn',
-         'gequiv_escnn_d4cnn'),
+        ('gequiv_p4cnn', 'gequiv_p4mcnn', 'gequiv_z2cnn', 'gequiv_c8cnn', 'gequiv_d8cnn', 'gequiv_c16cnn',
+         'gequiv_escnn_c4cnn', 'gequiv_escnn_c8cnn', 'gequiv_escnn_d4cnn'),
         'P4CNN layout',
         "unpadded 3x3 convolutions, as in the paper: at the 28-pixel input the deeper maps shrink below input / "
         "(2 x reduction), while feature_info gives the true strides; timm exempts its own unpadded models "
