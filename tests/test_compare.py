@@ -229,7 +229,7 @@ def test_cli_wiring(tmp_path, capsys):
 
 def test_default_models_follow_the_registry():
     names = compare.default_models()
-    assert names[:3] == ['gequiv_z2cnn', 'gequiv_p4cnn', 'gequiv_p4mcnn']
+    assert names[:4] == ['gequiv_z2cnn', 'gequiv_p4cnn', 'gequiv_c8cnn', 'gequiv_c16cnn']
     assert set(compare.ESCNN_MODELS) <= set(names)
     for opt in compare.OPTIONAL_MODELS:
         assert (opt in names) == (opt in timm.list_models('gequiv_*'))

@@ -26,7 +26,7 @@ __all__ = ['add_arguments', 'config_from_args', 'run']
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--models', default=None,
                    help='comma-separated model names, or "all" (default: ' + ','.join(CORE_MODELS + ESCNN_MODELS) +
-                        ', plus gequiv_stn_cnn_mnist when registered; "all" adds ' + ','.join(EXTENDED_MODELS) +
+                        '; "all" adds ' + ','.join(EXTENDED_MODELS) +
                         ', about twice the time). '
                         f'{REFERENCE} is always added: the time ratios are relative to it')
     p.add_argument('--budget', type=int, default=DEFAULT_BUDGET,
