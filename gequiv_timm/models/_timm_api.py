@@ -172,6 +172,16 @@ class TimmApiMixin:
         self.num_features = self.head_hidden_size = num_features
         self.head = ClassifierHead(num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
 
+    @torch.jit.ignore
+    def export(self) -> nn.Module:
+        """A frozen copy for inference, in eval mode: every group convolution is replaced by a plain convolution
+        with its expanded filter bank (:func:`~gequiv_timm.layers.export_group_convs`), so no filter expansion
+        runs per call. Same logits as the model (to float rounding); the model itself is not changed. The escnn
+        baselines' ``export()`` does the same with escnn's own export, so latency is measured alike on both sides.
+        """
+        from ..layers.gconv import export_group_convs
+        return export_group_convs(self, inplace=False).eval()
+
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input policy (:func:`check_image_input`; defined here, where ``torch.fx.wrap`` keeps it a leaf in any
         trace)."""
