@@ -31,10 +31,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report, verdict  # noqa: E402
+from common import layer_train_steps, report, verdict  # noqa: E402
 
 from gequiv_timm.layers import (  # noqa: E402
     GroupAvgPool2d, GroupBatchNorm, GroupConv2d, GroupMaxPool2d, GroupPool, RandomField, centre, get_group,
@@ -241,25 +240,7 @@ def speed_part(runs, repeats, fields=16, size=32, batch=32):
     ours = GroupConv2d(fields, fields, 3, 'c8', 'c8', padding=1, bias=False)
     esc = enn.R2Conv(ft, ft, 3, padding=1, bias=False)
     x5 = torch.randn(batch, fields, 8, size, size)
-    xf = x5.flatten(1, 2)
-    xg = enn.GeometricTensor(xf.clone(), ft)
-    w = ours.expanded_weight().detach().clone().requires_grad_(True)
-
-    def ours_train():
-        ours.zero_grad(set_to_none=True)
-        ours(x5).sum().backward()
-
-    def esc_train():
-        esc.zero_grad(set_to_none=True)
-        esc(xg).tensor.sum().backward()
-
-    def floor_train():
-        w.grad = None
-        F.conv2d(xf, w, None, 1, 1).sum().backward()
-
-    ours.train()
-    esc.train()
-    fns = {'ours': ours_train, 'escnn': esc_train, 'floor': floor_train}
+    fns = layer_train_steps(ours, esc, x5, ft)
     ratios = {k: [] for k in TARGETS}
     for run in range(runs):
         wall, cpu = shuffled_round_robin(fns, reps=repeats, seed=run)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report  # noqa: E402
+from common import layer_train_steps, report  # noqa: E402
 
 from gequiv_timm.measure import time_round_robin  # noqa: E402
 from gequiv_timm.layers import P4ConvP4, P4MConvP4M  # noqa: E402
@@ -48,24 +48,7 @@ def bench_group(group_key, fields, size, batches, repeats):
         xf = x5.flatten(1, 2)
         xg = enn.GeometricTensor(xf.clone(), ft)
         # ----- train: forward + backward through the filter construction
-        ours.train()
-        esc.train()
-        wt = w.clone().requires_grad_(True)
-
-        def ours_train():
-            ours.zero_grad(set_to_none=True)
-            ours(x5).sum().backward()
-
-        def esc_train():
-            esc.zero_grad(set_to_none=True)
-            esc(xg).tensor.sum().backward()
-
-        def floor_train():
-            wt.grad = None
-            F.conv2d(xf, wt, None, 1, 1).sum().backward()
-
-        t = time_round_robin({'ours': ours_train, 'escnn': esc_train, 'floor': floor_train}, reps=repeats,
-                        inner=1 if b > 1 else 5)
+        t = time_round_robin(layer_train_steps(ours, esc, x5, ft), reps=repeats, inner=1 if b > 1 else 5)
         out[f'train b{b}'] = t
         # ----- eval: cached filters, no grad
         ours.eval()
