@@ -383,7 +383,8 @@ def test_cli_fuzz_never_crashes(monkeypatch, capsys, argv):
 
 
 # ----- torch.compile and channels_last on the G-CNN models ------------------------------------------------
-GCNN = ['gequiv_p4cnn', 'gequiv_p4mcnn', 'gequiv_z2cnn']
+# C8 / D8: the expansion there is one matmul with the fixed harmonic map; it must compile as one graph too
+GCNN = ['gequiv_p4cnn', 'gequiv_p4mcnn', 'gequiv_z2cnn', 'gequiv_c8cnn', 'gequiv_d8cnn']
 
 
 @pytest.mark.parametrize('name', GCNN)

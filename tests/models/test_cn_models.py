@@ -229,20 +229,3 @@ def test_scripted_cn_stem_and_resnet():
         x = torch.randn(*shape)
         with torch.no_grad():
             torch.testing.assert_close(_script(model)(x), model(x), rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize('name', ['gequiv_c8cnn', 'gequiv_d8cnn'])
-def test_torch_compile_train_step_matches_eager(name):
-    # the expansion (one matmul with the fixed map) compiles as one graph, and its gradients match eager
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = timm.create_model(name, widths=[2, 2, 2]).train()
-    x = torch.randn(4, 1, 28, 28)
-    eager = model(x)
-    eager.sum().backward()
-    g_eager = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    out = torch.compile(model, backend='aot_eager', fullgraph=True)(x)
-    out.sum().backward()
-    assert torch.allclose(out, eager, atol=1e-5)
-    assert all(torch.allclose(a, p.grad, atol=1e-5) for a, p in zip(g_eager, model.parameters()))
