@@ -96,12 +96,11 @@ __all__ = [
 ]
 
 REFERENCE = 'gequiv_z2cnn'
-# ours first, then the escnn baselines; optional families are added when registered. The default run (`make
+# ours first, then the escnn baselines. The default run (`make
 # demo`) keeps the models that decide the standings: the reference, P4CNN, our C_N models that beat or tie escnn's
 # C8 (C8, C16) and the two escnn CNNs of the same shape (about 11 CPU-minutes: ~6 minutes on 2 cores)
 CORE_MODELS = ['gequiv_z2cnn', 'gequiv_p4cnn', 'gequiv_c8cnn', 'gequiv_c16cnn']
 ESCNN_MODELS = ['gequiv_escnn_c4cnn', 'gequiv_escnn_c8cnn']
-OPTIONAL_MODELS: list[str] = []
 # added by `--models all`: the mirror-invariant models (on digits a mirror turns a 2 into a 5: D8-CNN errs 2-3x C8-CNN,
 # issue 16's 3-seed run), the STN front end, the deeper escnn reference (2.6x the parameters) and the PDE-G-CNN (its
 # pure-PyTorch morphological convolutions make a train step ~16x gequiv_z2cnn's on the CPU)
@@ -167,9 +166,7 @@ def standing(ours: float, s_ours: float, theirs: float, s_theirs: float) -> str:
 # ----- the command ----------------------------------------------------------------------------------------------
 def default_models() -> list[str]:
     """The default model list: ours (:data:`CORE_MODELS`), then the escnn baselines (:data:`ESCNN_MODELS`)."""
-    import timm
-    known = set(timm.list_models('gequiv_*'))
-    return CORE_MODELS + ESCNN_MODELS + [m for m in OPTIONAL_MODELS if m in known]
+    return CORE_MODELS + ESCNN_MODELS
 
 
 @dataclass(frozen=True)
