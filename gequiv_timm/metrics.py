@@ -1,4 +1,5 @@
-"""Keypoint metrics as the landmark field reports them (HRNet's facial-landmark definitions).
+"""Keypoint metrics as the landmark field reports them (HRNet's facial-landmark definitions), and segmentation
+metrics as the PDE-G-CNN paper reports them for vessel segmentation (Dice, AUC, accuracy; bottom of this module).
 
 For sample ``n`` with predicted / true keypoints ``p_nk, g_nk`` (pixels), a visibility mask ``V_n`` and a
 normalising distance ``d_n`` (inter-ocular distance for faces, box size ``sqrt(w h)`` for AFLW and for our MNIST
@@ -30,7 +31,9 @@ from typing import Dict, Tuple
 
 import torch
 
-__all__ = ['per_sample_nme', 'nme', 'failure_rate', 'auc', 'ced_curve', 'KeypointMetrics', 'keypoint_metrics']
+__all__ = ['per_sample_nme', 'nme', 'failure_rate', 'auc', 'ced_curve', 'KeypointMetrics', 'keypoint_metrics',
+           'dice_score', 'roc_auc', 'roc_auc_from_histograms', 'score_histograms', 'AUC_BINS', 'SegmentationMetrics',
+           'segmentation_metrics']
 
 
 def _as_tensor(x, name: str) -> torch.Tensor:
@@ -133,3 +136,128 @@ def keypoint_metrics(pred, target, norm, visible=None, threshold: float = 0.1) -
     ok = ~torch.isnan(e)
     return KeypointMetrics(nme(e), failure_rate(e, threshold), auc(e, threshold), threshold, int(ok.sum()),
                            int((~ok).sum()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# segmentation (Smets et al. 2022 report Dice, AUC and accuracy for DRIVE)
+# ----------------------------------------------------------------------------------------------------------------
+# For a binary segmentation with predicted foreground ``P`` and true foreground ``T`` (sets of pixels, pooled over
+# every image of the evaluated set):
+#
+#   Dice     = 2 |P & T| / (|P| + |T|) = 2 TP / (2 TP + FP + FN)        (1 when both are empty)
+#   accuracy = (TP + TN) / number of pixels
+#   AUC      = P(s_fg > s_bg) + P(s_fg = s_bg) / 2, the area under the ROC curve of the foreground score s over all
+#              pixels (the Mann-Whitney statistic; ties count one half), computed exactly by ranks.
+#
+# With several classes the Dice and AUC are the means over the foreground classes (1..C-1, one-vs-rest).
+
+#: bins of the foreground probability in the training loop's AUC (:func:`roc_auc_from_histograms`), which
+#: sums histograms over batches and processes: the AUC of the scores rounded down to multiples of 1 / AUC_BINS
+AUC_BINS = 4096
+
+
+def dice_score(pred, target) -> float:
+    """Dice of two binary masks of the same shape (any number of images pooled): ``2 |P & T| / (|P| + |T|)``;
+    1.0 when both are empty.
+
+    Example:
+        >>> dice_score(torch.tensor([1, 1, 0, 0]), torch.tensor([1, 0, 1, 0]))
+        0.5
+    """
+    p, t = torch.as_tensor(pred).bool(), torch.as_tensor(target).bool()
+    if p.shape != t.shape:
+        raise ValueError(f"dice_score: pred and target must have the same shape, got {tuple(p.shape)} and "
+                         f"{tuple(t.shape)}")
+    denom = int(p.sum()) + int(t.sum())
+    return 1.0 if denom == 0 else 2.0 * int((p & t).sum()) / denom
+
+
+def roc_auc(scores, labels) -> float:
+    """Exact area under the ROC curve of ``scores`` for binary ``labels`` (same shape, pooled): the probability
+    that a random positive scores above a random negative, ties counting one half (average ranks).
+
+    Example:
+        >>> roc_auc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1]))
+        0.75
+    """
+    s = _as_tensor(scores, 'scores').flatten()
+    y = torch.as_tensor(labels).flatten().bool()
+    if s.shape != y.shape:
+        raise ValueError(f"roc_auc: scores and labels must have the same number of elements, got {s.numel()} and "
+                         f"{y.numel()}")
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"roc_auc: needs both classes, got {n_pos} positives and {n_neg} negatives")
+    order = torch.argsort(s, stable=True)
+    sorted_s = s[order]
+    # average rank (1-based) of each group of tied scores
+    _, inverse, counts = torch.unique_consecutive(sorted_s, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    avg = ends - (counts.double() - 1) / 2
+    ranks = torch.empty_like(s)
+    ranks[order] = avg[inverse]
+    u = float(ranks[y].sum()) - n_pos * (n_pos + 1) / 2
+    return u / (n_pos * n_neg)
+
+
+def score_histograms(scores, labels, bins: int = AUC_BINS) -> torch.Tensor:
+    """``[2, bins]`` counts of ``scores`` in ``[0, 1]`` (bin ``floor(s * bins)``, 1.0 in the last bin) for the
+    negatives (row 0) and the positives (row 1): additive over batches and processes."""
+    s = torch.as_tensor(scores).flatten().double().clamp(0, 1)
+    y = torch.as_tensor(labels).flatten().bool()
+    idx = (s * bins).long().clamp_max(bins - 1) + y.long() * bins
+    return torch.bincount(idx, minlength=2 * bins).view(2, bins).double()
+
+
+def roc_auc_from_histograms(hist) -> float:
+    """The AUC (ties one half) of binned scores from :func:`score_histograms` counts ``[2, bins]``: exact for the
+    binned scores, i.e. :func:`roc_auc` of ``floor(s * bins)``."""
+    h = torch.as_tensor(hist, dtype=torch.float64)
+    if h.dim() != 2 or h.shape[0] != 2:
+        raise ValueError(f"roc_auc_from_histograms: expected counts [2, bins], got {tuple(h.shape)}")
+    neg, pos = h[0], h[1]
+    n_neg, n_pos = float(neg.sum()), float(pos.sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"roc_auc_from_histograms: needs both classes, got {n_pos:g} positives and {n_neg:g} "
+                         f"negatives")
+    below = torch.cumsum(neg, 0) - neg  # negatives in lower bins
+    return float((pos * (below + neg / 2)).sum()) / (n_pos * n_neg)
+
+
+@dataclass
+class SegmentationMetrics:
+    """Dice, AUC and pixel accuracy (fractions) pooled over the evaluated pixels, and the number of pixels."""
+
+    dice: float
+    auc: float
+    accuracy: float
+    pixels: int
+
+    def as_dict(self) -> Dict:
+        return asdict(self)
+
+
+def segmentation_metrics(probs, target) -> SegmentationMetrics:
+    """Metrics of class probabilities ``probs [N, C, H, W]`` (softmax outputs) against ``target [N, H, W]`` class
+    indices: Dice of the arg-max prediction and exact AUC of the class probability, both averaged over the
+    foreground classes ``1..C-1``, and pixel accuracy of the arg-max (see the comment above).
+
+    Example:
+        >>> p1 = torch.tensor([[[0.9, 0.2], [0.6, 0.1]]])            # P(stroke) of one 2x2 image
+        >>> m = segmentation_metrics(torch.stack([1 - p1, p1], 1), torch.tensor([[[1, 0], [0, 0]]]))
+        >>> round(m.dice, 3), m.auc, m.accuracy
+        (0.667, 1.0, 0.75)
+    """
+    p = torch.as_tensor(probs)
+    t = torch.as_tensor(target).long()
+    if p.dim() != 4 or t.shape != (p.shape[0],) + tuple(p.shape[2:]):
+        raise ValueError(f"segmentation_metrics: expected probs [N, C, H, W] and target [N, H, W], got "
+                         f"{tuple(p.shape)} and {tuple(t.shape)}")
+    if p.shape[1] < 2:
+        raise ValueError(f"segmentation_metrics: need at least 2 classes (background and a foreground), got "
+                         f"{p.shape[1]}")
+    pred = p.argmax(1)
+    fg = range(1, p.shape[1])
+    dice = sum(dice_score(pred == c, t == c) for c in fg) / len(fg)
+    auc_v = sum(roc_auc(p[:, c], t == c) for c in fg) / len(fg)
+    return SegmentationMetrics(dice, auc_v, float((pred == t).double().mean()), int(t.numel()))

@@ -1,9 +1,10 @@
 """The data-set catalog: every built-in set described once, plus the image-folder fallback.
 
-Each :class:`DataSet` entry says how to load the set (:func:`load_data`), its task (``'classify'`` or
-``'keypoints'``), its labels (class names or keypoint names), the text a model card shows about it, and the metric a
-checkpoint trained on it reports and is re-measured with (``'test_error'``: top-1 error; ``'test_nme'``: the NME of
-:mod:`gequiv_timm.metrics`). Training (``gequiv-timm train``), the model cards and ``gequiv-timm check`` read this
+Each :class:`DataSet` entry says how to load the set (:func:`load_data`), its task (``'classify'``,
+``'keypoints'`` or ``'segment'``), its labels (class names or keypoint names), the text a model card shows about it,
+and the metric a checkpoint trained on it reports and is re-measured with (``'test_error'``: top-1 error;
+``'test_nme'``: the NME of :mod:`gequiv_timm.metrics`; ``'test_dice'``: the Dice score of the foreground classes,
+reported with ``test_auc`` and ``test_accuracy``). Training (``gequiv-timm train``), the model cards and ``gequiv-timm check`` read this
 table; nothing else lists data sets.
 
 Example:
@@ -25,13 +26,14 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from .distorted import distorted_mnist
 from .landmarks import KEYPOINT_NAMES, mnist_landmarks
 from .mnist import MNIST_MEAN, MNIST_STD, rotated_mnist
+from .strokes import STROKE_CLASSES, mnist_strokes
 
 __all__ = ['DataSet', 'DATASETS', 'TASKS', 'METRICS', 'get_dataset', 'dataset_of_recipe', 'DataBundle', 'load_data',
            'SeededTransformDataset', 'IMAGE_FOLDER']
 
-TASKS = ('classify', 'keypoints')
+TASKS = ('classify', 'keypoints', 'segment')
 #: the manifest metric of each task: what a checkpoint reports and ``gequiv-timm check --metrics`` re-measures
-METRICS = {'classify': 'test_error', 'keypoints': 'test_nme'}
+METRICS = {'classify': 'test_error', 'keypoints': 'test_nme', 'segment': 'test_dice'}
 #: the recipe-id prefix of checkpoints trained on an image folder (not a built-in set: nothing to re-measure)
 IMAGE_FOLDER = 'imagefolder'
 _DIGITS = tuple(str(i) for i in range(10))
@@ -43,7 +45,8 @@ class DataSet:
     """One built-in data set.
 
     ``splits(seed)`` returns ``(train, test)`` tensor datasets (images in [0, 1], not yet standardised): ``(image,
-    label)`` for classification, ``(image, keypoints, visible, norm)`` for keypoints. ``summary`` is the one-line
+    label)`` for classification, ``(image, keypoints, visible, norm)`` for keypoints, ``(image, mask [H, W])`` for
+    segmentation. ``summary`` is the one-line
     description (``gequiv-timm train --help``); ``card`` the sentence a model card prints under **Data**;
     ``hub_datasets`` the Hub data-set ids of its source images (card front matter and source citation).
     """
@@ -84,6 +87,11 @@ def _landmarks(seed: int):
     return d.train, d.test
 
 
+def _strokes(seed: int):
+    d = mnist_strokes(seed=seed)
+    return d.train, d.test
+
+
 def _entries() -> Dict[str, DataSet]:
     out = {
         'rotmnist': DataSet(
@@ -110,6 +118,14 @@ def _entries() -> Dict[str, DataSet]:
         f"transform on a 64x64 canvas, from {_MNIST_SOURCE} (`gequiv_timm.data.mnist_landmarks`); NME normalised "
         f"by the digit's box size",
         tuple(KEYPOINT_NAMES), _landmarks)
+    out['strokes'] = DataSet(
+        'strokes', 'segment', 'MNIST strokes: segment the crossing strokes of 2-4 rotated digits on a noisy, unevenly '
+        'lit 64x64 canvas (curvilinear segmentation task)',
+        f"MNIST strokes: 2,000 train / 500 test 64x64 canvases, each with 2-4 real digits rotated uniformly, "
+        f"overlapping, with their own contrast on an unevenly lit, noisy background; the target is every stroke "
+        f"(thresholded clean digits), built from {_MNIST_SOURCE} (train canvases from the train digits only; "
+        f"`gequiv_timm.data.mnist_strokes`); Dice of the stroke class, AUC and pixel accuracy on the test canvases",
+        STROKE_CLASSES, _strokes)
     return out
 
 
@@ -133,7 +149,8 @@ def dataset_of_recipe(recipe: str) -> Optional[DataSet]:
 # ----- loading --------------------------------------------------------------------------------------------------
 @dataclass
 class DataBundle:
-    """What the training engine trains on: datasets, the task (``'classify'`` or ``'keypoints'``) and descriptions."""
+    """What the training engine trains on: datasets, the task (``'classify'``, ``'keypoints'`` or ``'segment'``) and
+    descriptions."""
 
     train: Dataset
     eval: Optional[Dataset]
@@ -209,6 +226,8 @@ def _standardised(split, task: str, mean, std) -> TensorDataset:
     x = (split.images - m) / s
     if task == 'classify':
         return TensorDataset(x, split.labels)
+    if task == 'segment':
+        return TensorDataset(x, split.masks)
     return TensorDataset(x, split.keypoints.float(), split.visible, split.norm.float())
 
 
@@ -219,8 +238,8 @@ def _load_builtin(ds: DataSet, seed: int, cfg: Dict[str, Any]) -> DataBundle:
     train, test = ds.splits(seed)
     tr, te = _standardised(train, ds.task, mean, std), _standardised(test, ds.task, mean, std)
     size = int(train.images.shape[-1])
-    if ds.task == 'classify':
-        return DataBundle(tr, te, 'classify', len(ds.labels), 1, f'{ds.summary}; seed {seed}', image_size=size)
+    if ds.task in ('classify', 'segment'):
+        return DataBundle(tr, te, ds.task, len(ds.labels), 1, f'{ds.summary}; seed {seed}', image_size=size)
     k = ds.num_keypoints
     return DataBundle(tr, te, 'keypoints', 2 * k, 1, f'{ds.summary}; seed {seed}', num_keypoints=k, image_size=size)
 

@@ -5,7 +5,8 @@
 * :func:`gequiv_timm.training.trainer.train` (the engine behind ``gequiv-timm train``) runs them too.
 * :func:`fit`: the small deterministic loop of ``gequiv-timm compare`` and the benchmarks (AdamW, per-step cosine,
   a seeded shuffling loader), the same :class:`Stepper` and :func:`run_epoch`.
-* :func:`evaluate`: one evaluation for both tasks (top-1 error, or the NME of :mod:`gequiv_timm.metrics`).
+* :func:`evaluate`: one evaluation for every task (top-1 error, the NME, or Dice / AUC / accuracy of
+  :mod:`gequiv_timm.metrics`).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .distributed import DistInfo, all_sum
-from .losses import batch_loss
+from .losses import batch_loss, dice_loss
 
 __all__ = ['seed_everything', 'to_channels_last', 'amp_dtype', 'Stepper', 'run_epoch', 'evaluate', 'FitResult',
            'fit', 'progress_bar', 'TrainingDiverged']
@@ -196,14 +197,22 @@ def evaluate(model: nn.Module, data: Dataset, task: str = 'classify', batch_size
     Returns ``{'error', 'loss', 'n'}`` for ``task='classify'`` (top-1 error, mean cross-entropy) and ``{'nme',
     'loss', 'n'}`` for ``'keypoints'`` (``nme`` as :mod:`gequiv_timm.metrics` defines it: per sample, the mean
     over visible keypoints of the distance divided by the sample's normalising distance, then the mean over samples
-    with a visible keypoint). Under ``torchrun`` each rank takes every ``world_size``-th sample and the sums are
-    all-reduced.
+    with a visible keypoint). ``'segment'`` returns ``{'dice', 'auc', 'accuracy', 'loss', 'n'}`` (``n`` images;
+    :mod:`gequiv_timm.metrics`: Dice of the arg-max and AUC of the softmax probability, each pooled over every pixel
+    of the set and averaged over the foreground classes, the AUC on probabilities binned to ``1 / AUC_BINS``, and
+    pixel accuracy; ``loss`` the mean :func:`~gequiv_timm.training.losses.dice_loss` per batch, weighted by its
+    images). Under ``torchrun`` each rank takes every ``world_size``-th sample and the sums are all-reduced.
     """
     dist = dist or DistInfo(device=device or _device_of(model))
     idx = list(range(dist.rank, len(data), dist.world_size))
     loader = DataLoader(Subset(data, idx) if dist.distributed else data, batch_size=batch_size, shuffle=False)
     was = model.training
     model.eval()
+    if task == 'segment':
+        try:
+            return _evaluate_segment(model, loader, dist, amp)
+        finally:
+            model.train(was)
     tot = [0.0, 0.0, 0.0, 0.0]  # loss*n, n, metric sum, metric count
     for batch in loader:
         batch = [b.to(dist.device) for b in batch]
@@ -216,6 +225,47 @@ def evaluate(model: nn.Module, data: Dataset, task: str = 'classify', batch_size
     tot = all_sum(tot, dist)
     key = 'error' if task == 'classify' else 'nme'
     return {key: tot[2] / max(tot[3], 1), 'loss': tot[0] / max(tot[1], 1), 'n': int(tot[1])}
+
+
+def _evaluate_segment(model: nn.Module, loader: DataLoader, dist: DistInfo, amp: Optional[torch.dtype]
+                      ) -> Dict[str, float]:
+    """The segmentation branch of :func:`evaluate`: additive sums per batch (Dice numerators / denominators, correct
+    pixels, AUC histograms per foreground class), all-reduced, then divided."""
+    from ..metrics import AUC_BINS, roc_auc_from_histograms, score_histograms
+    loss_sum, n, correct, pixels = 0.0, 0, 0.0, 0.0
+    num = den = hist = None
+    for batch in loader:
+        x, y = (b.to(dist.device) for b in batch[:2])
+        with torch.autocast(dist.device.type, dtype=amp, enabled=amp is not None):
+            out = model(x)
+        out = out.float()
+        loss_sum += float(dice_loss(out, y)) * len(x)
+        n += len(x)
+        c = out.shape[1]
+        if num is None:
+            num, den = torch.zeros(c - 1, dtype=torch.float64), torch.zeros(c - 1, dtype=torch.float64)
+            hist = torch.zeros(c - 1, 2, AUC_BINS, dtype=torch.float64)
+        pred, prob = out.argmax(1), out.softmax(1)
+        correct += float((pred == y).sum())
+        pixels += y.numel()
+        for k in range(1, c):
+            p, t = pred == k, y == k
+            num[k - 1] += 2.0 * float((p & t).sum())
+            den[k - 1] += float(p.sum()) + float(t.sum())
+            hist[k - 1] += score_histograms(prob[:, k].cpu(), t.cpu())
+    if num is None:
+        raise ValueError("evaluate: the segmentation set is empty")
+    flat = all_sum([loss_sum, float(n), correct, pixels, *num.tolist(), *den.tolist(), *hist.flatten().tolist()],
+                   dist)
+    k = len(num)
+    loss_sum, n_all, correct, pixels = flat[:4]
+    num = torch.tensor(flat[4:4 + k], dtype=torch.float64)
+    den = torch.tensor(flat[4 + k:4 + 2 * k], dtype=torch.float64)
+    hist = torch.tensor(flat[4 + 2 * k:], dtype=torch.float64).view(k, 2, -1)
+    dice = float(torch.where(den > 0, num / den.clamp_min(1), torch.ones_like(den)).mean())
+    auc = sum(roc_auc_from_histograms(h) for h in hist) / k
+    return {'dice': dice, 'auc': auc, 'accuracy': correct / max(pixels, 1), 'loss': loss_sum / max(n_all, 1),
+            'n': int(n_all)}
 
 
 # ----- fit: the small loop of compare and the benchmarks --------------------------------------------------------

@@ -109,8 +109,7 @@ def _metrics(job: TrainJob, data: DataBundle, res: TrainResult, dist: DistInfo) 
     c = job.config
     metrics: Dict[str, Any] = {}
     if res.eval:
-        key = 'error' if data.task == 'classify' else 'nme'
-        metrics['test_error' if data.task == 'classify' else 'test_nme'] = round(res.eval[key], 4)
+        metrics.update({f'test_{k}': round(v, 4) for k, v in _task_metrics(data.task, res.eval).items()})
     epochs_done = int(res.epochs_done) if float(res.epochs_done).is_integer() else round(res.epochs_done, 3)
     metrics.update({'test_split': f'{job.data} seed {c.seed} ({res.eval.get("n", 0):,} held-out samples)',
                     'seed': c.seed, 'epochs': epochs_done, 'steps': res.steps,
@@ -118,6 +117,14 @@ def _metrics(job: TrainJob, data: DataBundle, res: TrainResult, dist: DistInfo) 
     if dist.world_size > 1:
         metrics['processes'] = dist.world_size
     return metrics
+
+
+def _task_metrics(task: str, ev: Dict[str, float]) -> Dict[str, float]:
+    """The measurements of an :func:`~.loop.evaluate` result a checkpoint reports (without the ``test_`` prefix):
+    ``error`` (classify), ``nme`` (keypoints), ``dice``, ``auc``, ``accuracy`` (segment; the catalog's metric,
+    ``test_dice``, first)."""
+    keys = {'classify': ('error',), 'keypoints': ('nme',), 'segment': ('dice', 'auc', 'accuracy')}[task]
+    return {k: ev[k] for k in keys}
 
 
 def check_outputs(job: TrainJob) -> None:
@@ -225,7 +232,8 @@ def measure_checkpoint(model: nn.Module, entry: Dict[str, Any]) -> Dict[str, flo
 
     The set is the one the recipe id names (:func:`gequiv_timm.data.catalog.dataset_of_recipe`); its catalog entry
     fixes the task and the metric. The held-out split is rebuilt with the recorded seed and standardised from the
-    model's ``pretrained_cfg`` as the training run did. Returns ``{'test_error', 'n'}`` or ``{'test_nme', 'n'}``.
+    model's ``pretrained_cfg`` as the training run did. Returns ``{'test_error', 'n'}``, ``{'test_nme', 'n'}`` or
+    ``{'test_dice', 'test_auc', 'test_accuracy', 'n'}`` (segmentation, ``n`` test images).
     """
     from timm.data import resolve_data_config
     ds = dataset_of_recipe(entry.get('recipe', ''))
@@ -237,4 +245,4 @@ def measure_checkpoint(model: nn.Module, entry: Dict[str, Any]) -> Dict[str, flo
     data = load_data(ds.name, seed=seed, data_config=resolve_data_config(args={}, pretrained_cfg=dict(cfg)),
                      augment=False)
     ev = evaluate(model, data.eval, ds.task, batch_size=256, num_keypoints=data.num_keypoints)
-    return {ds.metric: ev['error' if ds.task == 'classify' else 'nme'], 'n': ev['n']}
+    return {**{f'test_{k}': v for k, v in _task_metrics(ds.task, ev).items()}, 'n': ev['n']}

@@ -297,7 +297,7 @@ class Session:
 
     def _end_epoch(self, tot: List[float]) -> None:
         s = all_sum(tot[2:4], self.dist)
-        key = 'train_error' if self.data.task == 'classify' else 'train_nme'
+        key = {'classify': 'train_error', 'segment': 'train_dice'}.get(self.data.task, 'train_nme')
         rec = {'kind': 'epoch', 'step': self.step, 'epoch': self.epoch,
                'seconds': round(time.perf_counter() - self.t0, 3), key: s[0] / max(s[1], 1)}
         if self.cfg.eval_every_epoch and self.data.eval is not None:
