@@ -2,11 +2,11 @@
 ``default_cfgs``. Importing this package registers every model with timm; the catalog (``registry/*.toml``) holds
 what is data about them (summary, paper, extras, symmetry claim, tags), and the two must name the same models."""
 from .. import registry as _registry
-from . import escnn_baselines, gcnn, gresnet, pde, pde_seg, rcn, stems, stn  # noqa: F401  (registers the builders)
+from . import canon, escnn_baselines, gcnn, gresnet, pde, pde_seg, rcn, stems, stn  # noqa: F401  (registers the builders)
 from ._fx import register_fx_leaves
 from ._timm_api import min_input_size  # noqa: F401  (every registered model's smallest input side)
 
-FAMILIES = ('escnn_baselines', 'gcnn', 'gresnet', 'pde', 'pde_seg', 'rcn', 'stems', 'stn')
+FAMILIES = ('canon', 'escnn_baselines', 'gcnn', 'gresnet', 'pde', 'pde_seg', 'rcn', 'stems', 'stn')
 
 
 def _check_catalog_matches_builders() -> None:
