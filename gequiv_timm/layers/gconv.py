@@ -11,12 +11,20 @@ The correlation computed is (eq. 10 of the paper)
 .. math:: [f \\star \\psi^i](g) = \\sum_{y \\in Z^2} \\sum_{k \\in G_{in}} \\sum_j f_j(y, k)\\, \\psi^i_j(g^{-1}(y, k)),
 
 implemented as one ``F.conv2d`` with the filter bank ``[C_out * |G|, C_in * |G_in|, k, k]`` gathered from the
-base weights through an index buffer made once at construction (GrouPy's filter-index trick). The filter bank is
-expanded from the current weights on every forward, in training and in eval alike: there is no implicit cache, so
-no write to the weights (through ``.data``, ``load_state_dict``, an optimizer, EMA or pruning code) can ever be
-outlived by a stale bank. The expansion is one ``index_select`` (a few microseconds for a 16-to-16 field 3x3 layer;
-``benchmarks/bench_gconv.py`` measures it); for deployment, :meth:`GroupConv2d.export` returns a plain
-``nn.Conv2d`` holding the expanded bank.
+base weights through index buffers made once at construction (GrouPy's filter-index trick). In eager mode the
+gather is a single ``index_select`` on the flattened weights with an index whose output is already the bank's
+layout (for the ``'harmonic'`` / ``'bilinear'`` bases, after one small matmul), so autograd differentiates it with
+one serial ``index_add``: no transposed copies, no small multi-threaded kernels (which stall when another process
+holds a core). TorchScript and ``torch.compile`` run the reference construction, :meth:`GroupConv2d._expand`, which
+gives the same bank bitwise.
+
+The bank is expanded from the current weights on every training call, and on every call that wants gradients. In
+eval mode without gradients, on the CPU, a bank is reused only while the weights hold bit for bit the values it was
+made from: every call compares the weights with a copy kept beside the bank (:meth:`GroupConv2d._bank`), so no write
+(through ``.data``, ``load_state_dict``, an optimizer, EMA or pruning code) can be outlived by a stale bank; the
+comparison costs 1-3 us against the hundreds a batch-1 conv takes (``benchmarks/bench_gconv.py --part profile``).
+On a GPU nothing is reused (reading the comparison would synchronise the device). For deployment,
+:meth:`GroupConv2d.export` returns a plain ``nn.Conv2d`` holding the expanded bank.
 
 p4 and p4m follow GrouPy exactly (the element order of :mod:`.groups`, the weight layout and GrouPy's index
 construction), so GrouPy-trained weights load unchanged and give GrouPy's outputs; ``tests/layers/test_groupy_reference.py``
@@ -29,8 +37,8 @@ centre pixel, so their rotations are off by half a pixel: they are rejected.
 
 C_N and D_N (issue 16): the same layout, the same one ``conv2d``; the filter at a rotation by ``2 pi r / N`` is made
 from the base weights by a fixed linear map (:mod:`.filter_basis`; by default a band-limited ``'harmonic'`` basis,
-steerable to any angle) with one matmul (for large group-to-group maps, a matmul and one ``index_select`` that
-permutes the input group axis: :func:`~.filter_basis.expansion_map`). Quarter turns (when 4 divides ``N``) and
+steerable to any angle) with one small matmul that rotates every base filter to every output element, then the
+gather that permutes the input group axis (:func:`~.filter_basis.expansion_map` with ``dense=False``). Quarter turns (when 4 divides ``N``) and
 mirrors are exact to float rounding (the map of ``R^(r + N/4)`` is the exact ``rot90`` of the map of ``R^r``). At the
 other elements the pixel grid cannot rotate exactly; the error, measured by ``benchmarks/bench_cn.py`` (float64, He-random weights, mean of 3 seeds; inputs:
 random band-limited fields with wavelengths >= 8 pixels rotated exactly, outputs compared at the rotation centre;
@@ -60,6 +68,7 @@ import os
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -92,6 +101,44 @@ def unfold_group(x: torch.Tensor, order: int) -> torch.Tensor:
             raise ValueError(
                 f"unfold_group expects [B, C*|G|, H, W] with channels divisible by |G|={order}, got {tuple(x.shape)}")
     return x.unflatten(1, (x.shape[1] // order, order))
+
+
+FLAT_INDEX_LIMIT = 1 << 21  # bank entries up to which the eager expansion is one flat gather (its index: 8 MiB)
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class _Snapshot:
+    """The bits of one tensor when a bank was made from it: the tensor object, where its data lies, its shape and
+    strides, a numpy view of its memory (which also keeps that memory alive) and a copy of its bytes.
+    :meth:`same` is true only while the tensor still holds exactly those bits at that place (``-0.0`` differs from
+    ``0.0``; a NaN equals itself)."""
+
+    __slots__ = ('obj', 'ptr', 'shape', 'stride', 'view', 'saved')
+
+    def __init__(self, t: torch.Tensor, view):
+        self.obj, self.ptr, self.shape, self.stride = t, t.data_ptr(), t.shape, t.stride()
+        self.view, self.saved = view, view.tobytes()
+
+    @staticmethod
+    def take(t: Optional[torch.Tensor]):
+        """A snapshot of a contiguous CPU tensor, ``None`` for ``None``; ``False`` when it cannot be taken."""
+        if t is None:
+            return None
+        d = t.detach()
+        if d.device.type != 'cpu' or not d.is_contiguous() or d.element_size() not in _INT_OF_SIZE:
+            return False
+        return _Snapshot(t, d.view(_INT_OF_SIZE[d.element_size()]).numpy())
+
+    def same(self, t: torch.Tensor) -> bool:
+        return (t is self.obj and t.data_ptr() == self.ptr and t.shape == self.shape and t.stride() == self.stride
+                and self.view.tobytes() == self.saved)
+
+
+def _compiling() -> bool:
+    """True while ``torch.compile`` traces: then the bank is built by the plain expansion, with no Python state."""
+    return torch.compiler.is_compiling()
 
 
 def stride_is_exact(size: int, kernel_size: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> bool:
@@ -315,6 +362,8 @@ class GroupConv2d(EquivariantMixin, nn.Module):
         (torch.Size([2, 8, 8, 28, 28]), (8, 1, 1, 6))
     """
 
+    __jit_ignored_attributes__ = EquivariantMixin.__jit_ignored_attributes__ + ['_flat', '_eval_cache']
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, in_group='z2', out_group='p4',
                  stride: int = 1, padding: int = 0, dilation: int = 1, bias: bool = True,
                  planar_input: Optional[bool] = None, filter_basis: Optional[str] = None,
@@ -364,11 +413,13 @@ class GroupConv2d(EquivariantMixin, nn.Module):
             self.register_buffer('filter_idx', filter_indices(self.in_group, self.out_group, kernel_size),
                                  persistent=False)
             self.register_buffer('filter_map', None, persistent=False)
-        else:  # one matmul with the fixed map (and, for large group-to-group maps, one index_select)
+        else:  # one matmul with the fixed map (rotating each base filter to every output element), then a gather
             fmap, idx = expansion_map(self.in_group, self.out_group, kernel_size, self.filter_basis,
-                                      self.max_frequency)
+                                      self.max_frequency, dense=False)
             self.register_buffer('filter_map', fmap.to(torch.get_default_dtype()), persistent=False)
             self.register_buffer('filter_idx', idx, persistent=False)
+        self._flat = None  # (key, flat gather index) of _expand_fast, derived from the fixed maps only
+        self._eval_cache = None  # see _bank: (weights it was made from, maps, bank, bias), checked on every use
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -390,25 +441,74 @@ class GroupConv2d(EquivariantMixin, nn.Module):
         return s + ('' if self.bias is not None else ', bias=False')
 
     # ----- filter bank ----------------------------------------------------------------------------------
-    def _expand(self, weight: torch.Tensor) -> torch.Tensor:
-        co, ci, gi = weight.shape[0], weight.shape[1], weight.shape[2]
-        k = self.kernel_size
-        go = self.out_order
+    def _rotate(self, weight: torch.Tensor) -> torch.Tensor:
+        """Step 1 of the expansion, 2-D: the weights themselves (``'pixel'``: ``[C_out*C_in, |G_in|*k*k]``) or the
+        matmul with the fixed map (``[C_out*C_in, |G_out|*|G_in|*k*k]``, or ``[C_out*C_in*|G_in|, |G_out|*k*k]``
+        for the large maps that are gathered after the matmul)."""
         fmap = self.filter_map
+        if fmap is None:
+            return weight.reshape(weight.shape[0] * weight.shape[1], -1)
+        return weight.reshape(-1, fmap.shape[0]).matmul(fmap)
+
+    def _arrange(self, r: torch.Tensor, co: int, ci: int, gi: int) -> torch.Tensor:
+        """Step 2: the output of :meth:`_rotate` gathered and laid out as the bank ``[C_out*|G_out|, C_in*|G_in|,
+        k, k]`` (an index_select, a transpose and a copy). Only data movement: applied to an integer
+        ``arange`` it gives, for every bank entry, the flat position in ``r`` it is read from (:meth:`_flat_index`)."""
+        k, go = self.kernel_size, self.out_order
         idx = self.filter_idx
-        if fmap is None:  # 'pixel': one index_select (its backward is a cheap index_add) -> [Co, Ci, Go, Gi*k*k]
+        if self.filter_map is None:  # 'pixel': GrouPy's index gather -> [Co*Ci, Go*Gi*k*k]
             assert idx is not None
-            w = weight.reshape(co * ci, gi * k * k).index_select(1, idx.flatten())
-        else:  # one matmul: -> [Co*Ci, Go*Gi*k*k] (or, large maps, [Co*Ci*Gi, Go*k*k] then one index_select)
-            w = weight.reshape(-1, fmap.shape[0]).matmul(fmap)
-            if idx is not None:  # (h, k) reads the base filter of h^-1 k rotated by h
-                w = w.view(co * ci, gi * go * k * k).index_select(1, idx)
-        return w.view(co, ci, go, gi * k * k).transpose(1, 2).reshape(co * go, ci * gi, k, k)
+            r = r.index_select(1, idx.flatten())
+        elif idx is not None:  # (h, k) reads the base filter of h^-1 k rotated by h
+            r = r.reshape(co * ci, gi * go * k * k).index_select(1, idx)
+        return r.reshape(co, ci, go, gi * k * k).transpose(1, 2).reshape(co * go, ci * gi, k, k)
+
+    def _expand(self, weight: torch.Tensor) -> torch.Tensor:
+        """The bank ``[C_out*|G_out|, C_in*|G_in|, k, k]`` of any ``weight`` shaped like ``self.weight``: the
+        reference construction (:meth:`_rotate`, then :meth:`_arrange`), scriptable. The eager forward gets the same
+        numbers, bitwise, from :meth:`_expand_fast`."""
+        return self._arrange(self._rotate(weight), weight.shape[0], weight.shape[1], weight.shape[2])
+
+    def _flat_index(self, r: torch.Tensor, co: int, ci: int, gi: int) -> Optional[torch.Tensor]:
+        """The bank's entries as flat positions in ``r`` (int32, on ``r``'s device), or ``None`` above
+        :data:`FLAT_INDEX_LIMIT` entries. Derived from the fixed maps, never from the weights; rebuilt when
+        ``filter_map`` / ``filter_idx`` are replaced or written in place, or the weight's shape or device changes."""
+        n = co * self.out_order * ci * gi * self.kernel_size ** 2
+        if n > FLAT_INDEX_LIMIT:
+            return None
+        fm, fi = self.filter_map, self.filter_idx
+        key = (fm, -1 if fm is None else fm._version, fi, -1 if fi is None else fi._version, tuple(r.shape),
+               co, ci, gi, r.device)
+        cached = self._flat
+        if cached is not None and len(cached[0]) == len(key) and all(a is b or (not isinstance(a, torch.Tensor) and
+                                                                               a == b)
+                                                                    for a, b in zip(cached[0], key)):
+            return cached[1]
+        src = torch.arange(r.numel(), device=r.device).view(r.shape)
+        flat = self._arrange(src, co, ci, gi).reshape(-1).to(torch.int32)
+        self._flat = (key, flat)
+        return flat
+
+    def _expand_fast(self, weight: torch.Tensor) -> torch.Tensor:
+        """:meth:`_expand` in two operations at most: the matmul (not for ``'pixel'``) and one ``index_select`` on
+        the flat tensor with a precomputed index, whose output is already the bank's layout. Its backward is one
+        serial ``index_add`` into a flat buffer (and the matmul's): no transposed copies, and no small
+        multi-threaded kernels, which stall whenever another process holds a core (measured:
+        ``benchmarks/bench_gconv.py --part profile``). Same numbers as :meth:`_expand`, bitwise (a gather)."""
+        co, ci, gi = weight.shape[0], weight.shape[1], weight.shape[2]
+        r = self._rotate(weight)
+        flat = self._flat_index(r, co, ci, gi)
+        if flat is None:
+            return self._arrange(r, co, ci, gi)
+        k = self.kernel_size
+        return r.reshape(-1).index_select(0, flat).view(co * self.out_order, ci * gi, k, k)
 
     def expanded_weight(self) -> torch.Tensor:
         """The full filter bank ``[C_out*|G_out|, C_in*|G_in|, k, k]`` used by the single ``conv2d``, expanded from
         the current weights (never cached)."""
-        return self._expand(self.weight)
+        if torch.jit.is_scripting() or _compiling():
+            return self._expand(self.weight)
+        return self._expand_fast(self.weight)
 
     def _expand_bias(self, b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if b is None else b.repeat_interleave(self.out_order)
@@ -417,7 +517,45 @@ class GroupConv2d(EquivariantMixin, nn.Module):
         """The bias ``[C_out*|G_out|]`` (each channel's bias repeated over the group), from the current bias."""
         return self._expand_bias(self.bias)
 
+    def _bank(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The bank and bias of this call (eager only). Expanded from the current weights, except in the one case
+        where a bank is reused: eval mode, no gradient wanted for the weights, weights on the CPU. Then the bank made
+        at an earlier call is served only if the current ``weight`` and ``bias`` hold *bit for bit* the values it was
+        made from (compared with a copy kept beside it, every call) and the fixed maps are the same objects at the
+        same version. Any write (``.data``, ``load_state_dict``, an optimizer or EMA step, ``to()``, a new
+        Parameter) changes the values, and the bank is expanded again: nothing can be served stale. The comparison
+        reads the weights twice, ``|G_out| / 2`` times less than the conv reads the bank (measured: 3 us for a
+        16 -> 16 field p4 layer, whose batch-1 conv takes 400 us; ``benchmarks/bench_gconv.py --part profile``).
+        Not on GPUs, where reading the comparison's result would synchronise the device at every layer; there the
+        bank is expanded every call (one small kernel). Memory: one bank and one copy of the weights per layer,
+        while in eval mode on the CPU (what :meth:`export` holds too); ``train()`` frees it."""
+        w, b = self.weight, self.bias
+        if _compiling():
+            return self._expand(w), self._expand_bias(b)
+        if self.training or (torch.is_grad_enabled() and (w.requires_grad or (b is not None and b.requires_grad))):
+            self._eval_cache = None
+            return self._expand_fast(w), self._expand_bias(b)
+        fm, fi = self.filter_map, self.filter_idx
+        c = self._eval_cache
+        if c is not None:
+            sw, sb, fm0, fi0, versions, bank, bias = c
+            if (fm is fm0 and fi is fi0 and sw.same(w) and (sb is None if b is None else sb is not None and sb.same(b))
+                    and versions == (-1 if fm is None else fm._version, -1 if fi is None else fi._version)):
+                return bank, bias
+        with torch.no_grad():
+            bank, bias = self._expand_fast(w), self._expand_bias(b)
+        sw, sb = _Snapshot.take(w), _Snapshot.take(b)
+        ok = sw is not False and sb is not False  # a CPU tensor whose bits can be compared (else: never reused)
+        self._eval_cache = (sw, sb, fm, fi, (-1 if fm is None else fm._version, -1 if fi is None else fi._version),
+                            bank, bias) if ok else None
+        return bank, bias
+
+    def train(self, mode: bool = True):
+        self._eval_cache = None  # frees the eval bank (it would be checked and refused anyway)
+        return super().train(mode)
+
     def _apply(self, fn, *args, **kwargs):
+        self._eval_cache = self._flat = None  # made on the old device / dtype; rebuilt on the next call
         try:
             out = super()._apply(fn, *args, **kwargs)
         except RuntimeError as e:
@@ -454,7 +592,9 @@ class GroupConv2d(EquivariantMixin, nn.Module):
         if not torch.jit.is_scripting():  # TorchScript cannot run the Python input checks
             check_group_input(x, self.in_channels, 0 if self.in_planar else self.in_order, type(self).__name__,
                               self._min_size())
-        w, b = self._expand(self.weight), self._expand_bias(self.bias)
+            w, b = self._bank()
+        else:
+            w, b = self._expand(self.weight), self._expand_bias(self.bias)
         if not self.in_planar:
             x = x.flatten(1, 2)
         y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation)

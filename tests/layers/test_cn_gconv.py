@@ -241,7 +241,8 @@ def test_matches_direct_reference(group, basis, lifting):
 @pytest.mark.parametrize('group', ['c8', 'd12'])
 def test_dense_and_gather_layouts_give_the_same_bank(group):
     """The one-matmul map and the matmul + index_select map are the same linear map (bitwise: each bank entry is the
-    same single sum), and the layer picks the dense one for small maps only."""
+    same single sum); expansion_map's default picks the dense one for small maps only, the layer always the gather
+    (issue 18: its flat gather makes the gather free)."""
     from gequiv_timm.layers.filter_basis import DENSE_LIMIT
     g = get_group(group)
     torch.manual_seed(0)
@@ -251,9 +252,16 @@ def test_dense_and_gather_layouts_give_the_same_bank(group):
     assert none is None and idx is not None
     assert torch.allclose(w.reshape(6, -1) @ fd, (w.reshape(-1, ff.shape[0]) @ ff).view(6, -1).index_select(1, idx),
                           atol=1e-14)
+    assert (expansion_map(group, group, 3)[1] is None) == (fd.numel() <= DENSE_LIMIT)
     conv = GroupConv2d(2, 3, 3, group, group)
-    assert (conv.filter_idx is None) == (fd.numel() <= DENSE_LIMIT)
+    assert conv.filter_idx is not None and torch.equal(conv.filter_map, ff.float())
     assert GroupConv2d(2, 3, 5, 'd16', 'd16').filter_idx is not None  # 32 * 11 * 32 * 32 * 25 entries: gather
+    dense = GroupConv2d(2, 3, 3, group, group).double()  # a layer given the dense map computes the same bank
+    dense.weight.data.copy_(w)
+    sparse = GroupConv2d(2, 3, 3, group, group).double()
+    sparse.weight.data.copy_(w)
+    dense.filter_map, dense.filter_idx = fd, None
+    torch.testing.assert_close(dense.expanded_weight(), sparse.expanded_weight(), rtol=0, atol=1e-14)
     with pytest.raises(ValueError, match='maps must be'):
         expansion_map(group, group, 3, maps=torch.zeros(2, 9, 6))
 
@@ -484,7 +492,7 @@ def test_meta_device_build_does_not_poison_later_cpu_layers():
 
 def test_maps_follow_the_module_dtype_rounded_once():
     from gequiv_timm.layers import expansion_map
-    exact = expansion_map('c8', 'c8', 3)[0]
+    exact = expansion_map('c8', 'c8', 3, dense=False)[0]  # the layer's (gather) layout
     conv = GroupConv2d(1, 2, 3, 'c8', 'c8')
     assert conv.filter_map.dtype == torch.float32 and torch.equal(conv.filter_map, exact.float())
     conv = conv.double()  # not the float32-rounded weights widened: the float64 map itself

@@ -200,24 +200,145 @@ def _write_param_swap(conv):
     conv.weight = nn.Parameter(torch.randn_like(conv.weight))
 
 
-@pytest.mark.parametrize('write', [_write_data_copy, _write_data_mul, _write_load_state_dict, _write_no_grad_inplace,
-                                   _write_optimizer_step, _write_to_dtype, _write_param_swap])
+def _write_data_assign(conv):
+    conv.weight.data = torch.randn_like(conv.weight)
+
+
+def _write_data_one_entry(conv):
+    conv.weight.data[1, 0, 2, 1, 1] += 1.0  # one weight of 72, through a view of .data
+
+
+def _write_bias_only(conv):
+    conv.bias.data.fill_(3.0)
+
+
+def _write_state_dict_inplace(conv):
+    conv.state_dict()['weight'].mul_(-1.0)  # state_dict tensors share the parameters' memory
+
+
+def _write_filter_idx_inplace(conv):
+    conv.filter_idx.copy_(conv.filter_idx.flip(0))  # the fixed map itself, in place (rows of other elements)
+
+
+def _write_filter_idx_swap(conv):
+    conv.filter_idx = conv.filter_idx.flip(0).contiguous()
+
+
+def _write_ema(conv):
+    ema = P4ConvP4(2, 3, 3, padding=1)
+    with torch.no_grad():
+        for p, q in zip(conv.parameters(), ema.parameters()):
+            p.lerp_(q, 0.5)
+
+
+WRITES = [_write_data_copy, _write_data_mul, _write_load_state_dict, _write_no_grad_inplace, _write_optimizer_step,
+          _write_to_dtype, _write_param_swap, _write_data_assign, _write_data_one_entry, _write_bias_only,
+          _write_state_dict_inplace, _write_filter_idx_inplace, _write_filter_idx_swap, _write_ema]
+
+
+@pytest.mark.parametrize('write', WRITES)
 @pytest.mark.parametrize('grad', [False, True])
 def test_no_stale_filter_bank_after_any_weight_write(write, grad):
-    """After an eval forward, any write to the weights is seen by the next eval forward (issue: a cached bank
-    outlived `.data` writes). The next output equals a fresh layer built from the new weights."""
+    """After eval forwards (the second one reuses the bank of the first when no gradient is wanted), any write to
+    the weights, or to the fixed maps, is seen by the next eval forward (issue: a cached bank outlived `.data`
+    writes). The next output equals a layer built from the new weights whose bank is expanded from scratch."""
     torch.manual_seed(0)
     conv = P4ConvP4(2, 3, 3, padding=1).eval()
     x = torch.randn(1, 2, 4, 6, 6)
     with torch.set_grad_enabled(grad):
         y_old = conv(x)
+        torch.testing.assert_close(conv(x), y_old, rtol=0, atol=0)
     write(conv)
     x = x.to(conv.weight.dtype)
     with torch.set_grad_enabled(grad):
         y_new = conv(x)
-        y_ref = _fresh_from(conv)(x)
+        y_ref = _reference_forward(conv, x)
     assert not torch.allclose(y_old.to(y_new.dtype), y_new), 'the write did not change the output: test is void'
     torch.testing.assert_close(y_new, y_ref, rtol=0, atol=0)
+    with torch.no_grad():  # and a later reused bank is the new one
+        torch.testing.assert_close(conv(x), y_ref.detach(), rtol=0, atol=0)
+
+
+def _reference_forward(conv, x):
+    """The layer's map computed from scratch with the reference expansion (no reuse, no flat gather)."""
+    y = F.conv2d(x.flatten(1, 2), conv._expand(conv.weight), conv._expand_bias(conv.bias), conv.stride, conv.padding,
+                 conv.dilation)
+    return y.unflatten(1, (conv.out_channels, conv.out_order))
+
+
+def _count_expansions(conv):
+    calls = []
+    fast = conv._expand_fast
+
+    def counting(w):
+        calls.append(1)
+        return fast(w)
+    conv._expand_fast = counting
+    return calls
+
+
+def test_eval_bank_is_reused_only_without_gradients_and_in_eval():
+    """The reuse is real (the check cannot pass vacuously) and limited to eval mode without weight gradients."""
+    torch.manual_seed(0)
+    conv = P4ConvP4(2, 3, 3, padding=1)
+    x = torch.randn(1, 2, 4, 6, 6)
+    calls = _count_expansions(conv)
+    conv.eval()
+    with torch.no_grad():
+        ys = [conv(x) for _ in range(3)]
+    assert len(calls) == 1 and all(torch.equal(y, ys[0]) for y in ys)
+    with torch.inference_mode():
+        conv(x)
+    assert len(calls) == 1
+    conv(x).sum().backward()  # eval with gradients: expanded, and the weights get their gradient
+    assert len(calls) == 2 and conv.weight.grad is not None
+    conv.weight.requires_grad_(False)
+    conv.bias.requires_grad_(False)
+    conv(x)  # frozen weights, grad mode on: nothing to differentiate, reused (made at this call, kept)
+    conv(x)
+    assert len(calls) == 3
+    conv.train()
+    with torch.no_grad():
+        conv(x)
+        conv(x)
+    assert len(calls) == 5 and conv._eval_cache is None
+    conv.eval()
+    with torch.no_grad():
+        conv(x)
+    conv.to(torch.float64)  # moved: the old bank is dropped, the next call makes one in float64
+    assert conv._eval_cache is None
+    with torch.no_grad():
+        assert conv(x.double()).dtype == torch.float64
+
+
+@pytest.mark.parametrize('group', ['p4', 'p4m', 'c8', 'd8', 'c16', 'c2', 'd1'])
+@pytest.mark.parametrize('lift', [True, False])
+@pytest.mark.parametrize('k', [3, 5])
+def test_fast_expansion_is_the_reference_bitwise(group, lift, k):
+    """The eager flat gather gives the reference bank bit for bit, and the same weight gradient."""
+    torch.manual_seed(0)
+    conv = GroupConv2d(3, 2, k, 'z2' if lift else group, group, padding=k // 2).double()
+    ref, fast = conv._expand(conv.weight), conv._expand_fast(conv.weight)
+    assert torch.equal(ref, fast) and fast.is_contiguous()
+    g = torch.randn_like(ref)
+    (g_ref,) = torch.autograd.grad(ref, conv.weight, g)
+    (g_fast,) = torch.autograd.grad(fast, conv.weight, g)
+    torch.testing.assert_close(g_fast, g_ref, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(conv.expanded_weight(), ref, rtol=0, atol=0)
+
+
+def test_fast_expansion_follows_a_new_map_and_falls_back_above_the_limit(monkeypatch):
+    from gequiv_timm.layers import gconv
+    torch.manual_seed(0)
+    conv = P4MConvP4M(2, 3, 3)
+    first = conv._expand_fast(conv.weight)
+    conv.filter_idx = conv.filter_idx.roll(1, 0)  # another (wrong) table: the fast path follows it
+    assert torch.equal(conv._expand_fast(conv.weight), conv._expand(conv.weight))
+    assert not torch.equal(conv._expand_fast(conv.weight), first)
+    monkeypatch.setattr(gconv, 'FLAT_INDEX_LIMIT', 10)
+    conv._flat = None
+    assert conv._flat_index(conv._rotate(conv.weight), 3, 2, 8) is None
+    assert torch.equal(conv._expand_fast(conv.weight), conv._expand(conv.weight))
 
 
 def test_gradients_flow_in_train_and_eval():
