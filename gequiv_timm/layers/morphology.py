@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import check_float_tensor
+from .pde_native import native_morph_backward, native_morph_forward, use_native
 
 __all__ = ['morphological_convolution_m2', 'morphological_convolution_m2_blocks',
            'morphological_convolution_m2_reference']
@@ -257,10 +258,14 @@ def _morph_backward(grad_out, idx, x_shape, k_shape, erosion, need_x, need_k):
 
 class _MorphConvM2(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, kernel, erosion: bool):
+    def forward(ctx, x, kernel, erosion: bool, native: bool):
         with torch.no_grad():
-            out, idx = _morph_forward(x, kernel, erosion, need_index=True)
+            if native:
+                out, idx = native_morph_forward(x, kernel, erosion, need_index=True)
+            else:
+                out, idx = _morph_forward(x, kernel, erosion, need_index=True)
         ctx.erosion = erosion
+        ctx.native = native
         ctx.x_shape = x.shape
         ctx.k_shape = kernel.shape
         ctx.save_for_backward(idx)
@@ -270,9 +275,13 @@ class _MorphConvM2(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         (idx,) = ctx.saved_tensors
-        grad_x, grad_k = _morph_backward(grad_out.contiguous(), idx, ctx.x_shape, ctx.k_shape, ctx.erosion,
-                                         ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return grad_x, grad_k, None
+        if ctx.native:
+            grad_x, grad_k = native_morph_backward(grad_out, idx, ctx.k_shape, ctx.erosion,
+                                                   ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        else:
+            grad_x, grad_k = _morph_backward(grad_out.contiguous(), idx, ctx.x_shape, ctx.k_shape, ctx.erosion,
+                                             ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return grad_x, grad_k, None, None
 
 
 def morphological_convolution_m2(x: torch.Tensor, kernel: torch.Tensor, erosion: bool = False) -> torch.Tensor:
@@ -306,8 +315,11 @@ def morphological_convolution_m2(x: torch.Tensor, kernel: torch.Tensor, erosion:
         raise ValueError(f"morphological_convolution_m2: the orientation kernel size {ko} exceeds Or={orientations}; "
                          f"offsets would wrap onto each other. Use kOr <= Or.")
     kernel = kernel.to(x.dtype)
+    native = use_native(x, kernel)
     if torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad):
-        return _MorphConvM2.apply(x, kernel, bool(erosion))
+        return _MorphConvM2.apply(x, kernel, bool(erosion), native)
+    if native:
+        return native_morph_forward(x, kernel, bool(erosion), need_index=False)[0]
     return _morph_forward_loop(x, kernel, bool(erosion))
 
 

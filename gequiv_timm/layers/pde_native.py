@@ -1,0 +1,388 @@
+"""A small compiled CPU operator for the max-plus / min-plus convolution on M2 (the engine of
+:mod:`gequiv_timm.layers.morphology`), with the plain PyTorch path as the fallback.
+
+Why: in eager PyTorch every kernel offset costs two passes over a block (add the kernel value, then an in-place
+``maximum``), and ``torch.compile``'s CPU code for the same loop uses a NaN-propagating vector maximum (three
+instructions): both stay 3-5x a depthwise convolution of the same support. A fused loop needs one load, one add and
+one ``max`` per candidate, with the running maximum (and, for training, the arg-max) in registers.
+
+What: ~150 lines of C++ (the string :data:`_SOURCE`), compiled on first use with the system's C++ compiler
+(``$CXX`` or ``g++``; ``-O3 -march=native``, no torch headers, no ninja, nothing beyond a compiler that the torch
+wheel does not already need for ``torch.compile``) into a cache directory (``$GEQUIV_TIMM_CACHE`` or
+``~/.cache/gequiv_timm``; the file name carries a hash of the source, the flags and the CPU's flags), loaded with
+``ctypes`` and called on the tensors' data pointers (the GIL is released; ``torch.get_num_threads()`` threads).
+
+* forward: per ``(sample, channel, orientation)`` plane of the padded flat layout of
+  :mod:`~gequiv_timm.layers.morphology` (every offset a constant shift), chunks of 32 outputs keep their running
+  maximum (minimum) and its offset in registers while all offsets stream past; the output is written cropped.
+  Ties: the lowest flat offset wins (strict comparison), as in the PyTorch path.
+* backward: one pass over the output per channel, the gradient routed to the winning offset (input and kernel).
+
+Same values as the PyTorch path (the candidates are the same float additions, the maximum is exact); gradients
+equal up to the order of float additions. Inputs with NaN take the PyTorch path (a C comparison would skip a NaN
+that ``torch.amax`` propagates). The backend is chosen by :func:`set_morphology_backend` (``'auto'`` by default:
+native when it builds, else PyTorch with one warning; ``GEQUIV_TIMM_MORPH_BACKEND=torch`` in the environment
+disables it).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ['set_morphology_backend', 'morphology_backend', 'native_available', 'native_morph_forward',
+           'native_morph_backward']
+
+_SOURCE = r'''
+#include <cstdint>
+#include <thread>
+#include <vector>
+#include <algorithm>
+
+namespace {
+constexpr int CH = 32;  // outputs per chunk: the running max (and arg-max) of a chunk stay in registers
+
+// GCC / clang vector extensions (explicit vectors: the compilers otherwise vectorise the loop over offsets)
+typedef float vf __attribute__((vector_size(32)));
+typedef double vd __attribute__((vector_size(32)));
+typedef int32_t vi __attribute__((vector_size(32)));
+typedef int64_t vl __attribute__((vector_size(32)));
+template <typename T> struct VT;
+template <> struct VT<float> { typedef vf V; typedef vi I; typedef int32_t S; static constexpr int N = 8; };
+template <> struct VT<double> { typedef vd V; typedef vl I; typedef int64_t S; static constexpr int N = 4; };
+
+template <typename V, typename T>
+inline V loadu(const T* p) { V v; __builtin_memcpy(&v, p, sizeof(V)); return v; }
+
+// write a chunk of the padded-row layout (row stride Wp) to the cropped output (row stride W)
+template <typename T, typename S, bool IDX>
+inline void store(const T* acc, const S* id, int n, int64_t t0, int64_t Wp, int64_t W, T* oq, uint8_t* iq) {
+    int64_t y = t0 / Wp, x = t0 - y * Wp;
+    for (int t = 0; t < n; ++t) {
+        if (x < W) { oq[y * W + x] = acc[t]; if (IDX) iq[y * W + x] = (uint8_t)id[t]; }
+        if (++x == Wp) { x = 0; ++y; }
+    }
+}
+
+// every chunk reads CH values per offset: the caller's buffer has CH values of slack after the last plane
+template <typename T, bool EROSION, bool IDX>
+void fwd_range(const T* xp, const T* kv, T* out, uint8_t* idx, const int64_t* shift, int64_t q0, int64_t q1,
+               int64_t C, int64_t O, int64_t H, int64_t W, int64_t Wp, int64_t plane, int64_t length, int64_t nf) {
+    typedef typename VT<T>::V V;
+    typedef typename VT<T>::I I;
+    typedef typename VT<T>::S S;
+    constexpr int N = VT<T>::N, NV = CH / N;
+    const int64_t unit = H * Wp;
+    for (int64_t q = q0; q < q1; ++q) {
+        const int64_t bc = q / O, o = q % O, c = bc % C;
+        const T* base = xp + bc * length + o * plane;
+        const T* kq = kv + (c * O + o) * nf;
+        T* oq = out + q * H * W;
+        uint8_t* iq = IDX ? idx + q * H * W : nullptr;
+        for (int64_t t0 = 0; t0 < unit; t0 += CH) {
+            V acc[NV];
+            I id[NV];
+            {
+                const T* p = base + shift[0] + t0;
+                const T k = kq[0];
+                for (int v = 0; v < NV; ++v) { acc[v] = loadu<V>(p + v * N) + k; if (IDX) id[v] = I{} ; }
+            }
+            for (int64_t f = 1; f < nf; ++f) {
+                const T* p = base + shift[f] + t0;
+                const T k = kq[f];
+                const S fs = (S)f;
+                for (int v = 0; v < NV; ++v) {
+                    const V cand = loadu<V>(p + v * N) + k;
+                    const I m = EROSION ? (cand < acc[v]) : (cand > acc[v]);
+                    acc[v] = m ? cand : acc[v];
+                    if (IDX) id[v] = m ? (I{} + fs) : id[v];
+                }
+            }
+            T a[CH];
+            S ids[CH];
+            __builtin_memcpy(a, acc, sizeof(a));
+            if (IDX) __builtin_memcpy(ids, id, sizeof(ids));
+            const int n = (int)std::min<int64_t>(CH, unit - t0);
+            store<T, S, IDX>(a, ids, n, t0, Wp, W, oq, iq);
+        }
+    }
+}
+
+template <typename T>
+void fwd(const T* xp, const T* kv, T* out, uint8_t* idx, const int64_t* shift, int64_t nplanes, int64_t C,
+         int64_t O, int64_t H, int64_t W, int64_t Wp, int64_t plane, int64_t length, int64_t nf, int erosion,
+         int nthreads) {
+    auto run = [&](int64_t q0, int64_t q1) {
+        if (erosion) {
+            if (idx) fwd_range<T, true, true>(xp, kv, out, idx, shift, q0, q1, C, O, H, W, Wp, plane, length, nf);
+            else fwd_range<T, true, false>(xp, kv, out, idx, shift, q0, q1, C, O, H, W, Wp, plane, length, nf);
+        } else {
+            if (idx) fwd_range<T, false, true>(xp, kv, out, idx, shift, q0, q1, C, O, H, W, Wp, plane, length, nf);
+            else fwd_range<T, false, false>(xp, kv, out, idx, shift, q0, q1, C, O, H, W, Wp, plane, length, nf);
+        }
+    };
+    int64_t nt = std::max<int64_t>(1, std::min<int64_t>(nthreads, nplanes));
+    if (nt == 1) { run(0, nplanes); return; }
+    std::vector<std::thread> pool;
+    for (int64_t i = 0; i < nt; ++i) {
+        const int64_t q0 = nplanes * i / nt, q1 = nplanes * (i + 1) / nt;
+        pool.emplace_back(run, q0, q1);
+    }
+    for (auto& th : pool) th.join();
+}
+
+template <typename T>
+void bwd(const T* g, const uint8_t* idx, T* gx, T* gk, int64_t B, int64_t C, int64_t O, int64_t H, int64_t W,
+         int64_t KO, int64_t KH, int64_t KW, int nthreads) {
+    const int64_t nf = KO * KH * KW, ro = KO / 2, rh = KH / 2, rw = KW / 2, hw = H * W;
+    std::vector<int64_t> da(nf), di(nf), dj(nf);  // the offset of each flat kernel index, from the centre
+    for (int64_t f = 0; f < nf; ++f) { da[f] = f / (KH * KW) - ro; di[f] = (f / KW) % KH - rh; dj[f] = f % KW - rw; }
+    auto run = [&](int64_t c0, int64_t c1) {
+        std::vector<int64_t> off(nf);
+        for (int64_t c = c0; c < c1; ++c)
+            for (int64_t b = 0; b < B; ++b) {
+                T* gxs = gx ? gx + (b * C + c) * O * hw : nullptr;
+                for (int64_t o = 0; o < O; ++o) {
+                    for (int64_t f = 0; f < nf; ++f) {
+                        int64_t oi = o + da[f];
+                        oi = oi < 0 ? oi + O : (oi >= O ? oi - O : oi);
+                        off[f] = oi * hw + di[f] * W + dj[f];
+                    }
+                    const int64_t q = (b * C + c) * O + o;
+                    const T* gq = g + q * hw;
+                    const uint8_t* iq = idx + q * hw;
+                    T* gkq = gk ? gk + (c * O + o) * nf : nullptr;
+                    for (int64_t y = 0; y < H; ++y)
+                        for (int64_t x = 0; x < W; ++x) {
+                            const int64_t t = y * W + x;
+                            const int64_t f = iq[t];
+                            const T gv = gq[t];
+                            if (gkq) gkq[f] += gv;
+                            if (gxs) {
+                                const int64_t yi = y + di[f], xi = x + dj[f];
+                                // (only a winner in the -inf / +inf padding, i.e. an all-infinite window, is outside)
+                                if (yi >= 0 && yi < H && xi >= 0 && xi < W) gxs[off[f] + t] += gv;
+                            }
+                        }
+                }
+            }
+    };
+    int64_t nt = std::max<int64_t>(1, std::min<int64_t>(nthreads, C));
+    if (nt == 1) { run(0, C); return; }
+    std::vector<std::thread> pool;
+    for (int64_t i = 0; i < nt; ++i) pool.emplace_back(run, C * i / nt, C * (i + 1) / nt);
+    for (auto& th : pool) th.join();
+}
+}  // namespace
+
+extern "C" {
+int gequiv_morph_version() { return 1; }
+void gequiv_morph_fwd_f32(const float* xp, const float* kv, float* out, uint8_t* idx, const int64_t* shift,
+                          int64_t nplanes, int64_t C, int64_t O, int64_t H, int64_t W, int64_t Wp, int64_t plane,
+                          int64_t length, int64_t nf, int erosion, int nthreads) {
+    fwd<float>(xp, kv, out, idx, shift, nplanes, C, O, H, W, Wp, plane, length, nf, erosion, nthreads);
+}
+void gequiv_morph_fwd_f64(const double* xp, const double* kv, double* out, uint8_t* idx, const int64_t* shift,
+                          int64_t nplanes, int64_t C, int64_t O, int64_t H, int64_t W, int64_t Wp, int64_t plane,
+                          int64_t length, int64_t nf, int erosion, int nthreads) {
+    fwd<double>(xp, kv, out, idx, shift, nplanes, C, O, H, W, Wp, plane, length, nf, erosion, nthreads);
+}
+void gequiv_morph_bwd_f32(const float* g, const uint8_t* idx, float* gx, float* gk, int64_t B, int64_t C,
+                          int64_t O, int64_t H, int64_t W, int64_t KO, int64_t KH, int64_t KW, int nthreads) {
+    bwd<float>(g, idx, gx, gk, B, C, O, H, W, KO, KH, KW, nthreads);
+}
+void gequiv_morph_bwd_f64(const double* g, const uint8_t* idx, double* gx, double* gk, int64_t B, int64_t C,
+                          int64_t O, int64_t H, int64_t W, int64_t KO, int64_t KH, int64_t KW, int nthreads) {
+    bwd<double>(g, idx, gx, gk, B, C, O, H, W, KO, KH, KW, nthreads);
+}
+}
+'''
+
+_FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-pthread')
+_MAX_OFFSETS = 255  # the arg-max index is a uint8
+_SLACK = 32  # CH in the source: the last chunk of the last plane reads that far past the padded buffer
+
+_lock = threading.Lock()
+_lib = None            # the loaded library, once built
+_error: Optional[str] = None  # why it could not be built (then the PyTorch path is used)
+_warned = False
+_BACKENDS = ('auto', 'native', 'torch')
+_backend = os.environ.get('GEQUIV_TIMM_MORPH_BACKEND', 'auto')
+if _backend not in _BACKENDS:
+    raise ValueError(f"GEQUIV_TIMM_MORPH_BACKEND must be one of {_BACKENDS}, got {_backend!r}")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith(('flags', 'Features')):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get('GEQUIV_TIMM_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'gequiv_timm')
+    return Path(root) / 'native'
+
+
+def _build():
+    """Compile (once per source / flags / CPU) and load the library; raises RuntimeError naming the problem."""
+    cxx = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++') or shutil.which('clang++')
+    if not cxx:
+        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+    key = hashlib.sha256('\n'.join((_SOURCE, ' '.join(_FLAGS), _cpu_flags(), platform.machine(), cxx)).encode())
+    so = _cache_dir() / f'morph_{key.hexdigest()[:16]}.so'
+    if not so.exists():
+        so.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
+            src = Path(tmp) / 'morph.cpp'
+            src.write_text(_SOURCE)
+            out = Path(tmp) / so.name
+            res = subprocess.run([cxx, *_FLAGS, str(src), '-o', str(out)], capture_output=True, text=True)
+            if res.returncode != 0:
+                raise RuntimeError(f"{cxx} failed: {res.stderr.strip()[-500:]}")
+            os.replace(out, so)  # atomic: concurrent builders both end with a complete file
+    lib = ctypes.CDLL(str(so))
+    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    for dt in ('f32', 'f64'):
+        f = getattr(lib, f'gequiv_morph_fwd_{dt}')
+        f.argtypes = [ptr] * 5 + [i64] * 9 + [cint, cint]
+        f.restype = None
+        f = getattr(lib, f'gequiv_morph_bwd_{dt}')
+        f.argtypes = [ptr] * 4 + [i64] * 8 + [cint]
+        f.restype = None
+    if lib.gequiv_morph_version() != 1:
+        raise RuntimeError("stale library")
+    return lib
+
+
+def _load():
+    global _lib, _error
+    if _lib is None and _error is None:
+        with _lock:
+            if _lib is None and _error is None:
+                try:
+                    _lib = _build()
+                except Exception as e:  # noqa: BLE001 -- any failure means: use the PyTorch path
+                    _error = f"{type(e).__name__}: {e}"
+    return _lib
+
+
+def native_available() -> Tuple[bool, Optional[str]]:
+    """``(True, None)`` when the compiled operator builds and loads here, else ``(False, reason)``."""
+    lib = _load()
+    return lib is not None, _error
+
+
+def set_morphology_backend(backend: str) -> None:
+    """``'auto'`` (native when it builds, else PyTorch with one warning), ``'native'`` (raise if it cannot build)
+    or ``'torch'`` (plain PyTorch always). Affects :func:`~gequiv_timm.layers.morphology.
+    morphological_convolution_m2` on CPU; other devices always use PyTorch."""
+    global _backend
+    if backend not in _BACKENDS:
+        raise ValueError(f"set_morphology_backend: backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == 'native':
+        ok, why = native_available()
+        if not ok:
+            raise RuntimeError(f"set_morphology_backend('native'): the compiled operator is unavailable ({why}); "
+                               f"use 'torch' or 'auto'")
+    _backend = backend
+
+
+def morphology_backend() -> str:
+    """The backend in force: ``'auto'``, ``'native'`` or ``'torch'``."""
+    return _backend
+
+
+def use_native(x: torch.Tensor, kernel: torch.Tensor) -> bool:
+    """Whether this call goes to the compiled operator (CPU, float32/64, at most 255 offsets, no NaN in ``x``)."""
+    global _warned
+    if _backend == 'torch' or x.device.type != 'cpu' or x.dtype not in (torch.float32, torch.float64):
+        return False
+    if kernel.shape[-3] * kernel.shape[-2] * kernel.shape[-1] > _MAX_OFFSETS:
+        return False
+    if _load() is None:
+        if not _warned:
+            _warned = True
+            warnings.warn(f"gequiv_timm: the compiled morphological operator is unavailable ({_error}); using the "
+                          f"plain PyTorch path (same values, slower). Set GEQUIV_TIMM_MORPH_BACKEND=torch to silence.",
+                          RuntimeWarning, stacklevel=3)
+        return False
+    return not bool(torch.isnan(x).any()) and not bool(torch.isnan(kernel).any())
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _pad(x: torch.Tensor, ko: int, kh: int, kw: int, fill: float):
+    """The padded flat layout ``[B, C, length]`` of :mod:`~gequiv_timm.layers.morphology`: orientations padded
+    periodically, the plane with ``fill``, plus a tail so that every shift of the valid rows stays inside."""
+    b, c, orientations, h, w = x.shape
+    ro, rh, rw = ko // 2, kh // 2, kw // 2
+    hp, wp = h + 2 * rh, w + 2 * rw
+    plane = hp * wp
+    length = (orientations + 2 * ro) * plane + 2 * rw
+    xp = torch.empty(b * c * length + _SLACK, dtype=x.dtype)[:b * c * length].view(b, c, length)
+    body = xp[:, :, :(orientations + 2 * ro) * plane].view(b, c, orientations + 2 * ro, hp, wp)
+    if rh:
+        body[..., :rh, :].fill_(fill)
+        body[..., rh + h:, :].fill_(fill)
+    if rw:
+        body[..., rh:rh + h, :rw].fill_(fill)
+        body[..., rh:rh + h, rw + w:].fill_(fill)
+        xp[:, :, (orientations + 2 * ro) * plane:].fill_(fill)
+    body[:, :, ro:ro + orientations, rh:rh + h, rw:rw + w] = x
+    if ro:
+        body[:, :, :ro, rh:rh + h, rw:rw + w] = x[:, :, orientations - ro:]
+        body[:, :, ro + orientations:, rh:rh + h, rw:rw + w] = x[:, :, :ro]
+    return xp, wp, plane, length
+
+
+def native_morph_forward(x: torch.Tensor, kernel: torch.Tensor, erosion: bool, need_index: bool):
+    """``(out, idx)`` of the max-plus (min-plus) convolution (``idx`` the ``uint8`` winning flat offset, or None).
+    Shapes and conventions as :func:`~gequiv_timm.layers.morphology.morphological_convolution_m2`; call only when
+    :func:`use_native` says so."""
+    x = x.contiguous()
+    b, c, orientations, h, w = x.shape
+    ko, kh, kw = kernel.shape[-3:]
+    nf = ko * kh * kw
+    xp, wp, plane, length = _pad(x, ko, kh, kw, float('inf') if erosion else float('-inf'))
+    kv = kernel.detach().to(x.dtype).reshape(c, orientations, nf)
+    kv = kv.contiguous() if erosion else kv.neg()  # out = max_f (x_f - k_f) = max_f (x_f + kv_f)
+    f = torch.arange(nf)
+    shift = ((f // (kh * kw)) * plane + ((f // kw) % kh) * wp + f % kw).to(torch.int64).contiguous()
+    out = torch.empty_like(x)
+    idx = torch.empty(x.shape, dtype=torch.uint8) if need_index else None
+    fn = _lib.gequiv_morph_fwd_f32 if x.dtype == torch.float32 else _lib.gequiv_morph_fwd_f64
+    fn(_ptr(xp), _ptr(kv), _ptr(out), _ptr(idx) if idx is not None else None, _ptr(shift), b * c * orientations, c,
+       orientations, h, w, wp, plane, length, nf, int(bool(erosion)), torch.get_num_threads())
+    return out, idx
+
+
+def native_morph_backward(grad_out: torch.Tensor, idx: torch.Tensor, k_shape, erosion: bool, need_x: bool,
+                          need_k: bool):
+    """``(grad_x, grad_kernel)``: ``grad_out`` routed to the winning offsets (None where not needed)."""
+    g = grad_out.contiguous()
+    b, c, orientations, h, w = g.shape
+    ko, kh, kw = k_shape[-3:]
+    gx = torch.zeros_like(g) if need_x else None
+    gk = torch.zeros((c, orientations, ko, kh, kw), dtype=g.dtype) if need_k else None
+    fn = _lib.gequiv_morph_bwd_f32 if g.dtype == torch.float32 else _lib.gequiv_morph_bwd_f64
+    fn(_ptr(g), _ptr(idx), _ptr(gx) if gx is not None else None, _ptr(gk) if gk is not None else None, b, c,
+       orientations, h, w, ko, kh, kw, torch.get_num_threads())
+    if gk is not None and not erosion:
+        gk.neg_()
+    return gx, gk

@@ -1,0 +1,119 @@
+"""The compiled morphological operator (gequiv_timm/layers/pde_native.py) against the plain PyTorch path and the
+brute-force reference: same forward values (bit for bit), same gradients (up to the order of float additions),
+NaN inputs and unsupported cases on the PyTorch path, the backend switch."""
+import pytest
+import torch
+
+from gequiv_timm.layers import pde_native
+from gequiv_timm.layers.morphology import morphological_convolution_m2, morphological_convolution_m2_reference
+from gequiv_timm.layers.pde import CDEPdeLayerM2, DilationM2
+
+available, why = pde_native.native_available()
+needs_native = pytest.mark.skipif(not available, reason=f"compiled operator unavailable: {why}")
+
+
+@pytest.fixture
+def backend():
+    old = pde_native.morphology_backend()
+    yield pde_native.set_morphology_backend
+    pde_native.set_morphology_backend(old)
+
+
+def _both(fn, backend):
+    """``fn()`` with the native backend, then with the PyTorch one."""
+    backend('native')
+    a = fn()
+    backend('torch')
+    return a, fn()
+
+
+@needs_native
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('erosion', [False, True])
+@pytest.mark.parametrize('shape,ksize', [
+    ((2, 3, 8, 9, 7), (3, 5, 5)),
+    ((1, 2, 4, 5, 6), (1, 3, 3)),
+    ((2, 2, 6, 4, 3), (5, 5, 3)),   # Or not a multiple of 4, image smaller than the kernel
+    ((1, 1, 3, 6, 6), (3, 1, 1)),   # kOr == Or
+    ((3, 5, 8, 21, 37), (3, 7, 7)),  # several chunks per plane, a ragged last chunk
+])
+def test_native_matches_torch_path_and_reference(shape, ksize, erosion, dtype, backend):
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=dtype)
+    kernel = torch.rand(shape[1], shape[2], *ksize, dtype=dtype) * 2
+    ref = morphological_convolution_m2_reference(x, kernel, erosion)
+    with torch.no_grad():
+        nat, tor = _both(lambda: morphological_convolution_m2(x, kernel, erosion), backend)
+    assert torch.equal(nat, ref) and torch.equal(tor, ref)
+    g = torch.randn_like(ref)
+
+    def grads():
+        xg, kg = x.clone().requires_grad_(), kernel.clone().requires_grad_()
+        y = morphological_convolution_m2(xg, kg, erosion)
+        return (y.detach(),) + torch.autograd.grad(y, (xg, kg), g)
+
+    (yn, gxn, gkn), (yt, gxt, gkt) = _both(grads, backend)
+    assert torch.equal(yn, ref) and torch.equal(yt, ref)
+    torch.testing.assert_close(gxn, gxt)
+    torch.testing.assert_close(gkn, gkt)
+
+
+@needs_native
+def test_native_ties_go_to_the_lowest_offset(backend):
+    """A flat kernel on a constant input: every offset ties; the gradient goes to offset 0 on both paths."""
+    x = torch.ones(1, 1, 4, 5, 5, requires_grad=True)
+    k = torch.zeros(1, 4, 3, 3, 3, requires_grad=True)
+
+    def grads():
+        return torch.autograd.grad(morphological_convolution_m2(x, k).sum(), (x, k))
+
+    (gxn, gkn), (gxt, gkt) = _both(grads, backend)
+    assert torch.equal(gxn, gxt) and torch.equal(gkn, gkt)
+    assert gkn[0, :, 0, 0, 0].abs().sum() > 0
+
+
+@needs_native
+def test_nan_input_takes_the_torch_path(backend):
+    x = torch.randn(1, 2, 4, 5, 5)
+    x[0, 1, 2, 3, 3] = float('nan')
+    k = torch.rand(2, 4, 3, 3, 3)
+    backend('native')
+    assert not pde_native.use_native(x, k)
+    ref = morphological_convolution_m2_reference(x, k)
+    torch.testing.assert_close(morphological_convolution_m2(x, k), ref, equal_nan=True)
+
+
+@needs_native
+def test_layers_train_the_same_on_both_backends(backend):
+    """A CDE layer's output and parameter gradients agree between the backends."""
+    torch.manual_seed(1)
+    layer = CDEPdeLayerM2(3, 4, (3, 5, 5))
+    x = torch.randn(4, 3, 8, 10, 10)
+
+    def run():
+        layer.zero_grad()
+        y = layer(x)
+        y.square().sum().backward()
+        return y.detach(), [p.grad.clone() for p in layer.parameters()]
+
+    (yn, gn), (yt, gt) = _both(run, backend)
+    torch.testing.assert_close(yn, yt)
+    for a, b in zip(gn, gt):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_backend_switch_errors(backend):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backend('fast')
+    x, k = torch.randn(1, 1, 4, 5, 5), torch.rand(1, 4, 3, 3, 3)
+    backend('torch')
+    assert not pde_native.use_native(x, k)
+    assert not pde_native.use_native(x.to(torch.bfloat16), k)
+
+
+def test_native_skips_large_kernels_and_other_dtypes(backend):
+    backend('auto')
+    assert not pde_native.use_native(torch.randn(1, 1, 16, 20, 20), torch.rand(1, 16, 7, 7, 7))  # 343 offsets
+    assert not pde_native.use_native(torch.randn(1, 1, 4, 5, 5).half(), torch.rand(1, 4, 3, 3, 3).half())
+    layer = DilationM2(1, (1, 3, 3))
+    assert layer(torch.randn(1, 1, 4, 5, 5)).shape == (1, 1, 4, 5, 5)
