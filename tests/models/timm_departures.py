@@ -30,6 +30,7 @@ __all__ = [
 ]
 
 KEYPOINT = ('gequiv_rcn_*', 'gequiv_sumnet_*', 'gequiv_kp*')
+SEGMENTATION = ('gequiv_*_seg*',)
 SCRIPTING = ('test_model_forward_torchscript', 'test_model_forward_fx_torchscript')
 
 
@@ -52,6 +53,11 @@ DEPARTURES: tuple[Departure, ...] = (
         "outputs are keypoint heatmaps [B, K, H, W] (regression head: coordinates [B, K, 2]); num_classes, an alias "
         "of num_keypoints K, is their axis 1, not the last axis that timm's classifier check reads",
         covered_by='test_timm_contract.py::test_keypoint_backward'),
+    Departure(
+        ('test_model_backward', 'test_model_backward_fx'), SEGMENTATION, 'segmentation models',
+        "outputs are per-pixel class logits [B, num_classes, H, W] at input resolution; num_classes is their axis 1, "
+        "not the last axis that timm's classifier check reads",
+        covered_by='test_timm_contract.py::test_keypoint_backward (dense outputs: keypoint and segmentation models)'),
     Departure(
         ('test_model_default_cfgs',), ('gequiv_escnn_*',), 'escnn baselines',
         "escnn's InnerBatchNorm reads index buffers with .item(), so the models build on the meta device but cannot "
