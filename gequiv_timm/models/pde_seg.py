@@ -35,8 +35,8 @@ tap at reduction 1). Departures from timm's own tests are listed in ``tests/mode
 
 Builders at the bottom; tags, papers and descriptions: ``registry/pde_seg.toml``.
 """
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: torch.fx copies the annotations of ``forward`` into the code it
+# generates, and TorchScript cannot read them back as strings (timm scripts FX graphs in its tests).
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -318,6 +318,7 @@ class SegmentationNet(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         self.stages = self.stages[:max_index + 1]
         tap_chs = self.feature_info[max_index]['num_chs']
+        old_features = self.num_features
         if prune_norm:
             self.group_pool = _Fold()
             self.num_features = tap_chs
@@ -325,9 +326,10 @@ class SegmentationNet(nn.Module):
             self.num_features = tap_chs // self.orientations
         if prune_head:
             self.num_classes = 0
-        p = next(self.parameters())
-        self.head.reset(self.num_classes, pool_type='' if prune_head else None, in_features=self.num_features,
-                        device=p.device, dtype=p.dtype)
+        if prune_head or self.num_features != old_features:  # else the trained classifier still fits: kept
+            p = next(self.parameters())
+            self.head.reset(self.num_classes, pool_type='' if prune_head else None, in_features=self.num_features,
+                            device=p.device, dtype=p.dtype)
         self.head_hidden_size = self.num_features * self.head.pool.feat_mult()
         return take_indices
 

@@ -147,11 +147,12 @@ def _fx_model(model, train: bool = False):
 @pytest.mark.parametrize('fx', [False, True], ids=['eager', 'fx'])
 @pytest.mark.parametrize('name', _departing('test_model_backward'))
 def test_keypoint_backward(name, fx):
-    """timm's test_model_backward / _fx with num_classes (= K keypoints) read on axis 1 of [B, K, H, W] (or
-    [B, K, 2]) instead of the last axis: every parameter gets a gradient, none is missing, no NaN."""
+    """timm's test_model_backward / _fx with num_classes (= K keypoints, or classes per pixel of a segmentation
+    model) read on axis 1 of [B, K, H, W] (or [B, K, 2]) instead of the last axis: every parameter gets a gradient,
+    none is missing, no NaN."""
     assert set(_departing('test_model_backward_fx')) == set(_departing('test_model_backward'))
     model = _create(name, num_classes=42).train()
-    assert model.num_keypoints == 42
+    assert getattr(model, 'num_keypoints', model.num_classes) == 42
     n_params = sum(p.numel() for p in model.parameters())
     if fx:
         model = _fx_model(model, train=True)
