@@ -1,19 +1,23 @@
-"""gequiv_p4_resnet18 against timm's resnet18, side by side in one run, at 224x224 on CPU.
+"""The equivariant-stem models against their plain timm backbones, side by side in one process, on CPU.
 
-Measures, for both models, interleaved (A, B, A, B, ...) and reported as medians and ratios (ours / plain):
+Issue 18's goals: a stem model's train step (forward + backward + SGD step, batch ``--train-batch``, 224x224) at
+most 1.15x the plain backbone's, its eval forward at batch 1 at most 1.10x. For every pair (``gequiv_p4_resnet18``
+/ ``resnet18``, ``gequiv_p4m_resnet50`` / ``resnet50``, ...) the two models are timed in rounds, one train step and
+``--inner`` batch-1 forwards each per round, in an order rotated every round; the ratio ours / plain is taken within
+each round and its median over the rounds is printed beside the goal (the machine is shared: absolute times move
+with the load, ratios measured back to back much less). ``resnet18`` is also measured against the stem the models
+had before issue 18 (``mode='invariant', stem_depth=1, stem_proj=True``: a 3x3 group convolution after the lift,
+pooled over the group, 1x1 conv, BN, ReLU).
 
-* a train step (forward + backward + SGD step, batch ``--train-batch``, train mode),
-* eval forward at batch 1 and batch 32 (``torch.no_grad``, eval mode),
-* the stem alone at batch 32 (eval): ``conv1 -> bn1 -> act1`` for resnet18, the injected EquivariantStem for ours,
-  and its share of the whole eval forward,
-* parameters, and peak memory (peak RSS growth of a fresh subprocess running one train step and one batch-32 eval;
-  CPU tensors are not seen by tracemalloc, so RSS it is).
+Where the time goes (``--profile``, resnet18's stems alone, batch ``--train-batch``, train mode, forward +
+backward): each stem is timed up to the end of each of its stages (lift; + batch norm and ReLU; + group convs; +
+pooling over the group; + head), round-robin, and the differences are the stages' costs, beside their
+multiply-accumulates (``gequiv_timm.measure.count_macs``, one image). Peak memory (``--memory``): the peak RSS
+growth of a fresh subprocess running one train step and one batch-32 eval, for resnet18 and its two stems.
 
 Usage::
 
-    python benchmarks/bench_stem.py --threads 2 --repeats 3 --out benchmarks/results/stem
-
-The machine is shared: absolute times move with the load, the ratios (measured back to back) much less.
+    python benchmarks/bench_stem.py --threads 1 --repeats 7 --profile --memory --out benchmarks/results/stem
 """
 from __future__ import annotations
 
@@ -32,43 +36,162 @@ import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / 'benchmarks'))
 
 import timm  # noqa: E402
 
 import gequiv_timm  # noqa: E402,F401
+from gequiv_timm.measure import count_macs  # noqa: E402
 from gequiv_timm.models.stems import get_stem  # noqa: E402
 
-MODELS = ('resnet18', 'gequiv_p4_resnet18')
+from common import report, verdict  # noqa: E402
+
+PAIRS = (('gequiv_p4_resnet18', 'resnet18'), ('gequiv_p4m_resnet50', 'resnet50'),
+         ('gequiv_p4_convnext_tiny', 'convnext_tiny'), ('gequiv_p4m_efficientnet_b0', 'efficientnet_b0'),
+         ('gequiv_p4_regnety_016', 'regnety_016'))
+OLD_STEM = dict(mode='invariant', stem_depth=1, stem_proj=True)  # the registered models' stem before issue 18
+OLD = 'gequiv_p4_resnet18 (old stem)'
+GOALS = {'train_step': 1.15, 'eval_b1': 1.10}
 
 
-def _create(name: str) -> nn.Module:
+def _create(label: str) -> nn.Module:
     torch.manual_seed(0)
-    return timm.create_model(name)
+    if label == OLD:
+        return timm.create_model('gequiv_p4_resnet18', **OLD_STEM)
+    return timm.create_model(label)
 
 
-def _stem(model: nn.Module, name: str) -> nn.Module:
-    if name.startswith('gequiv_'):
-        return get_stem(model)
-    return nn.Sequential(model.conv1, model.bn1, model.act1)
+def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
-
-def _time(fn, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
-def _train_step(model, x, y, opt):
     def step():
+        model.train()
         opt.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
+        nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     return step
 
 
+def _eval(model: nn.Module, x: torch.Tensor, inner: int):
+    def run():
+        model.eval()
+        with torch.no_grad():
+            for _ in range(inner):
+                model(x)
+    return run
+
+
+def _rounds(fns: dict, repeats: int) -> dict:
+    """Seconds of each callable in each round (one call per round, the order rotated every round, one warm-up)."""
+    keys = list(fns)
+    for k in keys:
+        fns[k]()
+    out = {k: [] for k in keys}
+    for r in range(repeats):
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            t = time.perf_counter()
+            fns[k]()
+            out[k].append(time.perf_counter() - t)
+    return out
+
+
+def measure_pair(ours: str, plain: str, args, extra: tuple = ()) -> dict:
+    """Per-round ratios ours / plain (train step, eval batch 1) and the median times of one pair (and ``extra``
+    models, each against ``plain``)."""
+    s = args.size
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.train_batch, 3, s, s, generator=g)
+    y = torch.randint(0, 1000, (args.train_batch,), generator=g)
+    x1 = torch.randn(1, 3, s, s, generator=g)
+    labels = (plain, ours) + tuple(extra)
+    models = {n: _create(n) for n in labels}
+    train = _rounds({n: _train_step(m, x, y) for n, m in models.items()}, args.repeats)
+    ev = _rounds({n: _eval(m, x1, args.inner) for n, m in models.items()}, args.repeats)
+    res = {}
+    for n in labels:
+        m = models[n]
+        res[n] = dict(params=sum(p.numel() for p in m.parameters()),
+                      train_step_s=round(statistics.median(train[n]), 4),
+                      eval_b1_s=round(statistics.median(ev[n]) / args.inner, 5))
+        if n != plain:
+            res[n]['ratio_train_step'] = round(statistics.median(a / b for a, b in zip(train[n], train[plain])), 3)
+            res[n]['ratio_eval_b1'] = round(statistics.median(a / b for a, b in zip(ev[n], ev[plain])), 3)
+            res[n]['ratio_train_step_rounds'] = [round(a / b, 3) for a, b in zip(train[n], train[plain])]
+            res[n]['ratio_eval_b1_rounds'] = [round(a / b, 3) for a, b in zip(ev[n], ev[plain])]
+    print(f"{ours} vs {plain}: " + ', '.join(f"{n}: train {res[n].get('ratio_train_step', 1.0)}x, eval b1 "
+                                             f"{res[n].get('ratio_eval_b1', 1.0)}x" for n in labels), flush=True)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# where the stem's time goes (resnet18)
+# ----------------------------------------------------------------------------------------------------------------
+class _Upto(nn.Module):
+    """The first ``n`` stages of a stem (a list of lists of modules)."""
+
+    def __init__(self, stages, n: int, fold: bool = False):
+        super().__init__()
+        self.mods = nn.ModuleList([m for st in stages[:n] for m in st])
+        self.fold = fold
+
+    def forward(self, x):
+        for m in self.mods:
+            x = m(x)
+        return x.flatten(1, 2) if self.fold and x.dim() == 5 else x
+
+
+def _stages(model: nn.Module, label: str):
+    if label == 'resnet18':
+        return [('7x7 stride-2 conv', [model.conv1]), ('BN + ReLU', [model.bn1, model.act1])]
+    st = get_stem(model)
+    out = [(f'lift ({st.lift.kernel_size}x{st.lift.kernel_size} fused with the {st.stride}x{st.stride} pool: '
+            f'{st.lift.kernel_size + st.stride - 1}x{st.lift.kernel_size + st.stride - 1} stride {st.stride})',
+            [st.lift]), ('group BN + ReLU', [st.bn1, st.act1])]
+    if len(st.convs):
+        out.append((f'{len(st.convs) // 3} x (3x3 group conv {st.width} -> {st.width} fields + group BN + ReLU)',
+                    [st.convs]))
+    if st.mode == 'invariant':
+        out.append((f'{st.gpool.mode} over the group', [st.gpool]))
+    if st.proj_head:
+        out.append(('1x1 conv + BN + ReLU', [st.proj, st.bn2, st.act2]))
+    return out
+
+
+def profile_stems(args) -> dict:
+    s, b = args.size, args.train_batch
+    x = torch.randn(b, 3, s, s, generator=torch.Generator().manual_seed(args.seed))
+    labels = ('resnet18', 'gequiv_p4_resnet18', OLD)
+    fns, info = {}, {}
+    for label in labels:
+        m = _create(label)
+        st = _stages(m, label)
+        fold = label != 'resnet18' and get_stem(m).mode == 'equivariant'
+        info[label] = []
+        for i in range(1, len(st) + 1):
+            up = _Upto([mods for _, mods in st], i, fold=fold).train()
+
+            def step(up=up):
+                up.zero_grad(set_to_none=True)
+                up(x).mean().backward()
+            fns[(label, i)] = step
+            info[label].append(dict(stage=st[i - 1][0], macs_per_image=count_macs(up, (1, 3, s, s))))
+    t = _rounds(fns, args.repeats)
+    out = {}
+    for label in labels:
+        prev_t, prev_m = 0.0, 0
+        rows = []
+        for i, row in enumerate(info[label], 1):
+            cum = statistics.median(t[(label, i)])
+            rows.append(dict(row, cumulative_s=round(cum, 4), stage_s=round(cum - prev_t, 4),
+                             stage_macs_per_image=row['macs_per_image'] - prev_m))
+            prev_t, prev_m = cum, row['macs_per_image']
+        out[label] = rows
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# memory (a fresh subprocess per model)
+# ----------------------------------------------------------------------------------------------------------------
 def _rss_kb() -> int:
     with open('/proc/self/statm') as f:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') // 1024
@@ -84,117 +207,111 @@ def _hwm_kb() -> int:
     raise RuntimeError('no VmHWM in /proc/self/status')
 
 
-def _memory_child(name: str, size: int, train_batch: int, threads: int) -> None:
+def _memory_child(label: str, size: int, train_batch: int, threads: int) -> None:
     torch.set_num_threads(threads)
-    model = _create(name)
+    model = _create(label)
     x = torch.randn(train_batch, 3, size, size)
     y = torch.randint(0, 1000, (train_batch,))
     xe = torch.randn(32, 3, size, size)
     base = _rss_kb()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    model.train()
-    _train_step(model, x, y, opt)()
-    model.eval()
-    with torch.no_grad():
-        model(xe)
+    _train_step(model, x, y)()
+    _eval(model, xe, 1)()
     peak = _hwm_kb()
-    print(json.dumps(dict(peak_rss_growth_mb=round((peak - base) / 1024, 1), peak_rss_mb=round(peak / 1024, 1))))
+    print(json.dumps(dict(peak_rss_growth_mb=round((peak - base) / 1024, 1))))
 
 
-def _measure_memory(name, args):
-    out = subprocess.run([sys.executable, __file__, '--memory-child', name, '--size', str(args.size), '--train-batch',
-                          str(args.train_batch), '--threads', str(args.threads)], capture_output=True, text=True,
-                         check=True)
+def _measure_memory(label: str, args) -> dict:
+    out = subprocess.run([sys.executable, __file__, '--memory-child', label, '--size', str(args.size),
+                          '--train-batch', str(args.train_batch), '--threads', str(args.threads)],
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _memory_only(args):
-    outp = Path(args.out)
-    result = json.loads(outp.with_suffix('.json').read_text())
-    for n in MODELS:
-        result['models'][n].update(_measure_memory(n, args))
-    a, b = result['models']['gequiv_p4_resnet18'], result['models']['resnet18']
-    result['ratios_ours_over_plain']['peak_rss_growth'] = round(a['peak_rss_growth_mb'] / b['peak_rss_growth_mb'], 2)
-    result['setup']['memory_command'] = ' '.join(sys.argv)
-    outp.with_suffix('.json').write_text(json.dumps(result, indent=2))
-    md = outp.with_suffix('.md').read_text().splitlines()
-    md = [l for l in md if not l.startswith('| peak RSS')]
-    md.append(f"| peak RSS growth (MB) | {b['peak_rss_growth_mb']} | {a['peak_rss_growth_mb']} | "
-              f"{result['ratios_ours_over_plain']['peak_rss_growth']} |")
-    outp.with_suffix('.md').write_text('\n'.join(md) + '\n')
-    print('\n'.join(md))
+# ----------------------------------------------------------------------------------------------------------------
+def _markdown(result: dict, args) -> str:
+    su = result['setup']
+    lines = [f"# Equivariant-stem models against their plain backbones\n",
+             f"{args.size}x{args.size}, train step at batch {args.train_batch} (forward + backward + SGD step), eval "
+             f"at batch 1 ({args.inner} forwards per round); {su['threads']} torch thread(s), {su['cpu']}; medians "
+             f"over {args.repeats} rounds of the ratio ours / plain taken within each round (order rotated every "
+             f"round); seed {args.seed}; torch {su['torch']}, timm {su['timm']}; load average at the end "
+             f"{su['load_avg_end']}.\nCommand: `{su['command']}`\n",
+             '| model | plain backbone | train step (ratio) | goal | | eval batch 1 (ratio) | goal | | params (ratio) |',
+             '|---|---|---|---|---|---|---|---|---|']
+    for ours, plain in result['pairs']:
+        r = result['models'][plain]
+        for n in [ours] + ([OLD] if plain == 'resnet18' and OLD in r else []):
+            a = r[n]
+            lines.append(f"| {n} | {plain} | {a['ratio_train_step']} | <= {GOALS['train_step']} | "
+                         f"{verdict(a['ratio_train_step'], GOALS['train_step'])} | {a['ratio_eval_b1']} | "
+                         f"<= {GOALS['eval_b1']} | {verdict(a['ratio_eval_b1'], GOALS['eval_b1'])} | "
+                         f"{a['params']:,} ({a['params'] / r[plain]['params']:.3f}) |")
+    lines += ['', 'Median times (seconds; they move with the machine\'s load, the ratios above are what counts):', '',
+              '| model | train step | eval batch 1 |', '|---|---|---|']
+    for ours, plain in result['pairs']:
+        for n, a in result['models'][plain].items():
+            lines.append(f"| {n} | {a['train_step_s']} | {a['eval_b1_s']} |")
+    if 'profile' in result:
+        lines += ['', f"## Where resnet18's stem time goes (stems alone, batch {args.train_batch}, train mode, "
+                      f"forward + backward; each stem timed up to the end of each stage, round-robin, "
+                      f"{args.repeats} rounds; a stage's time is the difference of medians, so small ones are "
+                      f"noisy)", '', '| stem | stage | MACs / image (M) | time (s) | cumulative (s) |',
+                  '|---|---|---|---|---|']
+        for label, rows in result['profile'].items():
+            for row in rows:
+                lines.append(f"| {label} | {row['stage']} | {row['stage_macs_per_image'] / 1e6:.1f} | "
+                             f"{row['stage_s']} | {row['cumulative_s']} |")
+    if 'memory' in result:
+        lines += ['', f"Peak RSS growth of one train step (batch {args.train_batch}) and one batch-32 eval, each "
+                      f"model in a fresh process:", '', '| model | MB | ratio to resnet18 |', '|---|---|---|']
+        base = result['memory']['resnet18']['peak_rss_growth_mb']
+        for n, m in result['memory'].items():
+            lines.append(f"| {n} | {m['peak_rss_growth_mb']} | {m['peak_rss_growth_mb'] / base:.2f} |")
+    return '\n'.join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--threads', type=int, default=1, help='torch threads (the house default is 1; the issue asks 2)')
+    p.add_argument('--threads', type=int, default=1, help='torch threads (the house default is 1)')
     p.add_argument('--size', type=int, default=224)
     p.add_argument('--train-batch', type=int, default=8)
-    p.add_argument('--repeats', type=int, default=3)
+    p.add_argument('--repeats', type=int, default=7, help='rounds (each: one train step and --inner b1 evals)')
+    p.add_argument('--inner', type=int, default=5, help='batch-1 forwards per round')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results' / 'stem'))
+    p.add_argument('--pairs', default='all', help="comma-separated stem models (default all: "
+                                                  f"{', '.join(o for o, _ in PAIRS)})")
+    p.add_argument('--profile', action='store_true', help="time resnet18's stems stage by stage")
+    p.add_argument('--memory', action='store_true', help='peak RSS of resnet18 and its two stems (subprocesses)')
+    p.add_argument('--out', default=None, help='write OUT.md and OUT.json (e.g. benchmarks/results/stem)')
     p.add_argument('--memory-child', default=None, help=argparse.SUPPRESS)
-    p.add_argument('--memory-only', action='store_true', help='re-measure peak memory into an existing result')
     args = p.parse_args(argv)
     if args.memory_child:
         return _memory_child(args.memory_child, args.size, args.train_batch, args.threads)
-
-    if args.memory_only:
-        return _memory_only(args)
+    known = dict(PAIRS)
+    chosen = [o for o, _ in PAIRS] if args.pairs == 'all' else args.pairs.split(',')
+    bad = [c for c in chosen if c not in known]
+    if bad:
+        raise SystemExit(f"--pairs: unknown stem model(s) {bad}; choose from {sorted(known)}")
+    if args.size % 4:
+        raise SystemExit(f"--size {args.size}: use a multiple of 4 (the stems are exact for multiples of their "
+                         f"stride, and the backbones reduce by 32)")
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    s = args.size
-    x1, x32 = torch.randn(1, 3, s, s), torch.randn(32, 3, s, s)
-    xt, yt = torch.randn(args.train_batch, 3, s, s), torch.randint(0, 1000, (args.train_batch,))
-    models = {n: _create(n) for n in MODELS}
-    opts = {n: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for n, m in models.items()}
-    times = {n: dict(train_step=[], eval_b1=[], eval_b32=[], stem_b32=[]) for n in MODELS}
-    for r in range(args.repeats):
-        for n, m in models.items():
-            m.train()
-            times[n]['train_step'].append(_time(_train_step(m, xt, yt, opts[n])))
-            m.eval()
-            stem = _stem(m, n)
-            with torch.no_grad():
-                times[n]['eval_b1'].append(_time(lambda: m(x1), warmup=2))
-                times[n]['eval_b32'].append(_time(lambda: m(x32)))
-                times[n]['stem_b32'].append(_time(lambda: stem(x32)))
-            print(f"repeat {r}: {n}: " + ', '.join(f"{k}={v[-1]:.3f}s" for k, v in times[n].items()), flush=True)
-
-    res = {}
-    for n, m in models.items():
-        med = {k: statistics.median(v) for k, v in times[n].items()}
-        mem = _measure_memory(n, args)
-        res[n] = dict(params=sum(p.numel() for p in m.parameters()),
-                      stem_params=sum(p.numel() for p in _stem(m, n).parameters()),
-                      **{f'{k}_s': round(v, 4) for k, v in med.items()},
-                      stem_share_eval_b32=round(med['stem_b32'] / med['eval_b32'], 3), **mem)
-    a, b = res['gequiv_p4_resnet18'], res['resnet18']
-    ratios = {k: round(a[f'{k}_s'] / b[f'{k}_s'], 2) for k in ('train_step', 'eval_b1', 'eval_b32', 'stem_b32')}
-    ratios['params'] = round(a['params'] / b['params'], 3)
-    ratios['peak_rss_growth'] = round(a['peak_rss_growth_mb'] / max(b['peak_rss_growth_mb'], 1e-9), 2)
-    result = dict(models=res, ratios_ours_over_plain=ratios,
-                  setup=dict(size=s, train_batch=args.train_batch, repeats=args.repeats, threads=args.threads,
-                             seed=args.seed, torch=torch.__version__, timm=timm.__version__,
-                             cpu=platform.processor() or platform.machine(), load_avg=os.getloadavg(),
-                             command=' '.join([os.path.relpath(__file__, ROOT)] + (argv or sys.argv[1:]))))
-    outp = Path(args.out)
-    outp.parent.mkdir(parents=True, exist_ok=True)
-    outp.with_suffix('.json').write_text(json.dumps(result, indent=2))
-    rows = ['| | resnet18 | gequiv_p4_resnet18 | ratio |', '|---|---|---|---|']
-    for k, label in (('train_step_s', f'train step, batch {args.train_batch} (s)'), ('eval_b1_s', 'eval batch 1 (s)'),
-                     ('eval_b32_s', 'eval batch 32 (s)'), ('stem_b32_s', 'stem alone, batch 32 (s)')):
-        rows.append(f"| {label} | {b[k]} | {a[k]} | {ratios[k[:-2]]} |")
-    rows.append(f"| stem share of eval b32 | {b['stem_share_eval_b32']} | {a['stem_share_eval_b32']} | |")
-    rows.append(f"| parameters | {b['params']:,} | {a['params']:,} | {ratios['params']} |")
-    rows.append(f"| stem parameters | {b['stem_params']:,} | {a['stem_params']:,} | |")
-    rows.append(f"| peak RSS growth (MB) | {b['peak_rss_growth_mb']} | {a['peak_rss_growth_mb']} | "
-                f"{ratios['peak_rss_growth']} |")
-    table = '\n'.join(rows)
-    hdr = (f"{s}x{s}, {args.threads} thread(s), medians of {args.repeats} interleaved repeats, seed {args.seed}, "
-           f"load average at the end {tuple(round(v, 1) for v in os.getloadavg())}\n\n")
-    outp.with_suffix('.md').write_text(hdr + table + '\n')
-    print(hdr + table)
+    pairs = [(o, known[o]) for o in chosen]
+    result = dict(pairs=pairs, goals=GOALS, models={})
+    for ours, plain in pairs:
+        extra = (OLD,) if plain == 'resnet18' else ()
+        result['models'][plain] = measure_pair(ours, plain, args, extra)
+    if args.profile:
+        result['profile'] = profile_stems(args)
+    if args.memory:
+        result['memory'] = {n: _measure_memory(n, args) for n in ('resnet18', 'gequiv_p4_resnet18', OLD)}
+    result['setup'] = dict(size=args.size, train_batch=args.train_batch, repeats=args.repeats, inner=args.inner,
+                           threads=args.threads, seed=args.seed, torch=torch.__version__, timm=timm.__version__,
+                           cpu=f"CPU ({platform.machine()})",
+                           load_avg_end=tuple(round(v, 1) for v in os.getloadavg()),
+                           command=' '.join(['python', os.path.relpath(__file__, ROOT)] +
+                                            (argv if argv is not None else sys.argv[1:])))
+    report(_markdown(result, args), result, str(Path(args.out).with_suffix('.md')) if args.out else None)
 
 
 if __name__ == '__main__':

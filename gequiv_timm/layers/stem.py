@@ -81,6 +81,15 @@ class EquivariantStem(nn.Module):
     * ``'equivariant'``: 1x1 group conv to ``out_chs / |G|`` fields -> GBN -> ReLU -> fold:
       ``[B, out_chs, H/s, W/s]`` with ``f(g x) = fold(g . unfold(f(x)))``.
 
+    With ``proj=False`` the head is only the pooling (invariant) or the fold (equivariant): no 1x1 convolution, BN
+    or ReLU after the group layers, whose ``width`` must then give ``out_chs`` channels by itself (``width = out_chs``
+    invariant, ``width * |G| = out_chs`` equivariant). ``mode='equivariant', depth=0, proj=False`` is the cheapest
+    stem: ``fold(ReLU(GBN(lift(x))))``, one strided conv with ``out_chs`` output channels, one batch norm and one
+    ReLU, the operations of a plain ``conv -> BN -> ReLU`` stem with the same number of output channels (the
+    filter is ``k + s - 1`` wide: 8x8 in place of ResNet's 7x7; ``benchmarks/bench_stem.py`` measures the whole
+    model against the plain backbone). Each of its ``out_chs / |G|`` learned filters is applied at every rotation (and
+    mirror): fewer free filters than the plain stem's ``out_chs``, exact equivariance in exchange.
+
     The spatial reduction is a ``stride x stride`` average pool of the lifting conv rather than a plain strided conv:
     a stride-2 conv on an even-sized image samples a grid that a rotation about the centre does not map onto itself,
     whereas the pooling windows tile the image symmetrically, so equivariance is exact whenever ``H`` and ``W`` are
@@ -93,21 +102,26 @@ class EquivariantStem(nn.Module):
             harmonic filter basis; exact for the quarter turns and mirrors when 4 divides N, approximate at the
             other rotations: :meth:`check_equivariance`).
         mode: ``'invariant'`` or ``'equivariant'`` (needs ``out_chs % |G| == 0``).
-        width: fields of the group layers (default ``out_chs // |G|``: as many channels as the original stem).
+        width: fields of the group layers (default ``out_chs // |G|``: as many channels as the original stem;
+            ``out_chs`` when ``mode='invariant', proj=False``).
         kernel_size: odd size of the lifting filters. depth: number of group convs after the lift.
         group_pool: ``'max'`` or ``'mean'`` (invariant mode).
+        proj: whether the head has its 1x1 (group) conv -> BN -> ReLU (see above).
 
     Example:
         >>> stem = EquivariantStem(3, 64, 2, group='p4')
         >>> stem(torch.randn(1, 3, 32, 32)).shape
         torch.Size([1, 64, 16, 16])
+        >>> fast = EquivariantStem(3, 64, 2, group='p4', mode='equivariant', depth=0, proj=False)
+        >>> fast(torch.randn(1, 3, 32, 32)).shape, fast.width
+        (torch.Size([1, 64, 16, 16]), 16)
     """
 
     first_conv = 'lift'
 
     def __init__(self, in_chs: int = 3, out_chs: int = 64, stride: int = 2, group: str = 'p4',
                  mode: str = 'invariant', width: Optional[int] = None, kernel_size: int = 7, depth: int = 1,
-                 group_pool: str = 'max', device=None, dtype=None):
+                 group_pool: str = 'max', proj: bool = True, device=None, dtype=None):
         super().__init__()
         g = get_group(group)
         if g.order == 1:
@@ -130,6 +144,16 @@ class EquivariantStem(nn.Module):
             raise ValueError(f"EquivariantStem: width must be an int >= 1 or None (out_chs // |G|), got {width!r}")
         if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
             raise ValueError(f"EquivariantStem: depth must be an int >= 0 (group convs after the lift), got {depth!r}")
+        if not isinstance(proj, bool):
+            raise ValueError(f"EquivariantStem: proj must be True or False, got {proj!r}")
+        if not proj:  # the group layers' channels are the output: their width is fixed by out_chs
+            need = out_chs if mode == 'invariant' else out_chs // g.order
+            if width is not None and width != need:
+                raise ValueError(f"EquivariantStem: with proj=False the {mode} stem's output is its group layers' "
+                                 f"{'pooled fields' if mode == 'invariant' else 'fields x |G|'}, so width must be "
+                                 f"{need} for out_chs={out_chs}; got width={width}. Leave width=None or use "
+                                 f"proj=True.")
+            width = need
         self.group = g
         self.group_name = g.name
         self.mode = mode
@@ -137,6 +161,7 @@ class EquivariantStem(nn.Module):
         self.in_chs, self.out_chs, self.stride = in_chs, out_chs, stride
         # nn.Conv2d's names too: modules that wrapped the replaced conv read them (timm's ConvNormAct properties)
         self.in_channels, self.out_channels = in_chs, out_chs
+        self.proj_head = proj
         self.width = width = int(width) if width is not None else max(1, out_chs // g.order)
         self.lift = PooledLift(in_chs, width, kernel_size, g.name, stride)
         self.bn1 = GroupBatchNorm(width, g)
@@ -146,15 +171,17 @@ class EquivariantStem(nn.Module):
             convs += [GroupConv2d(width, width, 3, g.name, g.name, padding=1, bias=False), GroupBatchNorm(width, g),
                       nn.ReLU(inplace=True)]
         self.convs = nn.Sequential(*convs)
-        if mode == 'invariant':
-            self.gpool = GroupPool(g, group_pool)
+        self.gpool = GroupPool(g, group_pool) if mode == 'invariant' else nn.Identity()
+        if not proj:  # forward keeps one code path (TorchScript, FX): the missing head layers are identities
+            self.proj, self.bn2, self.act2 = nn.Identity(), nn.Identity(), nn.Identity()
+        elif mode == 'invariant':
             self.proj = nn.Conv2d(width, out_chs, 1, bias=False)
             self.bn2 = nn.BatchNorm2d(out_chs)
+            self.act2 = nn.ReLU(inplace=True)
         else:
-            self.gpool = nn.Identity()
             self.proj = GroupConv2d(width, out_chs // g.order, 1, g.name, g.name, bias=False)
             self.bn2 = GroupBatchNorm(out_chs // g.order, g)
-        self.act2 = nn.ReLU(inplace=True)
+            self.act2 = nn.ReLU(inplace=True)
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 

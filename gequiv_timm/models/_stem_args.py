@@ -26,7 +26,7 @@ def backbone_min_after_stem(backbone: str) -> int:
     return BACKBONE_MIN_AFTER_STEM.get(backbone, 1)
 
 
-def check_stem_args(owner: str, *, mode: str, width, kernel_size, depth, stride, group_pool,
+def check_stem_args(owner: str, *, mode: str, width, kernel_size, depth, stride, group_pool, proj=True,
                     prefix: str = 'stem_') -> None:
     """The equivariant stem's arguments, checked before anything is built (``None``: the default taken from the
     backbone's stem; ``0`` is a value and is refused). ``prefix``: how the caller names them (``stem_width``)."""
@@ -38,6 +38,7 @@ def check_stem_args(owner: str, *, mode: str, width, kernel_size, depth, stride,
     check_int(owner, prefix + 'stride', stride, choices=STEM_STRIDES, none_ok=True,
               what="None: the stem conv's stride")
     check_choice(owner, prefix + 'group_pool', group_pool, ('max', 'mean'))
+    check_choice(owner, prefix + 'proj', proj, (True, False))
 
 
 def equivariant_stem_min_size(stem: EquivariantStem, backbone: str) -> int:

@@ -35,6 +35,12 @@ data in ``registry/stems.toml``) do this through timm's ``pretrained=True`` path
 ``pretrained_cfg_overlay=dict(file='resnet18.safetensors')`` or the Hub (the plain backbone's ``hf_hub_id``)
 both work.
 
+The registered models' stem (issue 18) is ``mode='equivariant', stem_depth=0, stem_proj=False``: the lifting
+convolution alone, its ``C / |G|`` fields at the ``|G|`` group elements folded into the backbone's ``C`` stem
+channels after a group batch norm and a ReLU, so it costs what the plain ``conv -> BN -> act`` stem did
+(``benchmarks/bench_stem.py``); ``mode='invariant', stem_depth=1, stem_proj=True`` builds the stem they had before
+(a 3x3 group convolution after the lift, pooled over the group, then 1x1 conv, BN, ReLU).
+
 Cohen & Welling, "Group Equivariant Convolutional Networks", ICML 2016 (lifting and group convolutions).
 """
 from __future__ import annotations
@@ -362,8 +368,8 @@ def stem_output(model: nn.Module, x: torch.Tensor, stem: Optional[nn.Module] = N
 
 def inject_equivariant_stem(model: Union[nn.Module, str], group: str = 'p4', mode: str = 'invariant', *,
                             width: Optional[int] = None, kernel_size: Optional[int] = None, depth: int = 1,
-                            stride: Optional[int] = None, group_pool: str = 'max', warm_start: bool = True,
-                            first_conv: Optional[str] = None, **create_kwargs) -> nn.Module:
+                            stride: Optional[int] = None, group_pool: str = 'max', proj: bool = True,
+                            warm_start: bool = True, first_conv: Optional[str] = None, **create_kwargs) -> nn.Module:
     """Replace the stem of a timm CNN (instance or name) by an :class:`EquivariantStem`; return the model.
 
     Args:
@@ -372,7 +378,8 @@ def inject_equivariant_stem(model: Union[nn.Module, str], group: str = 'p4', mod
             (``'c8'``: 45-degree rotations in harmonic filters, exact for the quarter turns when 4 divides N,
             approximate at the others: :meth:`EquivariantStem.check_equivariance`).
         mode: ``'invariant'`` (pool over the group) or ``'equivariant'`` (learned equivariant fold to the width).
-        width, depth, group_pool: see :class:`EquivariantStem`.
+        width, depth, group_pool, proj: see :class:`EquivariantStem` (``mode='equivariant', depth=0, proj=False``:
+            the stem the registered ``gequiv_p4_*`` / ``gequiv_p4m_*`` models use, about the plain stem's cost).
         kernel_size: lifting filter size; default: the stem conv's, made odd (ConvNeXt's 4 -> 5).
         stride: the new stem's reduction; default: the stem conv's (a ResNet's 2; pass 4 to also replace its
             max pool).
@@ -388,7 +395,7 @@ def inject_equivariant_stem(model: Union[nn.Module, str], group: str = 'p4', mod
         torch.Size([1, 1000])
     """
     check_stem_args('inject_equivariant_stem', mode=mode, width=width, kernel_size=kernel_size,
-                     depth=depth, stride=stride, group_pool=group_pool, prefix='')
+                     depth=depth, stride=stride, group_pool=group_pool, proj=proj, prefix='')
     if isinstance(model, str):
         import timm
         check_timm_kwargs('inject_equivariant_stem', create_kwargs, rates=TIMM_RATES)
@@ -405,7 +412,7 @@ def inject_equivariant_stem(model: Union[nn.Module, str], group: str = 'p4', mod
         raise StemError(f"{_model_name(model)}: its stem conv has stride {stride}; an equivariant stem reduces by "
                         f"one of {STEM_STRIDES}: pass stride= explicitly")
     stem = EquivariantStem(info.in_chs, info.out_chs, stride, group=group, mode=mode, width=width,
-                           kernel_size=k, depth=depth, group_pool=group_pool,
+                           kernel_size=k, depth=depth, group_pool=group_pool, proj=proj,
                            device=conv.weight.device, dtype=conv.weight.dtype)
     if warm_start and conv.weight.device.type != 'meta':
         stem.init_from_conv(conv.weight.detach())
@@ -528,16 +535,23 @@ def _build(variant: str, backbone: str, group: str, mode: str, stem_args: Dict[s
     return attach_input_policy(model, stem, variant, stem.in_chs, equivariant_stem_min_size(stem, backbone))
 
 
-def _create_stem_model(variant: str, pretrained: bool = False, *, backbone: str, group: str = 'p4', mode: str = 'invariant',
-            stem_width: Optional[int] = None, stem_kernel_size: Optional[int] = None, stem_depth: int = 1,
-            stem_stride: Optional[int] = None, stem_group_pool: str = 'max', warm_start: bool = True, **kwargs):
+def _create_stem_model(variant: str, pretrained: bool = False, *, backbone: str, group: str = 'p4',
+                       mode: str = 'equivariant', stem_width: Optional[int] = None,
+                       stem_kernel_size: Optional[int] = None, stem_depth: int = 0, stem_stride: Optional[int] = None,
+                       stem_group_pool: str = 'max', stem_proj: bool = False, warm_start: bool = True, **kwargs):
     """Build ``backbone`` with an equivariant stem; ``pretrained=True`` loads the *plain backbone's* checkpoint
-    (the cfg's file / Hub id) into every non-stem layer and initialises (warm-starts) the stem."""
+    (the cfg's file / Hub id) into every non-stem layer and initialises (warm-starts) the stem.
+
+    The default stem (issue 18) is ``mode='equivariant', stem_depth=0, stem_proj=False``: the lifting
+    convolution's ``out_chs / |G|`` fields times ``|G|`` orientations are the backbone's stem channels, folded, after
+    one group batch norm and ReLU (:class:`EquivariantStem`), so the stem costs what the plain one did. The stem the
+    models had before (a 3x3 group conv after the lift, pooled over the group, 1x1 conv, BN, ReLU) is
+    ``mode='invariant', stem_depth=1, stem_proj=True``."""
     check_stem_args(variant, mode=mode, width=stem_width, kernel_size=stem_kernel_size,
-                     depth=stem_depth, stride=stem_stride, group_pool=stem_group_pool)
+                     depth=stem_depth, stride=stem_stride, group_pool=stem_group_pool, proj=stem_proj)
     check_timm_kwargs(variant, kwargs, rates=TIMM_RATES)  # passed on to the timm backbone
     stem_args = dict(width=stem_width, kernel_size=stem_kernel_size, depth=stem_depth, stride=stem_stride,
-                     group_pool=stem_group_pool)
+                     group_pool=stem_group_pool, proj=stem_proj)
     builder = partial(_build, variant, backbone, group, mode, stem_args)
     feature_cfg = None
     if kwargs.get('features_only') and 'out_indices' not in kwargs:
@@ -572,34 +586,44 @@ default_cfgs = generate_default_cfgs(tagged_cfgs({
 
 @register_model
 def gequiv_p4_resnet18(pretrained: bool = False, **kwargs) -> nn.Module:
-    """ResNet-18 (timm's resnet18) with a p4-equivariant stem pooled over rotations."""
-    model_args = dict(backbone='resnet18', group='p4', mode='invariant')
+    """ResNet-18 (timm's resnet18) with a p4-equivariant stem: a lifting group convolution whose fields at
+    their 4 rotations are the stem's channels. The rest is timm's resnet18; the model as a whole is not
+    invariant."""
+    model_args = dict(backbone='resnet18', group='p4')
     return _create_stem_model('gequiv_p4_resnet18', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def gequiv_p4m_resnet50(pretrained: bool = False, **kwargs) -> nn.Module:
-    """ResNet-50 (timm's resnet50) with a p4m-equivariant stem pooled over rotations and mirrors."""
-    model_args = dict(backbone='resnet50', group='p4m', mode='invariant')
+    """ResNet-50 (timm's resnet50) with a p4m-equivariant stem: a lifting group convolution whose fields at
+    the 8 elements of p4m (4 rotations, with and without a mirror) are the stem's channels. The rest is timm's
+    resnet50; the model as a whole is not invariant."""
+    model_args = dict(backbone='resnet50', group='p4m')
     return _create_stem_model('gequiv_p4m_resnet50', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def gequiv_p4_convnext_tiny(pretrained: bool = False, **kwargs) -> nn.Module:
-    """ConvNeXt-Tiny (timm's convnext_tiny) with a p4-equivariant stem pooled over rotations."""
-    model_args = dict(backbone='convnext_tiny', group='p4', mode='invariant')
+    """ConvNeXt-Tiny (timm's convnext_tiny) with a p4-equivariant stem: a lifting group convolution whose fields at
+    their 4 rotations are the stem's channels. The rest is timm's convnext_tiny; the model as a whole is not
+    invariant."""
+    model_args = dict(backbone='convnext_tiny', group='p4')
     return _create_stem_model('gequiv_p4_convnext_tiny', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def gequiv_p4m_efficientnet_b0(pretrained: bool = False, **kwargs) -> nn.Module:
-    """EfficientNet-B0 (timm's efficientnet_b0) with a p4m-equivariant stem pooled over rotations and mirrors."""
-    model_args = dict(backbone='efficientnet_b0', group='p4m', mode='invariant')
+    """EfficientNet-B0 (timm's efficientnet_b0) with a p4m-equivariant stem: a lifting group convolution whose
+    fields at the 8 elements of p4m (4 rotations, with and without a mirror) are the stem's channels. The rest is
+    timm's efficientnet_b0; the model as a whole is not invariant."""
+    model_args = dict(backbone='efficientnet_b0', group='p4m')
     return _create_stem_model('gequiv_p4m_efficientnet_b0', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def gequiv_p4_regnety_016(pretrained: bool = False, **kwargs) -> nn.Module:
-    """RegNetY-1.6GF (timm's regnety_016) with a p4-equivariant stem pooled over rotations."""
-    model_args = dict(backbone='regnety_016', group='p4', mode='invariant')
+    """RegNetY-1.6GF (timm's regnety_016) with a p4-equivariant stem: a lifting group convolution whose fields at
+    their 4 rotations are the stem's channels. The rest is timm's regnety_016; the model as a whole is not
+    invariant."""
+    model_args = dict(backbone='regnety_016', group='p4')
     return _create_stem_model('gequiv_p4_regnety_016', pretrained, **dict(model_args, **kwargs))

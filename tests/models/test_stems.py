@@ -49,19 +49,122 @@ def test_stem_found_from_timm_metadata(backbone, replaced):
 
 @pytest.mark.parametrize('name', STEM_MODELS)
 def test_stem_output_transforms_on_real_image(name, image):
+    """The registered models' stem (issue 18): the lift's fields at every group element, folded into the stem's
+    channels; a turn of the image turns the map and permutes every block of |G| channels."""
     torch.manual_seed(0)
     model = timm.create_model(name).eval()
     stem = get_stem(model)
-    assert isinstance(stem, EquivariantStem) and stem.mode == 'invariant'
+    assert isinstance(stem, EquivariantStem) and stem.mode == 'equivariant' and not stem.proj_head
+    assert len(stem.convs) == 0 and stem.width * stem.group.order == model._gequiv_stem['out_chs']
+    _randomise_bn(stem)
     g = stem.group
     with torch.no_grad():
         y = stem_output(model, image)
         assert y.shape[1] == model._gequiv_stem['out_chs']
         for e in g.elements()[1:]:
             yg = stem_output(model, g.transform_plane(image, e))
-            # invariant mode: the output only moves spatially, as the image did
-            assert _err(yg, g.transform_plane(y, e)) < 1e-5, (name, e)
+            assert _err(yg, stem.transform_output(y, e)) < 1e-5, (name, e)
+            assert _err(yg, g.transform_plane(y, e)) > 1e-2  # the channel blocks permute: not a planar turn
             assert _err(yg, y) > 1e-2  # and it does move (a digit is not symmetric)
+
+
+def _randomise_bn(module: nn.Module, seed: int = 0) -> None:
+    """Non-trivial running statistics and affine parameters (a fresh eval-mode BN is the identity)."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                for t in (m.running_mean, m.weight, m.bias):
+                    t.copy_(torch.randn(t.shape, generator=gen))
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+
+
+def test_stem_models_build_the_fast_stem_exactly(image):
+    """The default stem is fold(ReLU(GBN(conv2d(x, w)))) with one strided conv of out_chs channels (the pooled lift's
+    bank): checked against that reference, in train mode (batch statistics) and eval mode."""
+    torch.manual_seed(0)
+    model = timm.create_model('gequiv_p4_resnet18')
+    stem = get_stem(model)
+    _randomise_bn(stem)
+    assert set(dict(stem.named_parameters())) == {'lift.weight', 'bn1.weight', 'bn1.bias'}
+    w = stem.lift.pooled_weight()
+    assert tuple(w.shape) == (64, 3, 8, 8)  # 16 fields x 4 rotations; the 7x7 filter smeared by the 2x2 pool
+    bn = stem.bn1
+    for train in (True, False):
+        stem.train(train)
+        z = F.conv2d(image, w.detach(), None, 2, 3)
+        if train:
+            mean = z.unflatten(1, (16, 4)).mean(dim=(0, 2, 3, 4)).repeat_interleave(4)
+            var = z.unflatten(1, (16, 4)).var(dim=(0, 2, 3, 4), unbiased=False).repeat_interleave(4)
+        else:
+            mean, var = bn.running_mean.repeat_interleave(4), bn.running_var.repeat_interleave(4)
+        ref = F.relu((z - mean[:, None, None]) / (var[:, None, None] + bn.eps).sqrt() * bn.weight.repeat_interleave(4)[
+            :, None, None] + bn.bias.repeat_interleave(4)[:, None, None])
+        with torch.no_grad():
+            torch.testing.assert_close(stem(image), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_old_stem_design_is_an_argument(image):
+    """The stem before issue 18 (3x3 group conv after the lift, pooled over the group, 1x1 conv, BN, ReLU) is built by
+    mode='invariant', stem_depth=1, stem_proj=True, with its state-dict keys and its planar (invariant) output."""
+    torch.manual_seed(0)
+    model = timm.create_model('gequiv_p4_resnet18', mode='invariant', stem_depth=1, stem_proj=True).eval()
+    stem = get_stem(model)
+    keys = set(model.state_dict())
+    assert {'conv1.lift.weight', 'conv1.convs.0.weight', 'conv1.proj.weight', 'conv1.bn2.weight'} <= keys
+    assert stem.mode == 'invariant' and stem.proj_head and stem.width == 16
+    _randomise_bn(stem)
+    with torch.no_grad():
+        y = stem_output(model, image)
+        g = stem.group
+        for e in g.elements()[1:]:
+            assert _err(stem_output(model, g.transform_plane(image, e)), g.transform_plane(y, e)) < 1e-5
+    new = set(timm.create_model('gequiv_p4_resnet18').state_dict())
+    assert {k for k in new if k.startswith('conv1.')} == {'conv1.lift.weight', 'conv1.bn1.weight', 'conv1.bn1.bias',
+                                                           'conv1.bn1.running_mean', 'conv1.bn1.running_var',
+                                                           'conv1.bn1.num_batches_tracked'}
+
+
+@pytest.mark.parametrize('group', ['p4', 'p4m', 'c8'])
+@pytest.mark.parametrize('mode', ['invariant', 'equivariant'])
+def test_stem_without_projection_is_equivariant(group, mode):
+    """proj=False: the group layers' map is the output (pooled or folded); check_equivariance holds at rounding level
+    for the elements on the pixel grid (every element of p4 / p4m, the quarter turns of c8), and the check fails for
+    a stem whose output is read with the wrong action."""
+    torch.manual_seed(0)
+    out = 32 if group != 'p4m' else 64
+    for depth in (0, 1):
+        stem = EquivariantStem(3, out, 2, group=group, mode=mode, depth=depth, proj=False, kernel_size=5).double()
+        _randomise_bn(stem)
+        assert stem.width == (out if mode == 'invariant' else out // stem.group.order)
+        assert stem(torch.randn(2, 3, 16, 16, dtype=torch.float64)).shape == (2, out, 8, 8)
+        assert stem.check_equivariance(size=16) < 1e-10
+    if mode == 'equivariant':  # read as a planar map, the folded output is not equivariant: the check can fail
+        stem.transform_output = lambda y, e: stem.group.transform_plane(y, e)
+        assert stem.check_equivariance(size=16) > 1e-2
+
+
+def test_stem_without_projection_scripts():
+    from tests.models.test_script_fx import _script
+    torch.manual_seed(0)
+    stem = EquivariantStem(3, 32, 2, group='p4', mode='equivariant', depth=0, proj=False).eval()
+    _randomise_bn(stem)
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(_script(stem)(x), stem(x))
+
+
+def test_stem_without_projection_errors():
+    with pytest.raises(ValueError, match=r'with proj=False the equivariant stem.*width must be 16 for out_chs=64; '
+                                         r'got width=8\. Leave width=None or use proj=True'):
+        EquivariantStem(3, 64, 2, group='p4', mode='equivariant', width=8, proj=False)
+    with pytest.raises(ValueError, match=r'with proj=False the invariant stem.*width must be 64'):
+        EquivariantStem(3, 64, 2, group='p4', mode='invariant', width=16, proj=False)
+    with pytest.raises(ValueError, match='proj must be True or False'):
+        EquivariantStem(3, 64, 2, group='p4', proj=1)
+    with pytest.raises(ValueError, match=r"stem_proj must be one of \(True, False\), got 'no'"):
+        timm.create_model('gequiv_p4_resnet18', stem_proj='no')
+    with pytest.raises(ValueError, match='multiple of 8'):
+        EquivariantStem(3, 36, 2, group='p4m', mode='equivariant', proj=False)
 
 
 @pytest.mark.parametrize('group', ['p4', 'p4m'])
