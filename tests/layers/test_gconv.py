@@ -1,5 +1,7 @@
 """Group convolutions: equivariance for every group element, a direct reference computation, export, caching,
 and clear errors. Equivariance is checked by actually rotating/flipping inputs (torch.rot90 / torch.flip)."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -261,7 +263,7 @@ def test_no_stale_filter_bank_after_any_weight_write(write, grad):
 
 def _reference_forward(conv, x):
     """The layer's map computed from scratch with the reference expansion (no reuse, no flat gather)."""
-    y = F.conv2d(x.flatten(1, 2), conv._expand(conv.weight), conv._expand_bias(conv.bias), conv.stride, conv.padding,
+    y = F.conv2d(x if conv.in_planar else x.flatten(1, 2), conv._expand(conv.weight), conv._expand_bias(conv.bias), conv.stride, conv.padding,
                  conv.dilation)
     return y.unflatten(1, (conv.out_channels, conv.out_order))
 
@@ -462,3 +464,43 @@ def test_meta_device_build_does_not_poison_later_cpu_layers():
     x = torch.randn(1, 2, 8, 9, 9)
     assert conv(x).shape == (1, 3, 8, 9, 9)
     assert P4ConvZ2(1, 2, 3)(torch.randn(1, 1, 7, 7)).shape == (1, 2, 4, 5, 5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# on the --device of the run (CPU by default; `pytest --device cuda` on a GPU machine: benchmarks/gpu_check.sh)
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('group', ['p4', 'p4m', 'c8', 'd8'])
+def test_layers_on_device_match_the_cpu_in_float64(group, device):
+    """Forward, gradients and exact quarter-turn equivariance of a small stack on the device, against the same
+    stack on the CPU in float64."""
+    torch.manual_seed(0)
+    stack = nn.Sequential(GroupConv2d(2, 4, 3, 'z2', group, padding=1), GroupBatchNorm(4, group), nn.ReLU(),
+                          GroupConv2d(4, 3, 3, group, group, padding=1), GroupMaxPool2d(2, group=group),
+                          GroupPool(group, 'max'))
+    ref = copy.deepcopy(stack).double()
+    dev = stack.to(device=device, dtype=torch.float32)
+    x = torch.randn(3, 2, 12, 12, dtype=torch.float64)
+    y_ref = ref(x)
+    xd = x.float().to(device).requires_grad_(True)
+    y = dev(xd)
+    torch.testing.assert_close(y.double().cpu(), y_ref, rtol=1e-4, atol=1e-4)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    for (n, p), (_, q) in zip(dev.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad.double().cpu(), q.grad, rtol=1e-3, atol=1e-3, msg=n)
+    dev.eval()
+    with torch.no_grad():
+        a = dev(torch.rot90(xd, 1, dims=(-2, -1)))
+        b = torch.rot90(dev(xd), 1, dims=(-2, -1))
+        assert (a - b).abs().max().item() < 1e-4
+        dev[0].weight.data.mul_(-1)  # a write on the device is followed there too
+        torch.testing.assert_close(dev[0](xd), _reference_forward(dev[0], xd), rtol=0, atol=0)
+
+
+def test_no_bank_reuse_on_gpu(cuda_device):
+    conv = P4ConvP4(2, 3, 3, padding=1).to(cuda_device).eval()
+    x = torch.randn(1, 2, 4, 6, 6, device=cuda_device)
+    with torch.no_grad():
+        y = conv(x)
+        assert conv._eval_cache is None
+        torch.testing.assert_close(y, _reference_forward(conv, x), rtol=0, atol=0)
