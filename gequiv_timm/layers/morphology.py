@@ -34,7 +34,7 @@ from .checks import check_float_tensor
 from .pde_native import native_morph_backward, native_morph_forward, use_native
 
 __all__ = ['morphological_convolution_m2', 'morphological_convolution_m2_blocks',
-           'morphological_convolution_m2_reference']
+           'morphological_convolution_m2_reference', 'morphological_convolution_r2']
 
 
 # the M2 feature-map check, shared with layers/pde.py
@@ -352,3 +352,24 @@ def morphological_convolution_m2_reference(x: torch.Tensor, kernel: torch.Tensor
                 cands.append(v + kv if erosion else v - kv)
     st = torch.stack(cands, 0)
     return st.amin(0) if erosion else st.amax(0)
+
+
+def morphological_convolution_r2(x: torch.Tensor, kernel: torch.Tensor, erosion: bool = False) -> torch.Tensor:
+    """Max-plus (``erosion=False``) or min-plus (``erosion=True``) convolution on R2, per channel.
+
+    ``dilation: out[b,c,y,x] = max_{i,j} x[b, c, y + i - kH//2, x + j - kW//2] - kernel[c, i, j]``; erosion: ``min``
+    of ``x + kernel`` (LieTorch's ``morphological_convolution_r2`` is this erosion). Offsets outside the image do
+    not compete. ``x [B, C, H, W]``, ``kernel [C, kH, kW]`` (odd sizes) -> ``[B, C, H, W]``.
+
+    The M2 engine with one orientation (:func:`morphological_convolution_m2` on ``[B, C, 1, H, W]``): the same
+    compiled operator, memory and gradient rules (to the arg-max, lowest flat offset ``i * kW + j`` on ties).
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"morphological_convolution_r2: expected an R2 feature map [B, C, H, W], got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+                         + (" (an M2 map? use morphological_convolution_m2)"
+                            if isinstance(x, torch.Tensor) and x.dim() == 5 else ''))
+    if not isinstance(kernel, torch.Tensor) or kernel.dim() != 3 or kernel.shape[0] != x.shape[1]:
+        raise ValueError(f"morphological_convolution_r2: kernel must be [C={x.shape[1]}, kH, kW], got "
+                         f"{tuple(kernel.shape) if isinstance(kernel, torch.Tensor) else type(kernel).__name__}")
+    return morphological_convolution_m2(x.unsqueeze(2), kernel[:, None, None], erosion).squeeze(2)
