@@ -237,8 +237,9 @@ class SegmentationNet(nn.Module):
         return 1
 
     def exact_input_sizes(self, h: int, w: int) -> bool:
-        """Whether quarter turns of an ``h x w`` input turn the logits exactly (square inputs, group nets)."""
-        return self.kind != 'cnn' and h == w
+        """Whether quarter turns map the sampling grids of an ``h x w`` input to themselves (square inputs: every
+        layer keeps the size), where the group nets' logits turn exactly with the input."""
+        return h == w
 
     # ----- timm API -------------------------------------------------------------------------------------
     @torch.jit.ignore
