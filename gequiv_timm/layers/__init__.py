@@ -15,6 +15,12 @@ from .pde import (
     CDEPdeLayerM2, ConvectionM2, DilationM2, ErosionM2, LiftM2Cartesian, LinearM2, MaxProjectM2, PDEStem,
     ReflectionPadM2, SumProjectM2, morphological_convolution_m2, rotate_m2,
 )
+from .morphology import morphological_convolution_r2
+from .pde_native import morphology_backend, native_available, set_morphology_backend
+from .pde_r2 import (
+    CDEPdeLayerR2, ConvectionR2, DEPdeLayerR2, DilationR2, ErosionR2, LinearR2, MorphologicalConvolutionR2,
+    SpatialResampleR2,
+)
 from .rcn import (
     CoordRegressionHead, DenoisingKeypointModel, JointKeypointModel, RCNPaperTrunk, RecombinatorHead, SingleScaleHead,
     SumNetHead, argmax_keypoints, decode_heatmaps, heatmap_cross_entropy, soft_argmax_keypoints, spatial_softmax,
