@@ -50,16 +50,16 @@ _SOURCE = r'''
 #include <algorithm>
 
 namespace {
-constexpr int CH = 32;  // outputs per chunk: the running max (and arg-max) of a chunk stay in registers
+constexpr int CH = 64;  // outputs per chunk: the running max (and arg-max) of a chunk stay in registers
 
 // GCC / clang vector extensions (explicit vectors: the compilers otherwise vectorise the loop over offsets)
-typedef float vf __attribute__((vector_size(32)));
-typedef double vd __attribute__((vector_size(32)));
-typedef int32_t vi __attribute__((vector_size(32)));
-typedef int64_t vl __attribute__((vector_size(32)));
+typedef float vf __attribute__((vector_size(64)));
+typedef double vd __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef int64_t vl __attribute__((vector_size(64)));
 template <typename T> struct VT;
-template <> struct VT<float> { typedef vf V; typedef vi I; typedef int32_t S; static constexpr int N = 8; };
-template <> struct VT<double> { typedef vd V; typedef vl I; typedef int64_t S; static constexpr int N = 4; };
+template <> struct VT<float> { typedef vf V; typedef vi I; typedef int32_t S; static constexpr int N = 16; };
+template <> struct VT<double> { typedef vd V; typedef vl I; typedef int64_t S; static constexpr int N = 8; };
 
 template <typename V, typename T>
 inline V loadu(const T* p) { V v; __builtin_memcpy(&v, p, sizeof(V)); return v; }
@@ -210,7 +210,7 @@ void gequiv_morph_bwd_f64(const double* g, const uint8_t* idx, double* gx, doubl
 
 _FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-pthread')
 _MAX_OFFSETS = 255  # the arg-max index is a uint8
-_SLACK = 32  # CH in the source: the last chunk of the last plane reads that far past the padded buffer
+_SLACK = 64  # CH in the source: the last chunk of the last plane reads that far past the padded buffer
 
 _lock = threading.Lock()
 _lib = None            # the loaded library, once built
@@ -359,16 +359,28 @@ def native_morph_forward(x: torch.Tensor, kernel: torch.Tensor, erosion: bool, n
     b, c, orientations, h, w = x.shape
     ko, kh, kw = kernel.shape[-3:]
     nf = ko * kh * kw
-    xp, wp, plane, length = _pad(x, ko, kh, kw, float('inf') if erosion else float('-inf'))
     kv = kernel.detach().to(x.dtype).reshape(c, orientations, nf)
     kv = kv.contiguous() if erosion else kv.neg()  # out = max_f (x_f - k_f) = max_f (x_f + kv_f)
-    f = torch.arange(nf)
-    shift = ((f // (kh * kw)) * plane + ((f // kw) % kh) * wp + f % kw).to(torch.int64).contiguous()
     out = torch.empty_like(x)
     idx = torch.empty(x.shape, dtype=torch.uint8) if need_index else None
     fn = _lib.gequiv_morph_fwd_f32 if x.dtype == torch.float32 else _lib.gequiv_morph_fwd_f64
-    fn(_ptr(xp), _ptr(kv), _ptr(out), _ptr(idx) if idx is not None else None, _ptr(shift), b * c * orientations, c,
-       orientations, h, w, wp, plane, length, nf, int(bool(erosion)), torch.get_num_threads())
+    fill = float('inf') if erosion else float('-inf')
+    hw = h * w
+    shift = None
+    # the padded copy is made a few samples at a time (at most about half the output's size): memory O(output)
+    per_sample = c * ((orientations + 2 * (ko // 2)) * (h + 2 * (kh // 2)) * (w + 2 * (kw // 2)) + 2 * (kw // 2))
+    step = max(1, min(b, (x.numel() // 2) // per_sample))
+    for b0 in range(0, b, step):
+        b1 = min(b, b0 + step)
+        xp, wp, plane, length = _pad(x[b0:b1], ko, kh, kw, fill)
+        if shift is None:
+            f = torch.arange(nf)
+            shift = ((f // (kh * kw)) * plane + ((f // kw) % kh) * wp + f % kw).to(torch.int64).contiguous()
+        first = b0 * c * orientations
+        fn(_ptr(xp), _ptr(kv), out.data_ptr() + first * hw * out.element_size(),
+           (idx.data_ptr() + first * hw) if idx is not None else None, _ptr(shift), (b1 - b0) * c * orientations,
+           c, orientations, h, w, wp, plane, length, nf, int(bool(erosion)), torch.get_num_threads())
+        del xp
     return out, idx
 
 
