@@ -21,6 +21,11 @@ from .pde_r2 import (
     CDEPdeLayerR2, ConvectionR2, DEPdeLayerR2, DilationR2, ErosionR2, LinearR2, MorphologicalConvolutionR2,
     SpatialResampleR2,
 )
+from .pde_nondiag import CDEPdeLayerM2NonDiag, DilationM2NonDiag, ErosionM2NonDiag
+from .pde_m2_ops import (
+    AnisotropicDilatedProjectM2, ConvectionDilationPdeM2, ConvectionErosionPdeM2, ConvM2Cartesian, DEPdeLayerM2,
+    SpatialResampleM2,
+)
 from .rcn import (
     CoordRegressionHead, DenoisingKeypointModel, JointKeypointModel, RCNPaperTrunk, RecombinatorHead, SingleScaleHead,
     SumNetHead, argmax_keypoints, decode_heatmaps, heatmap_cross_entropy, soft_argmax_keypoints, spatial_softmax,
