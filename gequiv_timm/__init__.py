@@ -21,6 +21,8 @@ def __getattr__(name):
         'inject_equivariant_stem': 'gequiv_timm.models.stems',
         'inject_stem': 'gequiv_timm.models.stems',
         'STNFrontEnd': 'gequiv_timm.models.stn',
+        'canonicalize': 'gequiv_timm.models.canon',
+        'CanonicalizedModel': 'gequiv_timm.models.canon',
         'PDEStem': 'gequiv_timm.layers.pde',
     }
     if name in lazy:

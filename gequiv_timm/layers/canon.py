@@ -26,8 +26,7 @@ rotations of ``cN`` / ``dN``, ``grid_sample`` about the image centre, bilinear b
 the stack of all ``|G|`` transformed copies ``[|G|, B, C, H, W]``; the model picks one per sample with a one-hot
 weight (exact: ``1 * x + 0 * y = x``), which is also how the straight-through gradient reaches the canonicalizer.
 """
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: TorchScript reads the class annotations of GroupAction.
 import math
 from typing import List
 

@@ -54,7 +54,6 @@ canonical image turned back by the predicted element, ``T(c(x)) F(T(c(x))^-1 x)`
 """
 # No ``from __future__ import annotations``: TorchScript reads the annotations of the scripted forward.
 import math
-from functools import partial
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -222,9 +221,10 @@ class CanonicalizedModel(nn.Module):
             self.canonicalizer = None
         self.canon_args = dict(canon_size=canon_size, canon_width=canon_width, canon_depth=canon_depth,
                                canon_kernel_size=canon_kernel_size)
-        self.last_logits: Optional[torch.Tensor] = None
-        self.last_elements: Optional[torch.Tensor] = None
+        self.last_logits = None  # the last forward's group logits (with their graph), for the prior
+        self.last_elements = None  # the last forward's predicted elements [B] (detached)
         self.backbone_frozen = False
+        self.dense_features = False  # set by prune_intermediate_layers: forward_features is then a tap, turned back
         self.set_backbone_frozen(freeze_backbone)
 
     # ----- freezing -------------------------------------------------------------------------------------------
@@ -382,12 +382,18 @@ class CanonicalizedModel(nn.Module):
         out = self.backbone.forward_intermediates(xc, **kw)
         if intermediates_only:
             return [select_elements(self.action(f), w) for f in out]
-        return out[0], [select_elements(self.action(f), w) for f in out[1]]
+        final = out[0]
+        if self.dense_features and final.dim() == 4:
+            final = select_elements(self.action(final), w)
+        return final, [select_elements(self.action(f), w) for f in out[1]]
 
     @torch.jit.ignore
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True):
+        """The backbone's pruning. The pruned model is a feature extractor: from then on :meth:`forward_features`
+        returns its last map turned back by the predicted element (equivariant, like the taps)."""
         take = self.backbone.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+        self.dense_features = True
         if prune_head:
             self.num_classes = 0
         self.num_features = self.backbone.num_features
@@ -395,13 +401,17 @@ class CanonicalizedModel(nn.Module):
         return take
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The backbone's features of the canonical image (``mode='average'``: of the ``|G|`` transformed copies,
-        stacked on the batch axis as ``[|G| * B, ...]``, copy-major; :meth:`forward_head` averages them)."""
+        """The backbone's features of the canonical image, what its head takes (``mode='average'``: of the ``|G|``
+        transformed copies, stacked on the batch axis as ``[|G| * B, ...]``, copy-major; :meth:`forward_head` averages
+        them). After :meth:`prune_intermediate_layers` a 4-D output is turned back by the predicted element."""
         x = self._check_input(x)
         if self.mode == 'average':
             return self.backbone.forward_features(self.action(x).flatten(0, 1))
-        xc, _ = self._canonical(x)
-        return self.backbone.forward_features(xc)
+        xc, w = self._canonical(x)
+        y = self.backbone.forward_features(xc)
+        if self.dense_features and y.dim() == 4:
+            y = select_elements(self.action(y), w)
+        return y
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         y = self.backbone.forward_head(x, pre_logits=pre_logits)
@@ -561,19 +571,26 @@ def _pretrained_filter(state_dict: Dict[str, torch.Tensor], model: Canonicalized
 def _create_canon(variant: str, pretrained: bool = False, **kwargs) -> CanonicalizedModel:
     """Build through timm (``build_model_with_cfg``); ``pretrained=True`` loads the *plain backbone's* checkpoint (the
     cfg's Hub id or file) into ``backbone.*`` and initialises the canonicalizer."""
+    from timm.models import get_pretrained_cfg
     backbone = kwargs.get('backbone')
+    first_conv = getattr(get_pretrained_cfg(variant), 'first_conv', None)  # adapted to in_chans before the checks
     return create_gequiv_model(CanonicalizedModel, variant, pretrained, feature_cfg=dict(out_indices=None),
+                               first_conv=first_conv if isinstance(first_conv, str) else None,
                                pretrained_filter_fn=_pretrained_filter,
                                source_architectures=(backbone,) if isinstance(backbone, str) else (), **kwargs)
 
 
 def canon_cfg(backbone: str):
     """The cfg of a canonicalized ``backbone``, per tag: timm's own cfg of the backbone checkpoint the tag names
-    (hub repo, input size, crop, mean / std), with ``first_conv`` / ``classifier`` under ``backbone.``."""
+    (hub repo, input size, crop, mean / std), with ``first_conv`` / ``classifier`` under ``backbone.`` (and, for a
+    backbone with a fixed input size, ``min_input_size`` = ``input_size``)."""
     def cfg(tag: str) -> Dict[str, Any]:
         src = backbone_cfg(backbone, tag)
-        return dict(src, first_conv=_prefixed(src.get('first_conv'), 'backbone.'),
-                    classifier=_prefixed(src.get('classifier'), 'backbone.'))
+        out = dict(src, first_conv=_prefixed(src.get('first_conv'), 'backbone.'),
+                   classifier=_prefixed(src.get('classifier'), 'backbone.'))
+        if src.get('fixed_input_size'):  # a ViT at its one size: that is also the smallest it takes
+            out['min_input_size'] = src['input_size']
+        return out
     return cfg
 
 
