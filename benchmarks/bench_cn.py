@@ -26,17 +26,20 @@ import argparse
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import layer_train_steps, report, verdict  # noqa: E402
+from common import (  # noqa: E402
+    add_device_arg, device_label, escnn_field_type, layer_step_fns, report, resolve_device, shuffled_round_robin,
+    synced, verdict,
+)
 
 from gequiv_timm.layers import (  # noqa: E402
-    GroupAvgPool2d, GroupBatchNorm, GroupConv2d, GroupMaxPool2d, GroupPool, RandomField, centre, get_group,
+    GroupAvgPool2d, GroupBatchNorm, GroupConv2d, GroupMaxPool2d, GroupPool, RandomField, centre, count_parameters,
+    get_group,
 )
 from gequiv_timm.layers.checks import check_equivariance  # noqa: E402
 from gequiv_timm.layers.filter_basis import expansion_map, rotation_maps  # noqa: E402
@@ -231,16 +234,8 @@ def layers_part(groups, wavelength):
 # ----------------------------------------------------------------------------------------------------------------
 # speed
 # ----------------------------------------------------------------------------------------------------------------
-def speed_part(runs, repeats, fields=16, size=32, batch=32):
-    from gequiv_timm.models.escnn_baselines import import_escnn
-    gspaces, enn = import_escnn()
-    gs = gspaces.rot2dOnR2(8)
-    ft = enn.FieldType(gs, fields * [gs.regular_repr])
-    torch.manual_seed(0)
-    ours = GroupConv2d(fields, fields, 3, 'c8', 'c8', padding=1, bias=False)
-    esc = enn.R2Conv(ft, ft, 3, padding=1, bias=False)
-    x5 = torch.randn(batch, fields, 8, size, size)
-    fns = layer_train_steps(ours, esc, x5, ft)
+def speed_part(runs, repeats, dev, fields=16, size=32, batch=32):
+    fns = synced(layer_step_fns('c8', fields, batch, size, 'train', dev, bias=False), dev)
     ratios = {k: [] for k in TARGETS}
     for run in range(runs):
         wall, cpu = shuffled_round_robin(fns, reps=repeats, seed=run)
@@ -250,31 +245,16 @@ def speed_part(runs, repeats, fields=16, size=32, batch=32):
         ratios['train_vs_escnn (CPU time)'].append(cpu['ours'] / cpu['escnn'])
     out = {k: statistics.median(v) for k, v in ratios.items()}
     out['runs'] = ratios
-    out['weights'] = {'ours': ours.weight.numel(), 'escnn': esc.weights.numel()}
+    out['weights'] = {'ours': count_parameters(fields, fields, 3, 'c8', 'c8', bias=False),
+                      'escnn': escnn_weight_count('c8', fields)}
     return out
 
 
-def shuffled_round_robin(fns, reps, seed=0, warmup=3):
-    """Median wall and CPU seconds (this process, all threads) per call of each callable, timed in rounds of one
-    call each, in a fresh random order every round (seeded): unlike a rotated order, no candidate always runs right
-    after the same other one (what a candidate leaves behind, e.g. freed memory or cold caches, falls on all alike).
-    CPU time is less sensitive than wall time to other jobs on a shared machine."""
-    import random
-    rng = random.Random(seed)
-    keys = list(fns)
-    for _ in range(warmup):
-        for k in keys:
-            fns[k]()
-    wall = {k: [] for k in keys}
-    cpu = {k: [] for k in keys}
-    for _ in range(reps):
-        rng.shuffle(keys)
-        for k in keys:
-            t, c = time.perf_counter(), time.process_time()
-            fns[k]()
-            wall[k].append(time.perf_counter() - t)
-            cpu[k].append(time.process_time() - c)
-    return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()})
+def escnn_weight_count(group, fields):
+    from gequiv_timm.models.escnn_baselines import import_escnn
+    _, enn = import_escnn()
+    ft = escnn_field_type(group, fields)
+    return enn.R2Conv(ft, ft, 3, padding=1, bias=False).weights.numel()
 
 
 TARGETS = {'train_vs_floor': 1.10, 'train_vs_escnn': 1.00, 'train_vs_floor (CPU time)': 1.10,
@@ -288,10 +268,12 @@ def main():
     ap.add_argument('--runs', type=int, default=3)
     ap.add_argument('--repeats', type=int, default=15)
     ap.add_argument('--wavelength', type=float, default=8.0)
+    add_device_arg(ap)
     ap.add_argument('--out', default=None)
     args = ap.parse_args()
+    dev = resolve_device(args.device)
     torch.set_num_threads(args.threads)
-    text, res = [f"# C_N / D_N layers (torch {torch.__version__}, {args.threads} threads)"], {}
+    text, res = [f"# C_N / D_N layers (torch {torch.__version__}, {device_label(dev, args.threads)})"], {}
     if args.part in ('all', 'basis'):
         t, r = basis_part((args.wavelength, 5.0))
         text.append(t)
@@ -301,7 +283,7 @@ def main():
         text.append(t)
         res['layers'] = r
     if args.part in ('all', 'speed'):
-        r = speed_part(args.runs, args.repeats)
+        r = speed_part(args.runs, args.repeats, dev)
         res['speed'] = r
         lines = [f"## Speed: C8 16 -> 16 regular fields, 3x3, 32x32, batch 32, train step (medians of {args.runs} "
                  f"runs of {args.repeats} shuffled rounds; wall time and process CPU time)", '',

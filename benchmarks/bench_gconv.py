@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    add_device_arg, device_label, layer_step_fns, report, resolve_device, shuffled_round_robin, synced, verdict,
+    add_device_arg, device_label, layer_step_fns, paired_ratio, report, resolve_device, shuffled_round_robin, synced,
+    verdict,
 )
 
 import timm  # noqa: E402
@@ -109,8 +110,9 @@ def profile_part(repeats, dev, batch=32, fields=16, size=32):
         'bias expansion fwd+bwd': bias_fb,
         'input check': check,
     }
-    wall, cpu = shuffled_round_robin(synced(fns, dev), reps=repeats, seed=1)
-    res = {'train': {'wall': wall, 'cpu': cpu}}
+    raw = {}
+    wall, cpu = shuffled_round_robin(synced(fns, dev), reps=repeats, seed=1, raw=raw)
+    res = {'train': {'wall': wall, 'cpu': cpu, 'rounds': raw}}
     # ----- eval, batch 1
     conv.eval()
     x1 = torch.randn(1, fields, 4, size, size, device=dev)
@@ -132,8 +134,9 @@ def profile_part(repeats, dev, batch=32, fields=16, size=32):
         'eval reuse check (equal weights)': nograd(lambda: conv._bank()),
         'input check': lambda: check_group_input(x1, fields, 4, 'P4ConvP4', 1),
     }
-    wall, cpu = shuffled_round_robin(synced(efns, dev), reps=repeats * 4, seed=2, inner=10)
-    res['eval_b1'] = {'wall': wall, 'cpu': cpu}
+    raw = {}
+    wall, cpu = shuffled_round_robin(synced(efns, dev), reps=repeats * 4, seed=2, inner=10, raw=raw)
+    res['eval_b1'] = {'wall': wall, 'cpu': cpu, 'rounds': raw}
     # ----- torch.profiler: the busiest operators of one train step (inner layer and the old sum step)
     res['profiler'] = {}
     if dev.type == 'cpu':
@@ -153,22 +156,33 @@ def profile_part(repeats, dev, batch=32, fields=16, size=32):
 
 
 def profile_text(res):
-    tw, tc = res['train']['wall'], res['train']['cpu']
-    fl, flc = tw['step (inner): floor'], tc['step (inner): floor']
-    fs, fsc = tw['step (sum): floor'], tc['step (sum): floor']
+    tw, tc, tr = res['train']['wall'], res['train']['cpu'], res['train']['rounds']
     lines = ['## Profile: P4ConvP4 16 -> 16 fields, 3x3, 32x32, bias; train batch 32, eval batch 1', '',
-             'Medians of shuffled rounds (wall / process CPU time). `before` = the layer before issue 18 (the '
-             'reference expansion, a gather + transpose + copy, on every call); `now` = this version. Pieces are '
-             'timed alone, in the same rounds, as % of the floor step.', '',
+             '`before` = the layer before issue 18 (the reference expansion, a gather + transpose + copy, on every '
+             'call, eval included); `now` = this version; `(sum)` = the old benchmark\'s step `layer(x).sum()'
+             '.backward()` (weight gradient only), `(inner)` = an inner layer\'s step (input gradient too, dense '
+             'upstream gradient). Steps: the median over shuffled rounds of step / floor in the same round. Pieces '
+             '(timed alone, in the same rounds): median time / the floor step\'s median.', '',
              '| train, batch 32 | ms (wall) | ms (CPU) | / floor (wall) | / floor (CPU) |', '|---|---|---|---|---|']
     for k in tw:
-        base, basec = (fs, fsc) if '(sum)' in k else (fl, flc)
-        lines.append(f"| {k} | {tw[k] * 1e3:.3f} | {tc[k] * 1e3:.3f} | {tw[k] / base:.3f} | {tc[k] / basec:.3f} |")
-    ew, ec = res['eval_b1']['wall'], res['eval_b1']['cpu']
-    fe, fec = ew['eval b1: floor'], ec['eval b1: floor']
+        floor = 'step (sum): floor' if '(sum)' in k else 'step (inner): floor'
+        if k.startswith('step'):
+            rw, rc = paired_ratio(tr['wall'], k, floor), paired_ratio(tr['cpu'], k, floor)
+        else:
+            rw, rc = tw[k] / tw[floor], tc[k] / tc[floor]
+        lines.append(f"| {k} | {tw[k] * 1e3:.3f} | {tc[k] * 1e3:.3f} | {rw:.4f} | {rc:.4f} |")
+    for when in ('before', 'now'):
+        added = tc[f'expansion fwd+bwd: {when}'] + tc['bias expansion fwd+bwd'] + tc['input check']
+        lines.append(f"| **the layer's own work, {when}** (expansion fwd+bwd, bias, check; CPU) | | "
+                     f"{added * 1e3:.3f} | | {added / tc['step (inner): floor']:.4f} |")
+    ew, ec, er = res['eval_b1']['wall'], res['eval_b1']['cpu'], res['eval_b1']['rounds']
     lines += ['', '| eval, batch 1 | us (wall) | us (CPU) | / floor (wall) | / floor (CPU) |', '|---|---|---|---|---|']
     for k in ew:
-        lines.append(f"| {k} | {ew[k] * 1e6:.1f} | {ec[k] * 1e6:.1f} | {ew[k] / fe:.3f} | {ec[k] / fec:.3f} |")
+        if k.startswith('eval b1'):
+            rw, rc = paired_ratio(er['wall'], k, 'eval b1: floor'), paired_ratio(er['cpu'], k, 'eval b1: floor')
+        else:
+            rw, rc = ew[k] / ew['eval b1: floor'], ec[k] / ec['eval b1: floor']
+        lines.append(f"| {k} | {ew[k] * 1e6:.1f} | {ec[k] * 1e6:.1f} | {rw:.4f} | {rc:.4f} |")
     for name, rows in res.get('profiler', {}).items():
         lines += ['', f"torch.profiler, {name} (self CPU time per step, 1 step = mean of 3):", '',
                   '| operator | input shapes | ms | calls |', '|---|---|---|---|']
@@ -187,10 +201,15 @@ def layers_part(groups, repeats, dev, size=32):
             key = f"{mode} b{batch}"
             fns = synced(layer_step_fns(group, f, batch, size, mode, dev), dev)
             inner = 10 if batch == 1 else 1
-            wall, cpu = shuffled_round_robin(fns, reps=repeats * (3 if batch == 1 else 1), seed=3, inner=inner)
-            res[f"{group} {key}"] = {'fields': f, 'channels': f * get_group(group).order, 'wall': wall, 'cpu': cpu}
-            print(f"  {group} {key}: ours/floor {wall['ours'] / wall['floor']:.3f} (CPU {cpu['ours'] / cpu['floor']:.3f})"
-                  f", ours/escnn {wall['ours'] / wall['escnn']:.3f}", flush=True)
+            raw = {}
+            wall, cpu = shuffled_round_robin(fns, reps=repeats * (3 if batch == 1 else 1), seed=3, inner=inner,
+                                             raw=raw)
+            paired = {f"{a}/{b}": {t: paired_ratio(raw[t], a, b) for t in ('wall', 'cpu')}
+                      for a, b in (('ours', 'floor'), ('escnn', 'floor'), ('ours', 'escnn'))}
+            res[f"{group} {key}"] = {'fields': f, 'channels': f * get_group(group).order, 'wall': wall, 'cpu': cpu,
+                                     'paired': paired, 'rounds': raw}
+            print(f"  {group} {key}: ours/floor {paired['ours/floor']['wall']:.3f} (CPU "
+                  f"{paired['ours/floor']['cpu']:.3f}), ours/escnn {paired['ours/escnn']['wall']:.3f}", flush=True)
     return res
 
 
@@ -199,18 +218,19 @@ def layers_text(res, dev):
     lines = ['## Every group: ours vs the floor and escnn R2Conv (3x3, padding 1, 32x32, bias, regular fields)', '',
              'train = an inner layer\'s step at batch 32 (forward, backward to the weights and the input with a dense '
              'upstream gradient); eval = no grad. Floor = one `F.conv2d` with our expanded bank and bias as fixed '
-             'tensors. Wall-time medians of shuffled rounds' + (' (process CPU time in brackets)' if cpu_col else '')
-             + '.', '',
+             'tensors. Each ratio is the median over shuffled rounds of the two times measured in the same round, '
+             'wall time' + (' (process CPU time in brackets)' if cpu_col else '') + '.', '',
              '| group | fields (channels) | mode | ours / floor | goal | | escnn / floor | ours / escnn | ours (ms) |',
              '|---|---|---|---|---|---|---|---|---|']
     for key, r in res.items():
         group, mode = key.split(' ', 1)
-        w, c = r['wall'], r['cpu']
-        ratio = w['ours'] / w['floor']
+        w, pr = r['wall'], r['paired']
+        ratio = pr['ours/floor']['wall']
         tgt = LAYER_TARGETS[mode]
 
         def fmt(a, b):
-            return f"{w[a] / w[b]:.3f}" + (f" ({c[a] / c[b]:.3f})" if cpu_col else '')
+            q = pr[f"{a}/{b}"]
+            return f"{q['wall']:.3f}" + (f" ({q['cpu']:.3f})" if cpu_col else '')
         lines.append(f"| {group} | {r['fields']} ({r['channels']}) | {mode} | {fmt('ours', 'floor')} | <= {tgt} | "
                      f"{verdict(ratio, tgt)} | {fmt('escnn', 'floor')} | {fmt('ours', 'escnn')} | "
                      f"{w['ours'] * 1e3:.3f} |")

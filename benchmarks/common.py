@@ -1,6 +1,6 @@
 """What the benchmark scripts share besides the package's measurements (:mod:`gequiv_timm.measure`: round-robin
-timing, MACs, train memory, peak resident memory): the target verdict, writing a result, the train-step
-callables of a layer-against-escnn comparison, timing in shuffled rounds, and the ``--device`` option (CPU, or
+timing, MACs, train memory, peak resident memory): the target verdict, writing a result, the callables of a
+layer-against-escnn comparison (:func:`layer_step_fns`), timing in shuffled rounds, and the ``--device`` option (CPU, or
 CUDA when a GPU is present: callables are then synchronised, and results name the GPU)."""
 from __future__ import annotations
 
@@ -26,36 +26,6 @@ def report(text: str, results: Any, out: str | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text + '\n')
         path.with_suffix('.json').write_text(json.dumps(results, indent=1) + '\n')
-
-
-def layer_train_steps(ours, esc, x5, field_type, padding: int = 1) -> dict:
-    """The three callables a layer benchmark times side by side, each one train step (forward + backward of the
-    output's sum): ``'ours'`` (the filter bank expanded from the weights every call), ``'escnn'`` (escnn's layer on
-    the same fields and input) and ``'floor'`` (one ``F.conv2d`` with ``ours``'s expanded bank as a fixed leaf).
-    ``x5``: ``[B, C, |G|, H, W]``; both layers are put in train mode."""
-    import torch.nn.functional as F
-
-    from gequiv_timm.models.escnn_baselines import import_escnn
-    _, enn = import_escnn()
-    xf = x5.flatten(1, 2)
-    xg = enn.GeometricTensor(xf.clone(), field_type)
-    w = ours.expanded_weight().detach().clone().requires_grad_(True)
-    ours.train()
-    esc.train()
-
-    def ours_train():
-        ours.zero_grad(set_to_none=True)
-        ours(x5).sum().backward()
-
-    def esc_train():
-        esc.zero_grad(set_to_none=True)
-        esc(xg).tensor.sum().backward()
-
-    def floor_train():
-        w.grad = None
-        F.conv2d(xf, w, None, 1, padding).sum().backward()
-
-    return {'ours': ours_train, 'escnn': esc_train, 'floor': floor_train}
 
 
 def add_device_arg(ap) -> None:
@@ -101,11 +71,12 @@ def synced(fns: dict[str, Callable[[], Any]], dev) -> dict[str, Callable[[], Any
 
 
 def shuffled_round_robin(fns: dict[str, Callable[[], Any]], reps: int, seed: int = 0, warmup: int = 3,
-                         inner: int = 1) -> tuple[dict[str, float], dict[str, float]]:
+                         inner: int = 1, raw: dict | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """Median wall and CPU seconds (this process, all threads) per call of each callable, timed in rounds of
     ``inner`` calls each, in a fresh random order every round (seeded): unlike a rotated order, no candidate
     always runs right after the same other one (what a candidate leaves behind, e.g. freed memory or cold caches,
-    falls on all alike). CPU time is less sensitive than wall time to other jobs on a shared machine."""
+    falls on all alike). CPU time is less sensitive than wall time to other jobs on a shared machine. With ``raw``
+    (a dict), the per-round times are left in ``raw['wall']`` / ``raw['cpu']`` for :func:`paired_ratio`."""
     rng = random.Random(seed)
     keys = list(fns)
     for _ in range(warmup):
@@ -122,7 +93,15 @@ def shuffled_round_robin(fns: dict[str, Callable[[], Any]], reps: int, seed: int
                 f()
             wall[k].append((time.perf_counter() - t) / inner)
             cpu[k].append((time.process_time() - c) / inner)
+    if raw is not None:
+        raw['wall'], raw['cpu'] = wall, cpu
     return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()})
+
+
+def paired_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
+    """The median over rounds of ``a``'s time over ``b``'s in the same round: robust to the machine's load
+    drifting between rounds (both sides of a ratio are measured within one round)."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
 def escnn_field_type(group: str, fields: int):
