@@ -14,7 +14,10 @@ C_N / D_N (``gequiv_c8cnn``, ``gequiv_d8cnn``, ``gequiv_c16cnn``): the P4CNN lay
 :class:`~gequiv_timm.layers.gconv.GroupConv2d` on ``'c8'`` / ``'d8'`` / ``'c16'``, whose filters at the rotations by
 ``2 pi / N`` are steered in a band-limited circular-harmonic basis (6 weights per 3x3 filter; Weiler, Hamprecht &
 Storath, CVPR 2018; :mod:`gequiv_timm.layers.filter_basis`). Widths are chosen so the parameter counts are within
-10% of P4CNN's 21,940 (``num_classes=10``): C8 9 fields (23,608), D8 and C16 6 fields (20,926). The quarter turns
+10% of P4CNN's 21,940 (``num_classes=10``): C8 tapers from 7 fields in the two 24-26 px stages to 9 after the
+pool (21,188: fewer parameters than escnn's C8 model, 0.69x its convolution MACs; issue 16 measured the same or
+lower error than the constant 9-field layout, benchmarks/results/compare_cn_3seeds.md), D8 and C16 6 fields
+(20,926). The quarter turns
 (and, for D8, the mirrors) act exactly on the pixel grid, so the logits are exactly invariant to them, by the same
 size rule as P4CNN; at the other rotations (45 degrees for C8 / D8, 22.5 for C16) the invariance is approximate:
 ``gequiv_timm.symmetry`` measures it on smooth inputs and ``registry/symmetry.json`` stores the figure.
@@ -209,9 +212,9 @@ def gequiv_z2cnn(pretrained: bool = False, **kwargs) -> GroupCNN:
 
 @register_model
 def gequiv_c8cnn(pretrained: bool = False, **kwargs) -> GroupCNN:
-    """C8-CNN: the P4CNN layout on C8 (rotations by 45 degrees, harmonic 3x3 filters), 9 fields (P4CNN's
-    parameters within 8%)."""
-    model_args = dict(group='c8', widths=(9,) * 7, kernel_size=3, padding=0, pool_after=(1,), in_chans=1,
+    """C8-CNN: the P4CNN layout on C8 (rotations by 45 degrees, harmonic 3x3 filters), 7 fields before the
+    pool and 9 after it (21,188 parameters, P4CNN's within 4%)."""
+    model_args = dict(group='c8', widths=(7, 7, 9, 9, 9, 9, 9), kernel_size=3, padding=0, pool_after=(1,), in_chans=1,
                       num_classes=10)
     return _create_gcnn('gequiv_c8cnn', pretrained, **dict(model_args, **kwargs))
 

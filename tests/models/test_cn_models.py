@@ -49,6 +49,18 @@ def test_parameters_match_p4cnn_within_ten_percent(name):
     assert m.pool_after == (1,) and m.group_pool.mode == 'max'
 
 
+def test_c8cnn_is_cheaper_than_escnns_c8_model_with_fewer_parameters():
+    """The C8 layout's promise (gcnn.py, registry/gcnn.toml): 7 fields in the two stages before the pool, 9 after,
+    21,188 parameters, fewer than escnn's C8 model and at most 0.70x its exported convolution MACs."""
+    pytest.importorskip('escnn')
+    from gequiv_timm.measure import count_macs
+    ours = timm.create_model('gequiv_c8cnn').eval()
+    theirs = timm.create_model('gequiv_escnn_c8cnn').eval()
+    assert [c.out_channels for c in ours.modules() if isinstance(c, GroupConv2d)] == [7, 7, 9, 9, 9, 9, 9]
+    assert _n_params(ours) == 21_188 < _n_params(theirs)
+    assert count_macs(ours.export()) <= 0.70 * count_macs(theirs.export())
+
+
 @pytest.mark.parametrize('name', sorted(CN))
 @pytest.mark.parametrize('train', [False, True])
 def test_logits_exactly_invariant_to_quarter_turns(name, train, digits):
