@@ -68,9 +68,20 @@ inline V loadu(const T* p) { V v; __builtin_memcpy(&v, p, sizeof(V)); return v; 
 template <typename T, typename S, bool IDX>
 inline void store(const T* acc, const S* id, int n, int64_t t0, int64_t Wp, int64_t W, T* oq, uint8_t* iq) {
     int64_t y = t0 / Wp, x = t0 - y * Wp;
-    for (int t = 0; t < n; ++t) {
-        if (x < W) { oq[y * W + x] = acc[t]; if (IDX) iq[y * W + x] = (uint8_t)id[t]; }
-        if (++x == Wp) { x = 0; ++y; }
+    int t = 0;
+    while (t < n) {  // runs of valid columns are copied, the Wp - W wrap-around columns skipped
+        if (x < W) {
+            const int run = (int)std::min<int64_t>(W - x, n - t);
+            __builtin_memcpy(oq + y * W + x, acc + t, run * sizeof(T));
+            if (IDX) for (int r = 0; r < run; ++r) iq[y * W + x + r] = (uint8_t)id[t + r];
+            t += run;
+            x += run;
+        } else {
+            const int skip = (int)std::min<int64_t>(Wp - x, n - t);
+            t += skip;
+            x += skip;
+        }
+        if (x == Wp) { x = 0; ++y; }
     }
 }
 
