@@ -12,10 +12,12 @@ wheel does not already need for ``torch.compile``) into a cache directory (``$GE
 ``~/.cache/gequiv_timm``; the file name carries a hash of the source, the flags and the CPU's flags), loaded with
 ``ctypes`` and called on the tensors' data pointers (the GIL is released; ``torch.get_num_threads()`` threads).
 
-* forward: per ``(sample, channel, orientation)`` plane of the padded flat layout of
-  :mod:`~gequiv_timm.layers.morphology` (every offset a constant shift), chunks of 32 outputs keep their running
-  maximum (minimum) and its offset in registers while all offsets stream past; the output is written cropped.
-  Ties: the lowest flat offset wins (strict comparison), as in the PyTorch path.
+* forward: each ``(sample, channel)`` slab is copied into a small padded buffer (orientations periodic, the plane
+  with -inf / +inf: the layout of :mod:`~gequiv_timm.layers.morphology`, where every kernel offset is a constant
+  shift; one buffer per thread, cache-resident), then chunks of 64 outputs keep their running maximum (minimum) and
+  its offset in registers while all offsets stream past; the output is written cropped. Memory: the output (and
+  the ``uint8`` index for training), nothing of the input's size. Ties: the lowest flat offset wins (strict
+  comparison), as in the PyTorch path.
 * backward: one pass over the output per channel, the gradient routed to the winning offset (input and kernel).
 
 Same values as the PyTorch path (the candidates are the same float additions, the maximum is exact); gradients
@@ -48,6 +50,7 @@ _SOURCE = r'''
 #include <thread>
 #include <vector>
 #include <algorithm>
+#include <limits>
 
 namespace {
 constexpr int CH = 64;  // outputs per chunk: the running max (and arg-max) of a chunk stay in registers
@@ -85,70 +88,87 @@ inline void store(const T* acc, const S* id, int n, int64_t t0, int64_t Wp, int6
     }
 }
 
-// every chunk reads CH values per offset: the caller's buffer has CH values of slack after the last plane
+// One thread's share of (sample, channel) slabs: each slab is copied into a small padded buffer (orientations
+// periodic, the plane with +-inf, CH values of slack so that every chunk's reads stay inside), then every
+// orientation's output is computed from it, chunk by chunk, with every offset a constant shift.
 template <typename T, bool EROSION, bool IDX>
-void fwd_range(const T* xp, const T* kv, T* out, uint8_t* idx, const int64_t* shift, int64_t q0, int64_t q1,
-               int64_t C, int64_t O, int64_t H, int64_t W, int64_t Wp, int64_t plane, int64_t length, int64_t nf) {
+void fwd_range(const T* x, const T* kv, T* out, uint8_t* idx, const int64_t* shift, int64_t bc0, int64_t bc1,
+               int64_t C, int64_t O, int64_t H, int64_t W, int64_t KO, int64_t KH, int64_t KW) {
     typedef typename VT<T>::V V;
     typedef typename VT<T>::I I;
     typedef typename VT<T>::S S;
     constexpr int N = VT<T>::N, NV = CH / N;
-    const int64_t unit = H * Wp;
-    for (int64_t q = q0; q < q1; ++q) {
-        const int64_t bc = q / O, o = q % O, c = bc % C;
-        const T* base = xp + bc * length + o * plane;
-        const T* kq = kv + (c * O + o) * nf;
-        T* oq = out + q * H * W;
-        uint8_t* iq = IDX ? idx + q * H * W : nullptr;
-        for (int64_t t0 = 0; t0 < unit; t0 += CH) {
-            V acc[NV];
-            I id[NV];
-            {
-                const T* p = base + shift[0] + t0;
-                const T k = kq[0];
-                for (int v = 0; v < NV; ++v) { acc[v] = loadu<V>(p + v * N) + k; if (IDX) id[v] = I{} ; }
-            }
-            for (int64_t f = 1; f < nf; ++f) {
-                const T* p = base + shift[f] + t0;
-                const T k = kq[f];
-                const S fs = (S)f;
-                for (int v = 0; v < NV; ++v) {
-                    const V cand = loadu<V>(p + v * N) + k;
-                    const I m = EROSION ? (cand < acc[v]) : (cand > acc[v]);
-                    acc[v] = m ? cand : acc[v];
-                    if (IDX) id[v] = m ? (I{} + fs) : id[v];
+    const int64_t ro = KO / 2, rh = KH / 2, rw = KW / 2, Wp = W + 2 * rw, Hp = H + 2 * rh, plane = Hp * Wp;
+    const int64_t nf = KO * KH * KW, unit = H * Wp, hw = H * W;
+    const int64_t length = (O + 2 * ro) * plane + 2 * rw + CH;
+    const T fill = EROSION ? std::numeric_limits<T>::infinity() : -std::numeric_limits<T>::infinity();
+    std::vector<T> storage(length);
+    T* buf = storage.data();
+    std::fill(buf, buf + length, fill);  // the borders stay +-inf; only the interior is rewritten per slab
+    for (int64_t bc = bc0; bc < bc1; ++bc) {
+        const int64_t c = bc % C;
+        const T* xs = x + bc * O * hw;
+        for (int64_t a = 0; a < O + 2 * ro; ++a) {
+            const int64_t src = ((a - ro) % O + O) % O;
+            for (int64_t y = 0; y < H; ++y)
+                __builtin_memcpy(buf + a * plane + (rh + y) * Wp + rw, xs + src * hw + y * W, W * sizeof(T));
+        }
+        for (int64_t o = 0; o < O; ++o) {
+            const int64_t q = bc * O + o;
+            const T* base = buf + o * plane;
+            const T* kq = kv + (c * O + o) * nf;
+            T* oq = out + q * hw;
+            uint8_t* iq = IDX ? idx + q * hw : nullptr;
+            for (int64_t t0 = 0; t0 < unit; t0 += CH) {
+                V acc[NV];
+                I id[NV];
+                {
+                    const T* p = base + shift[0] + t0;
+                    const T k = kq[0];
+                    for (int v = 0; v < NV; ++v) { acc[v] = loadu<V>(p + v * N) + k; if (IDX) id[v] = I{}; }
                 }
+                for (int64_t f = 1; f < nf; ++f) {
+                    const T* p = base + shift[f] + t0;
+                    const T k = kq[f];
+                    const S fs = (S)f;
+                    for (int v = 0; v < NV; ++v) {
+                        const V cand = loadu<V>(p + v * N) + k;
+                        const I m = EROSION ? (cand < acc[v]) : (cand > acc[v]);
+                        acc[v] = m ? cand : acc[v];
+                        if (IDX) id[v] = m ? (I{} + fs) : id[v];
+                    }
+                }
+                T av[CH];
+                S ids[CH];
+                __builtin_memcpy(av, acc, sizeof(av));
+                if (IDX) __builtin_memcpy(ids, id, sizeof(ids));
+                const int n = (int)std::min<int64_t>(CH, unit - t0);
+                store<T, S, IDX>(av, ids, n, t0, Wp, W, oq, iq);
             }
-            T a[CH];
-            S ids[CH];
-            __builtin_memcpy(a, acc, sizeof(a));
-            if (IDX) __builtin_memcpy(ids, id, sizeof(ids));
-            const int n = (int)std::min<int64_t>(CH, unit - t0);
-            store<T, S, IDX>(a, ids, n, t0, Wp, W, oq, iq);
         }
     }
 }
 
 template <typename T>
-void fwd(const T* xp, const T* kv, T* out, uint8_t* idx, const int64_t* shift, int64_t nplanes, int64_t C,
-         int64_t O, int64_t H, int64_t W, int64_t Wp, int64_t plane, int64_t length, int64_t nf, int erosion,
-         int nthreads) {
-    auto run = [&](int64_t q0, int64_t q1) {
+void fwd(const T* x, const T* kv, T* out, uint8_t* idx, int64_t nbc, int64_t C, int64_t O, int64_t H, int64_t W,
+         int64_t KO, int64_t KH, int64_t KW, int erosion, int nthreads) {
+    const int64_t Wp = W + 2 * (KW / 2), plane = (H + 2 * (KH / 2)) * Wp, nf = KO * KH * KW;
+    std::vector<int64_t> shift(nf);
+    for (int64_t f = 0; f < nf; ++f) shift[f] = (f / (KH * KW)) * plane + ((f / KW) % KH) * Wp + f % KW;
+    const int64_t* sh = shift.data();
+    auto run = [&](int64_t b0, int64_t b1) {
         if (erosion) {
-            if (idx) fwd_range<T, true, true>(xp, kv, out, idx, shift, q0, q1, C, O, H, W, Wp, plane, length, nf);
-            else fwd_range<T, true, false>(xp, kv, out, idx, shift, q0, q1, C, O, H, W, Wp, plane, length, nf);
+            if (idx) fwd_range<T, true, true>(x, kv, out, idx, sh, b0, b1, C, O, H, W, KO, KH, KW);
+            else fwd_range<T, true, false>(x, kv, out, idx, sh, b0, b1, C, O, H, W, KO, KH, KW);
         } else {
-            if (idx) fwd_range<T, false, true>(xp, kv, out, idx, shift, q0, q1, C, O, H, W, Wp, plane, length, nf);
-            else fwd_range<T, false, false>(xp, kv, out, idx, shift, q0, q1, C, O, H, W, Wp, plane, length, nf);
+            if (idx) fwd_range<T, false, true>(x, kv, out, idx, sh, b0, b1, C, O, H, W, KO, KH, KW);
+            else fwd_range<T, false, false>(x, kv, out, idx, sh, b0, b1, C, O, H, W, KO, KH, KW);
         }
     };
-    int64_t nt = std::max<int64_t>(1, std::min<int64_t>(nthreads, nplanes));
-    if (nt == 1) { run(0, nplanes); return; }
+    int64_t nt = std::max<int64_t>(1, std::min<int64_t>(nthreads, nbc));
+    if (nt == 1) { run(0, nbc); return; }
     std::vector<std::thread> pool;
-    for (int64_t i = 0; i < nt; ++i) {
-        const int64_t q0 = nplanes * i / nt, q1 = nplanes * (i + 1) / nt;
-        pool.emplace_back(run, q0, q1);
-    }
+    for (int64_t i = 0; i < nt; ++i) pool.emplace_back(run, nbc * i / nt, nbc * (i + 1) / nt);
     for (auto& th : pool) th.join();
 }
 
@@ -197,16 +217,16 @@ void bwd(const T* g, const uint8_t* idx, T* gx, T* gk, int64_t B, int64_t C, int
 }  // namespace
 
 extern "C" {
-int gequiv_morph_version() { return 1; }
-void gequiv_morph_fwd_f32(const float* xp, const float* kv, float* out, uint8_t* idx, const int64_t* shift,
-                          int64_t nplanes, int64_t C, int64_t O, int64_t H, int64_t W, int64_t Wp, int64_t plane,
-                          int64_t length, int64_t nf, int erosion, int nthreads) {
-    fwd<float>(xp, kv, out, idx, shift, nplanes, C, O, H, W, Wp, plane, length, nf, erosion, nthreads);
+int gequiv_morph_version() { return 2; }
+void gequiv_morph_fwd_f32(const float* x, const float* kv, float* out, uint8_t* idx, int64_t nbc, int64_t C,
+                          int64_t O, int64_t H, int64_t W, int64_t KO, int64_t KH, int64_t KW, int erosion,
+                          int nthreads) {
+    fwd<float>(x, kv, out, idx, nbc, C, O, H, W, KO, KH, KW, erosion, nthreads);
 }
-void gequiv_morph_fwd_f64(const double* xp, const double* kv, double* out, uint8_t* idx, const int64_t* shift,
-                          int64_t nplanes, int64_t C, int64_t O, int64_t H, int64_t W, int64_t Wp, int64_t plane,
-                          int64_t length, int64_t nf, int erosion, int nthreads) {
-    fwd<double>(xp, kv, out, idx, shift, nplanes, C, O, H, W, Wp, plane, length, nf, erosion, nthreads);
+void gequiv_morph_fwd_f64(const double* x, const double* kv, double* out, uint8_t* idx, int64_t nbc, int64_t C,
+                          int64_t O, int64_t H, int64_t W, int64_t KO, int64_t KH, int64_t KW, int erosion,
+                          int nthreads) {
+    fwd<double>(x, kv, out, idx, nbc, C, O, H, W, KO, KH, KW, erosion, nthreads);
 }
 void gequiv_morph_bwd_f32(const float* g, const uint8_t* idx, float* gx, float* gk, int64_t B, int64_t C,
                           int64_t O, int64_t H, int64_t W, int64_t KO, int64_t KH, int64_t KW, int nthreads) {
@@ -221,7 +241,6 @@ void gequiv_morph_bwd_f64(const double* g, const uint8_t* idx, double* gx, doubl
 
 _FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-pthread')
 _MAX_OFFSETS = 255  # the arg-max index is a uint8
-_SLACK = 64  # CH in the source: the last chunk of the last plane reads that far past the padded buffer
 
 _lock = threading.Lock()
 _lib = None            # the loaded library, once built
@@ -269,12 +288,12 @@ def _build():
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     for dt in ('f32', 'f64'):
         f = getattr(lib, f'gequiv_morph_fwd_{dt}')
-        f.argtypes = [ptr] * 5 + [i64] * 9 + [cint, cint]
+        f.argtypes = [ptr] * 4 + [i64] * 8 + [cint, cint]
         f.restype = None
         f = getattr(lib, f'gequiv_morph_bwd_{dt}')
         f.argtypes = [ptr] * 4 + [i64] * 8 + [cint]
         f.restype = None
-    if lib.gequiv_morph_version() != 1:
+    if lib.gequiv_morph_version() != 2:
         raise RuntimeError("stale library")
     return lib
 
@@ -338,60 +357,21 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
-def _pad(x: torch.Tensor, ko: int, kh: int, kw: int, fill: float):
-    """The padded flat layout ``[B, C, length]`` of :mod:`~gequiv_timm.layers.morphology`: orientations padded
-    periodically, the plane with ``fill``, plus a tail so that every shift of the valid rows stays inside."""
-    b, c, orientations, h, w = x.shape
-    ro, rh, rw = ko // 2, kh // 2, kw // 2
-    hp, wp = h + 2 * rh, w + 2 * rw
-    plane = hp * wp
-    length = (orientations + 2 * ro) * plane + 2 * rw
-    xp = torch.empty(b * c * length + _SLACK, dtype=x.dtype)[:b * c * length].view(b, c, length)
-    body = xp[:, :, :(orientations + 2 * ro) * plane].view(b, c, orientations + 2 * ro, hp, wp)
-    if rh:
-        body[..., :rh, :].fill_(fill)
-        body[..., rh + h:, :].fill_(fill)
-    if rw:
-        body[..., rh:rh + h, :rw].fill_(fill)
-        body[..., rh:rh + h, rw + w:].fill_(fill)
-        xp[:, :, (orientations + 2 * ro) * plane:].fill_(fill)
-    body[:, :, ro:ro + orientations, rh:rh + h, rw:rw + w] = x
-    if ro:
-        body[:, :, :ro, rh:rh + h, rw:rw + w] = x[:, :, orientations - ro:]
-        body[:, :, ro + orientations:, rh:rh + h, rw:rw + w] = x[:, :, :ro]
-    return xp, wp, plane, length
-
-
 def native_morph_forward(x: torch.Tensor, kernel: torch.Tensor, erosion: bool, need_index: bool):
     """``(out, idx)`` of the max-plus (min-plus) convolution (``idx`` the ``uint8`` winning flat offset, or None).
     Shapes and conventions as :func:`~gequiv_timm.layers.morphology.morphological_convolution_m2`; call only when
-    :func:`use_native` says so."""
+    :func:`use_native` says so. Memory: the output, the index, and one padded ``(sample, channel)`` slab per
+    thread."""
     x = x.contiguous()
     b, c, orientations, h, w = x.shape
     ko, kh, kw = kernel.shape[-3:]
-    nf = ko * kh * kw
-    kv = kernel.detach().to(x.dtype).reshape(c, orientations, nf)
+    kv = kernel.detach().to(x.dtype).reshape(c, orientations, ko * kh * kw)
     kv = kv.contiguous() if erosion else kv.neg()  # out = max_f (x_f - k_f) = max_f (x_f + kv_f)
     out = torch.empty_like(x)
     idx = torch.empty(x.shape, dtype=torch.uint8) if need_index else None
     fn = _lib.gequiv_morph_fwd_f32 if x.dtype == torch.float32 else _lib.gequiv_morph_fwd_f64
-    fill = float('inf') if erosion else float('-inf')
-    hw = h * w
-    shift = None
-    # the padded copy is made a few samples at a time (at most about half the output's size): memory O(output)
-    per_sample = c * ((orientations + 2 * (ko // 2)) * (h + 2 * (kh // 2)) * (w + 2 * (kw // 2)) + 2 * (kw // 2))
-    step = max(1, min(b, (x.numel() // 2) // per_sample))
-    for b0 in range(0, b, step):
-        b1 = min(b, b0 + step)
-        xp, wp, plane, length = _pad(x[b0:b1], ko, kh, kw, fill)
-        if shift is None:
-            f = torch.arange(nf)
-            shift = ((f // (kh * kw)) * plane + ((f // kw) % kh) * wp + f % kw).to(torch.int64).contiguous()
-        first = b0 * c * orientations
-        fn(_ptr(xp), _ptr(kv), out.data_ptr() + first * hw * out.element_size(),
-           (idx.data_ptr() + first * hw) if idx is not None else None, _ptr(shift), (b1 - b0) * c * orientations,
-           c, orientations, h, w, wp, plane, length, nf, int(bool(erosion)), torch.get_num_threads())
-        del xp
+    fn(_ptr(x), _ptr(kv), _ptr(out), _ptr(idx) if idx is not None else None, b * c, c, orientations, h, w, ko, kh,
+       kw, int(bool(erosion)), torch.get_num_threads())
     return out, idx
 
 
