@@ -68,7 +68,6 @@ import os
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -109,31 +108,63 @@ FLAT_INDEX_LIMIT = 1 << 21  # bank entries up to which the eager expansion is on
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-class _Snapshot:
-    """The bits of one tensor when a bank was made from it: the tensor object, where its data lies, its shape and
-    strides, a numpy view of its memory (which also keeps that memory alive) and a copy of its bytes.
-    :meth:`same` is true only while the tensor still holds exactly those bits at that place (``-0.0`` differs from
-    ``0.0``; a NaN equals itself)."""
-
-    __slots__ = ('obj', 'ptr', 'shape', 'stride', 'view', 'saved')
-
-    def __init__(self, t: torch.Tensor, view):
-        self.obj, self.ptr, self.shape, self.stride = t, t.data_ptr(), t.shape, t.stride()
-        self.view, self.saved = view, view.tobytes()
-
-    @staticmethod
-    def take(t: Optional[torch.Tensor]):
-        """A snapshot of a contiguous CPU tensor, ``None`` for ``None``; ``False`` when it cannot be taken."""
-        if t is None:
+def _load_memcmp():
+    """libc's ``memcmp`` through ctypes (a bytewise comparison without allocating), or ``None`` where there is
+    none to load; then :func:`_same_bytes` compares with ``torch.equal`` on integer views instead."""
+    try:
+        import ctypes
+        import ctypes.util
+        libc = ctypes.CDLL(ctypes.util.find_library('c') or None)
+        fn = libc.memcmp
+        fn.restype = ctypes.c_int
+        fn.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+        a, b = torch.arange(4, dtype=torch.int32), torch.arange(4, dtype=torch.int32)
+        if fn(a.data_ptr(), b.data_ptr(), 16) != 0 or fn(a.data_ptr(), b.flip(0).data_ptr(), 16) == 0:
             return None
-        d = t.detach()
-        if d.device.type != 'cpu' or not d.is_contiguous() or d.element_size() not in _INT_OF_SIZE:
-            return False
-        return _Snapshot(t, d.view(_INT_OF_SIZE[d.element_size()]).numpy())
+        return fn
+    except (OSError, AttributeError, TypeError):  # pragma: no cover - platforms without a loadable libc
+        return None
 
-    def same(self, t: torch.Tensor) -> bool:
-        return (t is self.obj and t.data_ptr() == self.ptr and t.shape == self.shape and t.stride() == self.stride
-                and self.view.tobytes() == self.saved)
+
+_MEMCMP = _load_memcmp()
+
+
+def _snapshot(t: Optional[torch.Tensor]):
+    """A copy of a contiguous CPU tensor's bits (``None`` for ``None``; ``False`` when ``t`` is not such a tensor,
+    which then is never reused)."""
+    if t is None:
+        return None
+    d = t.detach()
+    if d.device.type != 'cpu' or not d.is_contiguous() or d.element_size() not in _INT_OF_SIZE:
+        return False
+    return d.clone()
+
+
+def _same_bytes(t: torch.Tensor, saved: torch.Tensor) -> bool:
+    """Whether contiguous ``t`` holds exactly the bytes of ``saved`` (same shape and strides already checked): bit
+    for bit, so ``-0.0`` differs from ``0.0`` and a NaN equals itself."""
+    if _MEMCMP is not None:
+        return _MEMCMP(t.data_ptr(), saved.data_ptr(), saved.numel() * saved.element_size()) == 0
+    it = _INT_OF_SIZE[saved.element_size()]
+    return torch.equal(t.detach().view(it), saved.view(it))
+
+
+class _EvalBank:
+    """A bank made in eval mode, and what it was made from: the weight and bias objects, where their data lies,
+    their shapes and strides, copies of the bits they held, and the fixed maps with their versions.
+    :meth:`GroupConv2d._bank` serves it only while all of these still hold."""
+
+    __slots__ = ('w', 'b', 'fm', 'fi', 'fmv', 'fiv', 'wptr', 'wshape', 'wstride', 'wsaved', 'bptr', 'bshape',
+                 'bsaved', 'bank', 'bias')
+
+    def __init__(self, w, b, fm, fi, wsaved, bsaved, bank, bias):
+        self.w, self.b, self.fm, self.fi = w, b, fm, fi
+        self.fmv = -1 if fm is None else fm._version
+        self.fiv = -1 if fi is None else fi._version
+        self.wptr, self.wshape, self.wstride, self.wsaved = w.data_ptr(), w.shape, w.stride(), wsaved
+        self.bptr, self.bshape = (-1, None) if b is None else (b.data_ptr(), b.shape)
+        self.bsaved = bsaved
+        self.bank, self.bias = bank, bias
 
 
 def _compiling() -> bool:
@@ -529,25 +560,32 @@ class GroupConv2d(EquivariantMixin, nn.Module):
         Not on GPUs, where reading the comparison's result would synchronise the device at every layer; there the
         bank is expanded every call (one small kernel). Memory: one bank and one copy of the weights per layer,
         while in eval mode on the CPU (what :meth:`export` holds too); ``train()`` frees it."""
+        c = self._eval_cache
+        if c is not None and not self.training and not _compiling():  # the reuse check, kept lean (it runs per call)
+            params, bufs = self._parameters, self._buffers
+            w, b = params.get('weight'), params.get('bias')
+            fm, fi = bufs.get('filter_map'), bufs.get('filter_idx')
+            if (w is c.w and b is c.b and fm is c.fm and fi is c.fi
+                    and (not torch.is_grad_enabled() or not (w.requires_grad or (b is not None and b.requires_grad)))
+                    and w.data_ptr() == c.wptr and w.shape == c.wshape and w.stride() == c.wstride
+                    and _same_bytes(w, c.wsaved)
+                    and (b is None or (b.data_ptr() == c.bptr and b.shape == c.bshape and b.is_contiguous()
+                                       and _same_bytes(b, c.bsaved)))
+                    and (fm is None or fm._version == c.fmv) and (fi is None or fi._version == c.fiv)):
+                return c.bank, c.bias
         w, b = self.weight, self.bias
         if _compiling():
             return self._expand(w), self._expand_bias(b)
         if self.training or (torch.is_grad_enabled() and (w.requires_grad or (b is not None and b.requires_grad))):
             self._eval_cache = None
             return self._expand_fast(w), self._expand_bias(b)
-        fm, fi = self.filter_map, self.filter_idx
-        c = self._eval_cache
-        if c is not None:
-            sw, sb, fm0, fi0, versions, bank, bias = c
-            if (fm is fm0 and fi is fi0 and sw.same(w) and (sb is None if b is None else sb is not None and sb.same(b))
-                    and versions == (-1 if fm is None else fm._version, -1 if fi is None else fi._version)):
-                return bank, bias
         with torch.no_grad():
             bank, bias = self._expand_fast(w), self._expand_bias(b)
-        sw, sb = _Snapshot.take(w), _Snapshot.take(b)
-        ok = sw is not False and sb is not False  # a CPU tensor whose bits can be compared (else: never reused)
-        self._eval_cache = (sw, sb, fm, fi, (-1 if fm is None else fm._version, -1 if fi is None else fi._version),
-                            bank, bias) if ok else None
+        wsaved, bsaved = _snapshot(w), _snapshot(b)
+        fm, fi = self._buffers.get('filter_map'), self._buffers.get('filter_idx')
+        reusable = (wsaved is not False and bsaved is not False and w is self._parameters.get('weight')
+                    and b is self._parameters.get('bias') and fm is self.filter_map and fi is self.filter_idx)
+        self._eval_cache = _EvalBank(w, b, fm, fi, wsaved, bsaved, bank, bias) if reusable else None
         return bank, bias
 
     def train(self, mode: bool = True):
