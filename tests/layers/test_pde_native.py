@@ -117,3 +117,36 @@ def test_native_skips_large_kernels_and_other_dtypes(backend):
     assert not pde_native.use_native(torch.randn(1, 1, 4, 5, 5).half(), torch.rand(1, 4, 3, 3, 3).half())
     layer = DilationM2(1, (1, 3, 3))
     assert layer(torch.randn(1, 1, 4, 5, 5)).shape == (1, 1, 4, 5, 5)
+
+
+def test_without_a_compiler_the_torch_path_runs_with_one_warning(tmp_path):
+    """A fresh process with no usable compiler (CXX points nowhere, empty cache): one RuntimeWarning, the same
+    values as the reference, and asking for 'native' explicitly raises naming the problem."""
+    import os
+    import subprocess
+    import sys
+    code = '''
+import warnings, torch
+from gequiv_timm.layers import pde_native
+from gequiv_timm.layers.morphology import morphological_convolution_m2, morphological_convolution_m2_reference
+x, k = torch.randn(2, 3, 4, 6, 6), torch.rand(3, 4, 3, 3, 3)
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter('always')
+    y = morphological_convolution_m2(x, k)
+    morphological_convolution_m2(x, k)
+msgs = [str(m.message) for m in w if issubclass(m.category, RuntimeWarning)]
+assert len(msgs) == 1 and 'compiled morphological operator is unavailable' in msgs[0], msgs
+assert torch.equal(y, morphological_convolution_m2_reference(x, k))
+assert pde_native.native_available()[0] is False
+try:
+    pde_native.set_morphology_backend('native')
+except RuntimeError as e:
+    assert 'unavailable' in str(e)
+else:
+    raise AssertionError('no error')
+print('OK')
+'''
+    env = dict(os.environ, CXX=str(tmp_path / 'no-such-compiler'), GEQUIV_TIMM_CACHE=str(tmp_path / 'cache'),
+               GEQUIV_TIMM_MORPH_BACKEND='auto')
+    res = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith('OK'), res.stderr[-2000:]
