@@ -212,6 +212,31 @@ def test_transform_loss_is_the_prior_of_the_last_forward():
     assert m.last_elements.shape == (4,) and m.last_elements.dtype == torch.long
 
 
+def test_gequiv_timm_train_adds_the_prior_and_keeps_the_backbone_frozen(monkeypatch):
+    """`gequiv-timm train` with --model-kwargs freeze_backbone=True: its Stepper adds transform_loss() at every step,
+    and only the canonicalizer changes."""
+    from gequiv_timm.cli import main as cli_main
+    calls, built = [], []
+    orig_loss, orig_init = CanonicalizedModel.transform_loss, CanonicalizedModel.__init__
+
+    def counted(self):
+        calls.append(1)
+        return orig_loss(self)
+
+    def kept(self, *a, **k):
+        orig_init(self, *a, **k)
+        built.append((self, {n: t.clone() for n, t in self.state_dict().items()}))
+    monkeypatch.setattr(CanonicalizedModel, 'transform_loss', counted)
+    monkeypatch.setattr(CanonicalizedModel, '__init__', kept)
+    assert cli_main(['train', 'gequiv_canon_p4_resnet18', '--data', 'rotmnist', '--limit-train', '16',
+                     '--limit-eval', '16', '--epochs', '1', '--max-steps', '2', '--batch-size', '8', '--threads', '1',
+                     '--no-progress', '--model-kwargs', 'freeze_backbone=True', 'canon_size=14']) == 0
+    assert len(calls) == 2
+    model, before = built[-1]
+    changed = {n for n, t in model.state_dict().items() if not torch.equal(t, before[n])}
+    assert changed and all(n.startswith('canonicalizer.') for n in changed), sorted(changed)[:5]
+
+
 def test_frozen_backbone_is_not_trained():
     """freeze_backbone: one optimizer step on every parameter changes the canonicalizer only; the backbone's weights
     and batch-norm statistics stay (it stays in eval mode under model.train())."""
