@@ -7,7 +7,7 @@
 #   benchmarks/gpu_check.sh --dry-run   anywhere: the same steps on the CPU with tiny budgets, into a temp folder
 #                                       (checks that every step parses and runs; numbers mean nothing)
 #
-# Every step has its own time limit (their sum is 9 min 30 s); a failed or timed-out step is reported and the
+# Every step has its own time limit (their sum is 9 min 55 s); a failed or timed-out step is reported and the
 # next one runs; the exit status is 1 if any step failed. PY overrides the interpreter (default .venv/bin/python).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,15 +50,15 @@ $PY -c "import torch; print('torch', torch.__version__, '| CUDA', torch.cuda.is_
 torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU')" | tee -a "$LOG"
 
 # 1. the tests that take the --device fixture (group layers, their gradients, equivariance, writes followed)
-step tests 150 $PY -m pytest -q -x -p no:cacheprovider --device "$DEV" tests/layers tests/models -k "$TEST_K"
+step tests 120 $PY -m pytest -q -x -p no:cacheprovider --device "$DEV" tests/layers tests/models -k "$TEST_K"
 # 2. layers: every group against the floor and escnn R2Conv; gequiv_p4cnn against a planar CNN
-step bench_gconv 80 $PY benchmarks/bench_gconv.py --part layers --groups "$GROUPS_" --device "$DEV" \
+step bench_gconv 110 $PY benchmarks/bench_gconv.py --part layers --groups "$GROUPS_" --device "$DEV" \
   --threads "$THREADS" --repeats "$REP" --out "$OUT/gconv.md"
 step bench_gconv_model 30 $PY benchmarks/bench_gconv.py --part model --device "$DEV" --threads "$THREADS" \
   --repeats "$REP" --out "$OUT/gconv_model.md"
-step bench_layers_escnn 50 $PY benchmarks/bench_layers_escnn.py --device "$DEV" --threads "$THREADS" \
+step bench_layers_escnn 45 $PY benchmarks/bench_layers_escnn.py --device "$DEV" --threads "$THREADS" \
   --repeats "$REP" --out "$OUT/escnn_layers.md"
-step bench_cn_speed 40 $PY benchmarks/bench_cn.py --part speed --device "$DEV" --threads "$THREADS" --runs 1 \
+step bench_cn_speed 35 $PY benchmarks/bench_cn.py --part speed --device "$DEV" --threads "$THREADS" --runs 1 \
   --repeats "$REP" --out "$OUT/cn_speed.md"
 # 3. models: each G-CNN against its escnn equivalent (train step, batch-1 latency, memory)
 step bench_models_escnn 140 $PY benchmarks/bench_models_escnn.py --pairs "$PAIRS" --device "$DEV" \
@@ -67,9 +67,9 @@ step bench_models_escnn 140 $PY benchmarks/bench_models_escnn.py --pairs "$PAIRS
 for b in bench_pde bench_stem; do
   if has_device_arg "benchmarks/$b.py"; then
     if [ "$b" = bench_pde ]; then
-      step $b 90 $PY benchmarks/$b.py --section morph --device "$DEV" --threads "$THREADS" --out "$OUT/pde"
+      step $b 70 $PY benchmarks/$b.py --section morph --device "$DEV" --threads "$THREADS" --out "$OUT/pde"
     else
-      step $b 60 $PY benchmarks/$b.py --device "$DEV" --threads "$THREADS" --repeats "$REP" --out "$OUT/stem"
+      step $b 45 $PY benchmarks/$b.py --device "$DEV" --threads "$THREADS" --repeats "$REP" --out "$OUT/stem"
     fi
   else
     echo "== $b: skipped, it has no --device option yet" | tee -a "$LOG"
