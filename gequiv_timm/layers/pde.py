@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from .checks import EquivarianceError, check_equivariance, check_float_tensor
 from .groups import get_group
 from .morphology import _check_m2, morphological_convolution_m2
+from .pde_native import native_convection_m2, use_native_convection
 
 __all__ = [
     'LiftM2Cartesian', 'ReflectionPadM2', 'ConvectionM2', 'DilationM2', 'ErosionM2', 'LinearM2', 'MaxProjectM2',
@@ -388,8 +389,14 @@ def convection_m2(x: torch.Tensor, g0: torch.Tensor, padding_mode: str = 'border
     # orientation: V(., o) = U(., o - s), s = theta0 / step, linear and periodic
     s = g0[:, 2] / step
     n = torch.floor(s.detach())
-    frac = (s - n).view(1, c, 1, 1, 1)
     o = torch.arange(orientations, device=x.device)
+    if padding_mode == 'border' and use_native_convection(x):  # the same resampling on the compiled operator
+        ang = o.to(x.dtype).view(1, -1) * step - g0[:, 2:3]
+        cos, sin = torch.cos(ang), torch.sin(ang)
+        ux = -(cos * g0[:, 0:1] - sin * g0[:, 1:2])
+        uy = -(sin * g0[:, 0:1] + cos * g0[:, 1:2])
+        return native_convection_m2(x, s - n, n.long(), -uy, ux)
+    frac = (s - n).view(1, c, 1, 1, 1)
     base = (torch.arange(c, device=x.device) * orientations).view(c, 1)
     i0 = base + torch.remainder(o.view(1, -1) - n.long().view(-1, 1), orientations)
     i1 = base + torch.remainder(o.view(1, -1) - n.long().view(-1, 1) - 1, orientations)

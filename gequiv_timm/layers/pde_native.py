@@ -214,10 +214,144 @@ void bwd(const T* g, const uint8_t* idx, T* gx, T* gk, int64_t B, int64_t C, int
     for (int64_t i = 0; i < nt; ++i) pool.emplace_back(run, C * i / nt, C * (i + 1) / nt);
     for (auto& th : pool) th.join();
 }
+
+// ---- convection on M2: per (sample, channel, orientation) plane a constant trilinear stencil ------------------
+// out[b,c,o](r, x) = sum_k wo_k * bilinear(X[b,c,o_k], clamp(r + dr[c,o]), clamp(x + dx[c,o])) with
+// o_0 = (o - n_c) mod O, o_1 = (o - n_c - 1) mod O, wo_0 = 1 - fr_c, wo_1 = fr_c; the coordinates are clipped to the
+// image before the interpolation (grid_sample's 'border', align_corners=True).
+template <typename T>
+struct Taps { int64_t y0, y1, x0, x1; T fy, fx; bool cy, cx; };
+
+template <typename T>
+inline Taps<T> taps(int64_t r, int64_t x, T dr, T dx, int64_t H, int64_t W) {
+    Taps<T> t;
+    T sy = (T)r + dr, sx = (T)x + dx;
+    t.cy = sy < 0 || sy > (T)(H - 1);
+    t.cx = sx < 0 || sx > (T)(W - 1);
+    sy = std::min(std::max(sy, (T)0), (T)(H - 1));
+    sx = std::min(std::max(sx, (T)0), (T)(W - 1));
+    t.y0 = (int64_t)sy; t.x0 = (int64_t)sx;
+    t.fy = sy - (T)t.y0; t.fx = sx - (T)t.x0;
+    t.y1 = std::min<int64_t>(t.y0 + 1, H - 1); t.x1 = std::min<int64_t>(t.x0 + 1, W - 1);
+    return t;
+}
+
+template <typename T>
+void conv_fwd(const T* x, const T* fr, const int64_t* n, const T* dr, const T* dx, T* out, int64_t B, int64_t C,
+              int64_t O, int64_t H, int64_t W, int nthreads) {
+    const int64_t hw = H * W;
+    auto run = [&](int64_t q0, int64_t q1) {
+        for (int64_t q = q0; q < q1; ++q) {
+            const int64_t bc = q / O, o = q % O, c = bc % C;
+            const int64_t o0 = (((o - n[c]) % O) + O) % O, o1 = (o0 + O - 1) % O;
+            const T w1 = fr[c], w0 = (T)1 - w1;
+            const T* a = x + (bc * O + o0) * hw;
+            const T* b = x + (bc * O + o1) * hw;
+            const T ddr = dr[c * O + o], ddx = dx[c * O + o];
+            T* oq = out + q * hw;
+            for (int64_t r = 0; r < H; ++r)
+                for (int64_t xx = 0; xx < W; ++xx) {
+                    const Taps<T> t = taps<T>(r, xx, ddr, ddx, H, W);
+                    const int64_t i00 = t.y0 * W + t.x0, i01 = t.y0 * W + t.x1, i10 = t.y1 * W + t.x0,
+                                  i11 = t.y1 * W + t.x1;
+                    const T va = (1 - t.fy) * ((1 - t.fx) * a[i00] + t.fx * a[i01])
+                                 + t.fy * ((1 - t.fx) * a[i10] + t.fx * a[i11]);
+                    const T vb = (1 - t.fy) * ((1 - t.fx) * b[i00] + t.fx * b[i01])
+                                 + t.fy * ((1 - t.fx) * b[i10] + t.fx * b[i11]);
+                    oq[r * W + xx] = w0 * va + w1 * vb;
+                }
+        }
+    };
+    const int64_t nq = B * C * O;
+    int64_t nt = std::max<int64_t>(1, std::min<int64_t>(nthreads, nq));
+    if (nt == 1) { run(0, nq); return; }
+    std::vector<std::thread> pool;
+    for (int64_t i = 0; i < nt; ++i) pool.emplace_back(run, nq * i / nt, nq * (i + 1) / nt);
+    for (auto& th : pool) th.join();
+}
+
+// gradients: gx (scatter of the stencil), gfr [C], gdr / gdx [C, O] (zero where the coordinate was clipped)
+template <typename T>
+void conv_bwd(const T* g, const T* x, const T* fr, const int64_t* n, const T* dr, const T* dx, T* gx, T* gfr,
+              T* gdr, T* gdx, int64_t B, int64_t C, int64_t O, int64_t H, int64_t W, int nthreads) {
+    const int64_t hw = H * W;
+    auto run = [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+            const T w1 = fr[c], w0 = (T)1 - w1;
+            double sfr = 0;
+            for (int64_t o = 0; o < O; ++o) {
+                const int64_t o0 = (((o - n[c]) % O) + O) % O, o1 = (o0 + O - 1) % O;
+                const T ddr = dr[c * O + o], ddx = dx[c * O + o];
+                double sdr = 0, sdx = 0;
+                for (int64_t bb = 0; bb < B; ++bb) {
+                    const int64_t bc = bb * C + c;
+                    const T* a = x + (bc * O + o0) * hw;
+                    const T* b = x + (bc * O + o1) * hw;
+                    T* ga = gx ? gx + (bc * O + o0) * hw : nullptr;
+                    T* gb = gx ? gx + (bc * O + o1) * hw : nullptr;
+                    const T* gq = g + (bc * O + o) * hw;
+                    for (int64_t r = 0; r < H; ++r)
+                        for (int64_t xx = 0; xx < W; ++xx) {
+                            const T gv = gq[r * W + xx];
+                            const Taps<T> t = taps<T>(r, xx, ddr, ddx, H, W);
+                            const int64_t i00 = t.y0 * W + t.x0, i01 = t.y0 * W + t.x1, i10 = t.y1 * W + t.x0,
+                                          i11 = t.y1 * W + t.x1;
+                            const T w00 = (1 - t.fy) * (1 - t.fx), w01 = (1 - t.fy) * t.fx, w10 = t.fy * (1 - t.fx),
+                                    w11 = t.fy * t.fx;
+                            if (ga) {
+                                const T g0 = gv * w0, g1 = gv * w1;
+                                ga[i00] += g0 * w00; ga[i01] += g0 * w01; ga[i10] += g0 * w10; ga[i11] += g0 * w11;
+                                gb[i00] += g1 * w00; gb[i01] += g1 * w01; gb[i10] += g1 * w10; gb[i11] += g1 * w11;
+                            }
+                            const T va = w00 * a[i00] + w01 * a[i01] + w10 * a[i10] + w11 * a[i11];
+                            const T vb = w00 * b[i00] + w01 * b[i01] + w10 * b[i10] + w11 * b[i11];
+                            sfr += (double)(gv * (vb - va));
+                            if (!t.cx) {
+                                const T da = (1 - t.fy) * (a[i01] - a[i00]) + t.fy * (a[i11] - a[i10]);
+                                const T db = (1 - t.fy) * (b[i01] - b[i00]) + t.fy * (b[i11] - b[i10]);
+                                sdx += (double)(gv * (w0 * da + w1 * db));
+                            }
+                            if (!t.cy) {
+                                const T da = (1 - t.fx) * (a[i10] - a[i00]) + t.fx * (a[i11] - a[i01]);
+                                const T db = (1 - t.fx) * (b[i10] - b[i00]) + t.fx * (b[i11] - b[i01]);
+                                sdr += (double)(gv * (w0 * da + w1 * db));
+                            }
+                        }
+                }
+                gdr[c * O + o] = (T)sdr;
+                gdx[c * O + o] = (T)sdx;
+            }
+            gfr[c] = (T)sfr;
+        }
+    };
+    int64_t nt = std::max<int64_t>(1, std::min<int64_t>(nthreads, C));
+    if (nt == 1) { run(0, C); return; }
+    std::vector<std::thread> pool;
+    for (int64_t i = 0; i < nt; ++i) pool.emplace_back(run, C * i / nt, C * (i + 1) / nt);
+    for (auto& th : pool) th.join();
+}
 }  // namespace
 
 extern "C" {
-int gequiv_morph_version() { return 2; }
+void gequiv_conv_fwd_f32(const float* x, const float* fr, const int64_t* n, const float* dr, const float* dx,
+                         float* out, int64_t B, int64_t C, int64_t O, int64_t H, int64_t W, int nthreads) {
+    conv_fwd<float>(x, fr, n, dr, dx, out, B, C, O, H, W, nthreads);
+}
+void gequiv_conv_fwd_f64(const double* x, const double* fr, const int64_t* n, const double* dr, const double* dx,
+                         double* out, int64_t B, int64_t C, int64_t O, int64_t H, int64_t W, int nthreads) {
+    conv_fwd<double>(x, fr, n, dr, dx, out, B, C, O, H, W, nthreads);
+}
+void gequiv_conv_bwd_f32(const float* g, const float* x, const float* fr, const int64_t* n, const float* dr,
+                         const float* dx, float* gx, float* gfr, float* gdr, float* gdx, int64_t B, int64_t C,
+                         int64_t O, int64_t H, int64_t W, int nthreads) {
+    conv_bwd<float>(g, x, fr, n, dr, dx, gx, gfr, gdr, gdx, B, C, O, H, W, nthreads);
+}
+void gequiv_conv_bwd_f64(const double* g, const double* x, const double* fr, const int64_t* n, const double* dr,
+                         const double* dx, double* gx, double* gfr, double* gdr, double* gdx, int64_t B, int64_t C,
+                         int64_t O, int64_t H, int64_t W, int nthreads) {
+    conv_bwd<double>(g, x, fr, n, dr, dx, gx, gfr, gdr, gdx, B, C, O, H, W, nthreads);
+}
+int gequiv_morph_version() { return 3; }
 void gequiv_morph_fwd_f32(const float* x, const float* kv, float* out, uint8_t* idx, int64_t nbc, int64_t C,
                           int64_t O, int64_t H, int64_t W, int64_t KO, int64_t KH, int64_t KW, int erosion,
                           int nthreads) {
@@ -293,7 +427,13 @@ def _build():
         f = getattr(lib, f'gequiv_morph_bwd_{dt}')
         f.argtypes = [ptr] * 4 + [i64] * 8 + [cint]
         f.restype = None
-    if lib.gequiv_morph_version() != 2:
+        f = getattr(lib, f'gequiv_conv_fwd_{dt}')
+        f.argtypes = [ptr] * 6 + [i64] * 5 + [cint]
+        f.restype = None
+        f = getattr(lib, f'gequiv_conv_bwd_{dt}')
+        f.argtypes = [ptr] * 10 + [i64] * 5 + [cint]
+        f.restype = None
+    if lib.gequiv_morph_version() != 3:
         raise RuntimeError("stale library")
     return lib
 
@@ -389,3 +529,47 @@ def native_morph_backward(grad_out: torch.Tensor, idx: torch.Tensor, k_shape, er
     if gk is not None and not erosion:
         gk.neg_()
     return gx, gk
+
+
+class _ConvectionM2Native(torch.autograd.Function):
+    """The trilinear resampling of :func:`~gequiv_timm.layers.pde.convection_m2` on the compiled operator: ``x``,
+    the orientation fraction ``fr [C]`` (integer part ``n [C]``, no gradient) and the per-plane spatial offsets
+    ``dr, dx [C, O]`` (rows down, columns right; clipped to the image as ``grid_sample``'s 'border')."""
+
+    @staticmethod
+    def forward(ctx, x, fr, n, dr, dx):
+        x = x.contiguous()
+        fr, dr, dx = (t.detach().to(x.dtype).contiguous() for t in (fr, dr, dx))
+        n = n.to(torch.int64).contiguous()
+        b, c, o, h, w = x.shape
+        out = torch.empty_like(x)
+        fn = _lib.gequiv_conv_fwd_f32 if x.dtype == torch.float32 else _lib.gequiv_conv_fwd_f64
+        fn(_ptr(x), _ptr(fr), _ptr(n), _ptr(dr), _ptr(dx), _ptr(out), b, c, o, h, w, torch.get_num_threads())
+        ctx.save_for_backward(x, fr, n, dr, dx)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, fr, n, dr, dx = ctx.saved_tensors
+        g = g.contiguous()
+        b, c, o, h, w = x.shape
+        gx = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        gfr, gdr, gdx = torch.empty_like(fr), torch.empty_like(dr), torch.empty_like(dx)
+        fn = _lib.gequiv_conv_bwd_f32 if x.dtype == torch.float32 else _lib.gequiv_conv_bwd_f64
+        fn(_ptr(g), _ptr(x), _ptr(fr), _ptr(n), _ptr(dr), _ptr(dx), _ptr(gx) if gx is not None else None,
+           _ptr(gfr), _ptr(gdr), _ptr(gdx), b, c, o, h, w, torch.get_num_threads())
+        return gx, gfr, None, gdr, gdx
+
+
+def use_native_convection(x: torch.Tensor) -> bool:
+    """Whether :func:`~gequiv_timm.layers.pde.convection_m2` runs on the compiled operator (CPU, float32/64, the
+    backend not 'torch', the operator built)."""
+    if _backend == 'torch' or x.device.type != 'cpu' or x.dtype not in (torch.float32, torch.float64):
+        return False
+    return _load() is not None
+
+
+def native_convection_m2(x, fr, n, dr, dx):
+    """See :class:`_ConvectionM2Native`."""
+    return _ConvectionM2Native.apply(x, fr, n, dr, dx)
