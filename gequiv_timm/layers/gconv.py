@@ -22,7 +22,7 @@ The bank is expanded from the current weights on every training call, and on eve
 eval mode without gradients, on the CPU, a bank is reused only while the weights hold bit for bit the values it was
 made from: every call compares the weights with a copy kept beside the bank (:meth:`GroupConv2d._bank`), so no write
 (through ``.data``, ``load_state_dict``, an optimizer, EMA or pruning code) can be outlived by a stale bank; the
-comparison costs 1-3 us against the hundreds a batch-1 conv takes (``benchmarks/bench_gconv.py --part profile``).
+check costs about 2% of a batch-1 conv (``benchmarks/bench_gconv.py --part profile``).
 On a GPU nothing is reused (reading the comparison would synchronise the device). For deployment,
 :meth:`GroupConv2d.export` returns a plain ``nn.Conv2d`` holding the expanded bank.
 
@@ -555,8 +555,9 @@ class GroupConv2d(EquivariantMixin, nn.Module):
         made from (compared with a copy kept beside it, every call) and the fixed maps are the same objects at the
         same version. Any write (``.data``, ``load_state_dict``, an optimizer or EMA step, ``to()``, a new
         Parameter) changes the values, and the bank is expanded again: nothing can be served stale. The comparison
-        reads the weights twice, ``|G_out| / 2`` times less than the conv reads the bank (measured: 3 us for a
-        16 -> 16 field p4 layer, whose batch-1 conv takes 400 us; ``benchmarks/bench_gconv.py --part profile``).
+        reads the weights twice, ``|G_out| / 2`` times less than the conv reads the bank (the whole check, measured
+        for a 16 -> 16 field p4 layer: 10-13 us on a loaded 2-core machine, 2% of its batch-1 conv;
+        ``benchmarks/bench_gconv.py --part profile``).
         Not on GPUs, where reading the comparison's result would synchronise the device at every layer; there the
         bank is expanded every call (one small kernel). Memory: one bank and one copy of the weights per layer,
         while in eval mode on the CPU (what :meth:`export` holds too); ``train()`` frees it."""
