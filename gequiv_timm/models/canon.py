@@ -434,6 +434,14 @@ class CanonicalizedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    @torch.jit.ignore
+    def export(self) -> nn.Module:
+        """A frozen copy for inference, in eval mode: the canonicalizer's group convolutions become plain convolutions
+        holding their expanded filter banks (:func:`~gequiv_timm.layers.export_group_convs`), so no filter expansion
+        runs per call; same logits (to float rounding), the model itself unchanged."""
+        from ..layers.gconv import export_group_convs
+        return export_group_convs(self, inplace=False).eval()
+
     # ----- invariance ---------------------------------------------------------------------------------------------
     @torch.jit.ignore
     def default_check_size(self) -> int:

@@ -387,6 +387,18 @@ def test_pretrained_backbone_from_the_hub_standin(tmp_path, monkeypatch):
     assert m.pretrained_cfg['hf_hub_id'] == 'timm/resnet18.a1_in1k'
 
 
+def test_export_gives_the_same_logits_and_stays_invariant():
+    torch.manual_seed(0)
+    m = CanonicalizedModel('resnet18', 'p4m', num_classes=4).eval()
+    e = m.export()
+    assert not any(type(mod).__name__ == 'GroupConv2d' for mod in e.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(e(x), m(x), rtol=1e-5, atol=1e-6)
+        assert torch.equal(e(torch.flip(x, (-2,))), e(x))
+    assert any(type(mod).__name__ == 'GroupConv2d' for mod in m.modules())  # the model is unchanged
+
+
 def test_canonicalize_keeps_a_trained_instance():
     torch.manual_seed(0)
     net = timm.create_model('resnet18', num_classes=3)
