@@ -37,7 +37,7 @@ Builders at the bottom; tags, papers and descriptions: ``registry/pde_seg.toml``
 """
 # No ``from __future__ import annotations`` here: torch.fx copies the annotations of ``forward`` into the code it
 # generates, and TorchScript cannot read them back as strings (timm scripts FX graphs in its tests).
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn

@@ -10,7 +10,12 @@ import torch.nn as nn
 
 import gequiv_timm  # noqa: F401
 from gequiv_timm.metrics import (
-    AUC_BINS, dice_score, roc_auc, roc_auc_from_histograms, score_histograms, segmentation_metrics,
+    AUC_BINS,
+    dice_score,
+    roc_auc,
+    roc_auc_from_histograms,
+    score_histograms,
+    segmentation_metrics,
 )
 from gequiv_timm.training.loop import evaluate
 from gequiv_timm.training.losses import batch_loss, dice_loss, dice_sums
@@ -277,9 +282,9 @@ def test_short_training_lowers_the_dice_loss(strokes, name, steps):
 def test_train_job_reports_and_remeasures_the_segmentation_metrics(tmp_path):
     """gequiv-timm train's engine on the 'strokes' set: test_dice / test_auc / test_accuracy in the metrics, and
     measure_checkpoint (what `gequiv-timm check --metrics` runs) gives them back from the saved weights."""
+    from gequiv_timm.training.distributed import DistInfo
     from gequiv_timm.training.recipe import TrainJob, measure_checkpoint, run_job
     from gequiv_timm.training.trainer import TrainConfig
-    from gequiv_timm.training.distributed import DistInfo
     from gequiv_timm.weights import load_weights
     out = tmp_path / 'm.safetensors'
     cfg = TrainConfig(epochs=1, batch_size=4, lr=1e-2, seed=0, max_steps=2, progress=False)
