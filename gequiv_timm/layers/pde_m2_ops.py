@@ -10,21 +10,38 @@ of the plane with a shift of the orientations by ``Or / 4``). After Smets, Porte
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .morphology import _check_m2, morphological_convolution_m2
 from .pde import (
-    BatchNormM2, ConvectionM2, DilationM2, ErosionM2, LinearM2, M2EquivariantMixin, _check_alpha, _KernelSize,
-    _rotation_matrices, _triple, m2_morphological_kernel, rotated_kernel_bank_matrix,
+    BatchNormM2,
+    ConvectionM2,
+    DilationM2,
+    ErosionM2,
+    LinearM2,
+    M2EquivariantMixin,
+    _check_alpha,
+    _KernelSize,
+    _rotation_matrices,
+    _triple,
+    m2_morphological_kernel,
+    rotated_kernel_bank_matrix,
 )
 
-__all__ = ['DEPdeLayerM2', 'ConvectionDilationPdeM2', 'ConvectionErosionPdeM2', 'ConvM2Cartesian',
-           'conv_m2_cartesian', 'AnisotropicDilatedProjectM2', 'anisotropic_dilated_project_m2',
-           'SpatialResampleM2']
+__all__ = [
+    'AnisotropicDilatedProjectM2',
+    'ConvM2Cartesian',
+    'ConvectionDilationPdeM2',
+    'ConvectionErosionPdeM2',
+    'DEPdeLayerM2',
+    'SpatialResampleM2',
+    'anisotropic_dilated_project_m2',
+    'conv_m2_cartesian',
+]
 
 
 def _positive(name: str, **values) -> None:
@@ -108,7 +125,7 @@ class ConvectionErosionPdeM2(_ConvectionMorphologyPdeM2):
 # linear group convolution
 # ----------------------------------------------------------------------------------------------------------------
 def conv_m2_cartesian(x: torch.Tensor, weight: torch.Tensor, rotation_matrix: torch.Tensor,
-                      bias: Optional[torch.Tensor] = None, padding: int = 0) -> torch.Tensor:
+                      bias: torch.Tensor | None = None, padding: int = 0) -> torch.Tensor:
     """Linear group convolution on M2 (SE(2) at the discrete orientations), ``x [B, Cin, Or, H, W]``,
     ``weight [Cout, Cin, kOr, k, k]`` (the kernel as seen from orientation 0), ``rotation_matrix [Or, k*k, k*k]``
     from :func:`~gequiv_timm.layers.pde.rotated_kernel_bank_matrix`::
@@ -154,7 +171,7 @@ class ConvM2Cartesian(M2EquivariantMixin, nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, orientations: int = 8,
-                 kernel_size: Union[int, Sequence[int]] = (3, 5, 5), padding: int = 0, bias: bool = False,
+                 kernel_size: int | Sequence[int] = (3, 5, 5), padding: int = 0, bias: bool = False,
                  disk: bool = True):
         super().__init__()
         _positive('ConvM2Cartesian', in_channels=in_channels, out_channels=out_channels, orientations=orientations)
@@ -202,7 +219,7 @@ class ConvM2Cartesian(M2EquivariantMixin, nn.Module):
 # projection and resampling
 # ----------------------------------------------------------------------------------------------------------------
 def anisotropic_dilated_project_m2(x: torch.Tensor, longitudinal: float, lateral: float, alpha: float = 0.65,
-                                   kernel_size: Optional[int] = None) -> torch.Tensor:
+                                   kernel_size: int | None = None) -> torch.Tensor:
     """``[B, C, Or, H, W] -> [B, C, H, W]``: a fixed anisotropic spatial dilation of each orientation along its own
     direction, then the maximum over orientations (LieTorch's ``anisotropic_dilated_project_m2``).
 
@@ -230,7 +247,7 @@ class AnisotropicDilatedProjectM2(M2EquivariantMixin, nn.Module):
 
     out_planar = True
 
-    def __init__(self, longitudinal: float, lateral: float, alpha: float = 0.65, kernel_size: Optional[int] = None):
+    def __init__(self, longitudinal: float, lateral: float, alpha: float = 0.65, kernel_size: int | None = None):
         super().__init__()
         for n, v in (('longitudinal', longitudinal), ('lateral', lateral)):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
@@ -259,7 +276,7 @@ class SpatialResampleM2(M2EquivariantMixin, nn.Module):
     :meth:`check_equivariance` shows which.
     """
 
-    def __init__(self, size=None, scale_factor: Optional[float] = None, mode: str = 'nearest'):
+    def __init__(self, size=None, scale_factor: float | None = None, mode: str = 'nearest'):
         super().__init__()
         if (size is None) == (scale_factor is None):
             raise ValueError(f"SpatialResampleM2: give exactly one of size and scale_factor (got size={size!r}, "

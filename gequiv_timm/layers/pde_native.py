@@ -38,12 +38,16 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Optional, Tuple
 
 import torch
 
-__all__ = ['set_morphology_backend', 'morphology_backend', 'native_available', 'native_morph_forward',
-           'native_morph_backward']
+__all__ = [
+    'morphology_backend',
+    'native_available',
+    'native_morph_backward',
+    'native_morph_forward',
+    'set_morphology_backend',
+]
 
 _SOURCE = r'''
 #include <cstdint>
@@ -378,7 +382,7 @@ _MAX_OFFSETS = 255  # the arg-max index is a uint8
 
 _lock = threading.Lock()
 _lib = None            # the loaded library, once built
-_error: Optional[str] = None  # why it could not be built (then the PyTorch path is used)
+_error: str | None = None  # why it could not be built (then the PyTorch path is used)
 _warned = False
 _BACKENDS = ('auto', 'native', 'torch')
 _backend = os.environ.get('GEQUIV_TIMM_MORPH_BACKEND', 'auto')
@@ -450,7 +454,7 @@ def _load():
     return _lib
 
 
-def native_available() -> Tuple[bool, Optional[str]]:
+def native_available() -> tuple[bool, str | None]:
     """``(True, None)`` when the compiled operator builds and loads here, else ``(False, reason)``."""
     lib = _load()
     return lib is not None, _error

@@ -20,17 +20,31 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .morphology import _check_m2, morphological_convolution_m2
 from .pde import (
-    BatchNormM2, ConvectionM2, LinearM2, M2EquivariantMixin, _check_alpha, _check_finite, _KernelSize,
-    _log_coordinates, _triple,
+    BatchNormM2,
+    ConvectionM2,
+    LinearM2,
+    M2EquivariantMixin,
+    _check_alpha,
+    _check_finite,
+    _KernelSize,
+    _log_coordinates,
+    _triple,
 )
 
-__all__ = ['m2_morphological_kernel_nondiag', 'DilationM2NonDiag', 'ErosionM2NonDiag', 'CDEPdeLayerM2NonDiag',
-           'FractionalDilationM2NonDiag', 'FractionalErosionM2NonDiag', 'dilation_m2_nondiag',
-           'erosion_m2_nondiag']
+__all__ = [
+    'CDEPdeLayerM2NonDiag',
+    'DilationM2NonDiag',
+    'ErosionM2NonDiag',
+    'FractionalDilationM2NonDiag',
+    'FractionalErosionM2NonDiag',
+    'dilation_m2_nondiag',
+    'erosion_m2_nondiag',
+    'm2_morphological_kernel_nondiag',
+]
 
 
 def m2_morphological_kernel_nondiag(metric_params: torch.Tensor, orientations: int, kernel_size: _KernelSize,

@@ -36,26 +36,39 @@ The PDEs (per channel, coefficients per channel) and their discretisation
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Union
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .checks import EquivarianceError, check_float_tensor
 from .morphology import morphological_convolution_r2
 from .pde import _check_alpha, _check_finite, convection_m2
 
 __all__ = [
-    'R2EquivariantMixin', 'ConvectionR2', 'DilationR2', 'ErosionR2', 'LinearR2', 'MorphologicalConvolutionR2',
-    'CDEPdeLayerR2', 'DEPdeLayerR2', 'SpatialResampleR2', 'convection_r2', 'dilation_r2', 'erosion_r2',
-    'linear_r2', 'r2_morphological_kernel', 'morphological_convolution_r2',
+    'CDEPdeLayerR2',
+    'ConvectionR2',
+    'DEPdeLayerR2',
+    'DilationR2',
+    'ErosionR2',
+    'LinearR2',
+    'MorphologicalConvolutionR2',
+    'R2EquivariantMixin',
+    'SpatialResampleR2',
+    'convection_r2',
+    'dilation_r2',
+    'erosion_r2',
+    'linear_r2',
+    'morphological_convolution_r2',
+    'r2_morphological_kernel',
 ]
 
 _Size2 = Union[int, Sequence[int]]
 
 
-def _check_r2(x: torch.Tensor, name: str, channels: Optional[int] = None, min_size: int = 1) -> None:
+def _check_r2(x: torch.Tensor, name: str, channels: int | None = None, min_size: int = 1) -> None:
     check_float_tensor(x, name, 'an R2 feature map [B, C, H, W]')
     if x.dim() != 4:
         raise ValueError(f"{name}: expected an R2 feature map [B, C, H, W], got shape {tuple(x.shape)}"
@@ -67,7 +80,7 @@ def _check_r2(x: torch.Tensor, name: str, channels: Optional[int] = None, min_si
                          f"{min_size}x{min_size}")
 
 
-def _pair(kernel_size: _Size2, name: str) -> Tuple[int, int]:
+def _pair(kernel_size: _Size2, name: str) -> tuple[int, int]:
     ks = (kernel_size,) * 2 if isinstance(kernel_size, int) and not isinstance(kernel_size, bool) \
         else tuple(kernel_size)
     if len(ks) != 2 or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 and k % 2 == 1 for k in ks):
@@ -93,14 +106,14 @@ class R2EquivariantMixin:
         """Pixels from which an output value draws (0 for point-wise layers)."""
         return 0
 
-    def _shift_out(self, shift: Tuple[int, int]) -> Tuple[int, int]:
+    def _shift_out(self, shift: tuple[int, int]) -> tuple[int, int]:
         """The output shift that an input shift produces (the same, unless the layer resamples)."""
         return shift
 
     @torch.no_grad()
-    def check_equivariance(self, x: Optional[torch.Tensor] = None, size: int = 24,
-                           shifts: Sequence[Tuple[int, int]] = ((1, 2), (-3, 1), (2, -2)),
-                           rtol: Optional[float] = None) -> EquivarianceError:
+    def check_equivariance(self, x: torch.Tensor | None = None, size: int = 24,
+                           shifts: Sequence[tuple[int, int]] = ((1, 2), (-3, 1), (2, -2)),
+                           rtol: float | None = None) -> EquivarianceError:
         """``max_s |f(T_s x) - T_s f(x)|`` over the pixel shifts ``s = (rows, cols)``, compared where neither the
         image border nor the wrap-around seam of ``torch.roll`` is within :meth:`reach` plus the shift (in output
         pixels) of the point. Returns an :class:`~gequiv_timm.layers.checks.EquivarianceError` (``.relative`` = divided by
@@ -131,7 +144,7 @@ class R2EquivariantMixin:
             raise AssertionError(f"{type(self).__name__}: relative equivariance error {rel:.3g} > rtol {rtol:.3g}")
         return out
 
-    def _margin(self, s: Tuple[int, int], so: Tuple[int, int]) -> int:
+    def _margin(self, s: tuple[int, int], so: tuple[int, int]) -> int:
         return self.reach() + max(abs(v) for v in so)
 
 
@@ -358,7 +371,7 @@ class MorphologicalConvolutionR2(R2EquivariantMixin, nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # linear combinations and the PDE layers
 # ----------------------------------------------------------------------------------------------------------------
-def linear_r2(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def linear_r2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Channel mixing ``out[b, d] = sum_c weight[d, c] x[b, c] (+ bias[d])``: a ``1 x 1`` convolution.
     ``x [B, Cin, H, W]``, ``weight [Cout, Cin]`` -> ``[B, Cout, H, W]``."""
     return F.conv2d(x, weight[:, :, None, None].to(x.dtype), bias)
@@ -470,7 +483,7 @@ class SpatialResampleR2(R2EquivariantMixin, nn.Module):
     halving, any shift when doubling), which :meth:`check_equivariance` uses.
     """
 
-    def __init__(self, size: Optional[_Size2] = None, scale_factor: Optional[float] = None, mode: str = 'nearest'):
+    def __init__(self, size: _Size2 | None = None, scale_factor: float | None = None, mode: str = 'nearest'):
         super().__init__()
         _check_resample('SpatialResampleR2', size, scale_factor, mode)
         self.size = size if size is None or isinstance(size, int) else tuple(size)

@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from gequiv_timm.layers.pde_r2 import (
     CDEPdeLayerR2,
