@@ -377,7 +377,9 @@ def convection_m2(x: torch.Tensor, g0: torch.Tensor, padding_mode: str = 'border
 
     For ``g = (p, theta_o)``: ``g g0^{-1} = (p - R_{theta_o - theta0} (x0, y0), theta_o - theta0)``. The orientation
     shift is a periodic linear interpolation, the spatial shift a bilinear ``grid_sample`` (``align_corners=True``)
-    per (channel, orientation): trilinear interpolation in all. Output ``[B, C, Or, H, W]``.
+    per (channel, orientation): trilinear interpolation in all. Output ``[B, C, Or, H, W]``. On CPU with
+    ``padding_mode='border'`` the same stencil runs on the compiled operator of :mod:`~gequiv_timm.layers.pde_native`
+    (same values up to float rounding; ``set_morphology_backend('torch')`` selects the ``grid_sample`` path).
     """
     _check_m2(x, 'convection_m2', min_size=2)
     b, c, orientations, h, w = x.shape

@@ -1,5 +1,6 @@
 """A small compiled CPU operator for the max-plus / min-plus convolution on M2 (the engine of
-:mod:`gequiv_timm.layers.morphology`), with the plain PyTorch path as the fallback.
+:mod:`gequiv_timm.layers.morphology`) and for the convection's trilinear resampling
+(:func:`~gequiv_timm.layers.pde.convection_m2`), with the plain PyTorch path as the fallback.
 
 Why: in eager PyTorch every kernel offset costs two passes over a block (add the kernel value, then an in-place
 ``maximum``), and ``torch.compile``'s CPU code for the same loop uses a NaN-propagating vector maximum (three
@@ -19,6 +20,10 @@ wheel does not already need for ``torch.compile``) into a cache directory (``$GE
   the ``uint8`` index for training), nothing of the input's size. Ties: the lowest flat offset wins (strict
   comparison), as in the PyTorch path.
 * backward: one pass over the output per channel, the gradient routed to the winning offset (input and kernel).
+* convection: per ``(sample, channel, orientation)`` plane a constant trilinear 8-tap stencil (two orientations,
+  four pixels, coordinates clipped to the image as ``grid_sample``'s ``'border'``); the backward scatters to the
+  input and sums the gradients of the orientation fraction and of the per-plane offsets (in double), which autograd
+  takes on to ``g0``. Same values as the ``grid_sample`` path up to float rounding.
 
 Same values as the PyTorch path (the candidates are the same float additions, the maximum is exact); gradients
 equal up to the order of float additions. Inputs with NaN take the PyTorch path (a C comparison would skip a NaN
