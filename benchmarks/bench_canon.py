@@ -53,7 +53,6 @@ import argparse
 import copy
 import datetime
 import json
-import math
 import os
 import platform
 import resource
@@ -61,33 +60,34 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import timm  # noqa: E402
+import timm
+from common import report, verdict
 
-import gequiv_timm  # noqa: E402,F401  (registers the models)
-from common import report, verdict  # noqa: E402
-from gequiv_timm.compare import ANGLES, accuracy_vs_angle, spread  # noqa: E402
-from gequiv_timm.data import load_mnist, rotate_images, split_indices, standardize  # noqa: E402
-from gequiv_timm.data.catalog import get_dataset  # noqa: E402
-from gequiv_timm.data.mnist import MNIST_MEAN, MNIST_STD  # noqa: E402
-from gequiv_timm.layers.checks import check_equivariance  # noqa: E402
-from gequiv_timm.measure import count_macs, time_round_robin  # noqa: E402
-from gequiv_timm.training import evaluate, fit, seed_everything  # noqa: E402
+import gequiv_timm  # noqa: F401  (registers the models)
+from gequiv_timm.compare import ANGLES, accuracy_vs_angle, spread
+from gequiv_timm.data import load_mnist, rotate_images, split_indices, standardize
+from gequiv_timm.data.catalog import get_dataset
+from gequiv_timm.data.mnist import MNIST_MEAN, MNIST_STD
+from gequiv_timm.layers.checks import check_equivariance
+from gequiv_timm.measure import count_macs, time_round_robin
+from gequiv_timm.training import evaluate, fit, seed_everything
 
 BACKBONE = 'resnet18'
 SIZE = 28
 # row key -> (letter, label in the table)
-ROWS: Dict[str, tuple] = {
+ROWS: dict[str, tuple] = {
     'plain': ('a', 'plain resnet18 (trained upright)'),
     'canon_frozen': ('b', 'canonicalized, canonicalizer only (backbone frozen)'),
     'canon_joint': ('c', 'canonicalized, joint fine-tune with prior'),
@@ -99,7 +99,7 @@ ROWS: Dict[str, tuple] = {
     'canon_joint_c8': ('i', 'as (c), C8 canonicalizer'),
 }
 # the wrapped rows: group (None: --group), backbone frozen, augmentation name, budget (epochs, lr) option names
-CANON_SPECS: Dict[str, Dict[str, Any]] = {
+CANON_SPECS: dict[str, dict[str, Any]] = {
     'canon_frozen': dict(group=None, frozen=True, augment=None, budget=('canon_epochs', 'canon_lr')),
     'canon_joint': dict(group=None, frozen=False, augment=None, budget=('finetune_epochs', 'finetune_lr')),
     'canon_joint_aug45': dict(group=None, frozen=False, augment='residual', budget=('finetune_epochs', 'finetune_lr')),
@@ -208,7 +208,7 @@ def _rel(e) -> float:
 
 
 @torch.no_grad()
-def invariance(model: nn.Module, x: torch.Tensor) -> Dict[str, float]:
+def invariance(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     """Max abs change of the logits under 90-degree turns (exact) and under a 45-degree turn (interpolated, same
     digits), absolute and relative to the largest logit."""
     model.eval()
@@ -226,7 +226,7 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _measure(model: nn.Module, d: Dict[str, Any], inv_digits: int) -> Dict[str, Any]:
+def _measure(model: nn.Module, d: dict[str, Any], inv_digits: int) -> dict[str, Any]:
     x_inv = d['test_rot'].tensors[0][:inv_digits]
     out = dict(rotated_error=evaluate(model, d['test_rot'])['error'],
                upright_error=evaluate(model, d['test_up'])['error'],
@@ -241,12 +241,12 @@ def _measure(model: nn.Module, d: Dict[str, Any], inv_digits: int) -> Dict[str, 
 
 
 # ----- one seed --------------------------------------------------------------------------------------------------
-def run_seed(seed: int, rows: List[str], args, log: Callable[[str], None]) -> Dict[str, Dict[str, Any]]:
+def run_seed(seed: int, rows: list[str], args, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
     """Train and measure every row for one seed; returns ``{row: record}``."""
     d = _data(seed, args.sweep_digits, args.train_digits)
-    res: Dict[str, Dict[str, Any]] = {}
+    res: dict[str, dict[str, Any]] = {}
 
-    def done(row, model, train: Dict[str, Any], w0, c0):
+    def done(row, model, train: dict[str, Any], w0, c0):
         rec = dict(train)
         rec.update(_measure(model, d, args.inv_digits))
         rec.update(wall_seconds=time.perf_counter() - w0, cpu_seconds=_cpu_seconds() - c0)
@@ -314,7 +314,7 @@ def _init_worker(threads: int) -> None:
     torch.use_deterministic_algorithms(True)
 
 
-def _seed_job(seed: int, args) -> Dict[str, Dict[str, Any]]:
+def _seed_job(seed: int, args) -> dict[str, dict[str, Any]]:
     res = run_seed(seed, args.rows, args, _log_line)
     # kept outside --out while the run goes on: a crash later in the run loses no finished seed
     path = Path(tempfile.gettempdir()) / f"bench_{args.name}_seed{seed}.json"
@@ -323,7 +323,7 @@ def _seed_job(seed: int, args) -> Dict[str, Dict[str, Any]]:
     return res
 
 
-def run_with_costs(seeds: List[int], args, log):
+def run_with_costs(seeds: list[int], args, log):
     """``(per-seed results, costs)``: every seed in this process after the cost measurement (``--workers 1``), or one
     seed per spawned process while this process measures the costs. A seed's numbers do not depend on where it runs
     (it seeds everything itself; ``--threads`` torch threads and deterministic algorithms in each process); the
@@ -346,10 +346,10 @@ def _cpu_seconds_children() -> float:
 
 
 # ----- costs: parameters, MACs, round-robin timing ------------------------------------------------------------------
-def _models_for_costs(rows: List[str], args) -> Dict[str, nn.Module]:
+def _models_for_costs(rows: list[str], args) -> dict[str, nn.Module]:
     """One freshly built model per row (as it is trained: (b) frozen), seed ``args.seed``; (g) is the plain model."""
     seed = args.seed
-    out: Dict[str, nn.Module] = {}
+    out: dict[str, nn.Module] = {}
     for row in rows:
         if row in ('plain', 'rot_aug'):
             out[row] = build_plain(seed)
@@ -394,13 +394,13 @@ def _inference_model(row: str, args) -> str:
     return row
 
 
-def measure_costs(rows: List[str], args, log) -> Dict[str, Dict[str, Any]]:
+def measure_costs(rows: list[str], args, log) -> dict[str, dict[str, Any]]:
     images, labels = load_mnist()
     x = standardize(images[:args.batch_size])
     y = labels[:args.batch_size]
     x1 = standardize(images[:1])
     models = _models_for_costs(rows, args)
-    costs: Dict[str, Dict[str, Any]] = {}
+    costs: dict[str, dict[str, Any]] = {}
     steps, lat = {}, {}
     for row, m in models.items():
         trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
@@ -436,11 +436,11 @@ def measure_costs(rows: List[str], args, log) -> Dict[str, Dict[str, Any]]:
 METRICS = ('rotated_error', 'upright_error', 'inv90', 'inv90_rel', 'inv45', 'inv45_rel')
 
 
-def aggregate(rows: List[str], per_seed: List[Dict[str, Dict[str, Any]]], costs, n_test: int) -> Dict[str, Any]:
+def aggregate(rows: list[str], per_seed: list[dict[str, dict[str, Any]]], costs, n_test: int) -> dict[str, Any]:
     agg = {}
     for row in rows:
         runs = [s[row] for s in per_seed]
-        rec: Dict[str, Any] = dict(letter=ROWS[row][0], label=ROWS[row][1], **costs[row])
+        rec: dict[str, Any] = dict(letter=ROWS[row][0], label=ROWS[row][1], **costs[row])
         for k in METRICS:
             vals = [r[k] for r in runs]
             rec[f'{k}_mean'] = statistics.fmean(vals)
@@ -454,7 +454,7 @@ def aggregate(rows: List[str], per_seed: List[Dict[str, Dict[str, Any]]], costs,
     return agg
 
 
-def goals(agg: Dict[str, Any]) -> List[Dict[str, Any]]:
+def goals(agg: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     p = agg['plain']
     for row in GOAL_ROWS:
@@ -467,7 +467,7 @@ def goals(agg: Dict[str, Any]) -> List[Dict[str, Any]]:
         out.append(dict(row=row, goal=f'batch-1 latency at most {LATENCY_GOAL}x the plain backbone',
                         measured=f"{r['latency_ratio']:.2f}x", verdict=verdict(r['latency_ratio'], LATENCY_GOAL)))
     if 'group_avg' in agg:
-        out.append(dict(row='group_avg', goal='batch-1 latency |G| = 4x the plain backbone (expected)',
+        out.append(dict(row='group_avg', goal='batch-1 latency: the group order (4x) the plain backbone\'s, expected',
                         measured=f"{agg['group_avg']['latency_ratio']:.2f}x", verdict='(reference)'))
     return out
 
@@ -476,7 +476,7 @@ def _pm(rec, key, scale=100.0, fmt='.1f') -> str:
     return f"{scale * rec[f'{key}_mean']:{fmt}} ± {scale * rec[f'{key}_spread']:{fmt}}"
 
 
-def markdown(rep: Dict[str, Any]) -> str:
+def markdown(rep: dict[str, Any]) -> str:
     agg = rep['rows']
     b = rep['budgets']
     p = agg['plain']
@@ -501,12 +501,14 @@ def markdown(rep: Dict[str, Any]) -> str:
         f"(a), measured round-robin in one process ({1e3 * p['latency_b1_s']:.2f} ms and "
         f"{1e3 * p['train_step_s']:.0f} ms for (a)); (b)'s step updates only the canonicalizer, (g)'s and (h)'s include "
         f"the augmentation, (d) is not trained here (its step is what training it would cost); rows that are one "
-        f"network at inference ((a) and (g); (b), (c) and (h)) share one latency measurement.", '',
+        f"network at inference ((a) and (g); (b), (c) and (h)) share one latency measurement. "
+        f"The absolute times move with the machine's load (see the load average above); the ratios, timed in "
+        f"rotating rounds, much less, but a ratio within about 0.1 of a goal is within the noise of a loaded machine.", '',
         '| | model | rotated-test error | upright-test error | upright kept | invariance 90° | invariance 45° | '
         'latency b1 | train step | params | MACs |',
         '|---|---|---|---|---|---|---|---|---|---|---|',
     ]
-    for row, r in agg.items():
+    for r in agg.values():
         lines.append(
             f"| ({r['letter']}) | {r['label']} | {_pm(r, 'rotated_error')} | {_pm(r, 'upright_error')} | "
             + (f"{100 * r['upright_identity_mean']:.0f}%" if 'upright_identity_mean' in r else '-') + " | "
@@ -522,18 +524,18 @@ def markdown(rep: Dict[str, Any]) -> str:
               'unturned (the prior\'s aim). Train time: wall seconds of the training alone, under the machine\'s load.',
               '', '| | seed | rotated (%) | upright (%) | upright kept | inv90 | final train loss | train s (wall) |',
               '|---|---|---|---|---|---|---|---|']
-    for row, r in agg.items():
+    for r in agg.values():
         for run in r['runs']:
             kept = f"{100 * run['upright_identity']:.1f}%" if 'upright_identity' in run else '-'
             loss = f"{run['final_train_loss']:.3f}" if 'final_train_loss' in run else '-'
             lines.append(f"| ({r['letter']}) | {run['seed']} | {100 * run['rotated_error']:.1f} | "
                          f"{100 * run['upright_error']:.1f} | {kept} | {run['inv90']:.2g} | {loss} | "
-                         f"{run.get('train_seconds', 0):.0f} |")
+                         + (f"{run['train_seconds']:.0f} |" if 'train_seconds' in run else '- |'))
     lines += ['', f"![accuracy against input rotation]({rep['plot']})" if rep.get('plot') else '']
     return '\n'.join(lines) + '\n'
 
 
-def plot(agg: Dict[str, Any], path: Path, title: str) -> None:
+def plot(agg: dict[str, Any], path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -603,6 +605,13 @@ def parse_args(argv=None):
     return args
 
 
+def rewrite_markdown(out: Path, name: str) -> None:
+    """Rewrite ``NAME.md`` (and the goals in ``NAME.json``) from ``NAME.json`` with this script's table code."""
+    rep = json.loads((out / f'{name}.json').read_text())
+    rep['goals'] = goals(rep['rows'])
+    report(markdown(rep), rep, str(out / f'{name}.md'))
+
+
 def main(argv=None):
     args = parse_args(argv)
     w0, c0 = time.perf_counter(), _cpu_seconds()
@@ -622,7 +631,7 @@ def main(argv=None):
             rec['seed'] = s
     agg = aggregate(args.rows, per_seed, costs, n_test=1000)
     import gequiv_timm as gt
-    rep: Dict[str, Any] = dict(
+    rep: dict[str, Any] = dict(
         command=' '.join(['benchmarks/bench_canon.py'] + (sys.argv[1:] if argv is None else list(argv))),
         seeds=seeds, budgets=dict(epochs=args.epochs, lr=args.lr, canon_epochs=args.canon_epochs,
                                   canon_lr=args.canon_lr, finetune_epochs=args.finetune_epochs,
