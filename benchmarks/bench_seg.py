@@ -19,10 +19,11 @@ Protocol (every budget is a command-line option and is recorded in the results):
   (:func:`gequiv_timm.training.losses.dice_loss`); the model is initialised after ``torch.manual_seed(seed)``;
 * one torch thread; run niced in the background on a shared machine.
 
-Run (the recorded run: ``benchmarks/results/seg.md``)::
+Run (the recorded runs: ``benchmarks/results/seg_400steps.md``, 8.1 CPU-minutes; with ``--steps 200
+--timing-reps 4``: ``benchmarks/results/seg.md``, 5.4 CPU-minutes)::
 
-    nice -n 5 .venv/bin/python benchmarks/bench_seg.py --seeds 0 1 2 --steps 400 --out benchmarks/results/seg.md \\
-        > /tmp/bench_seg.log 2>&1 &
+    nice -n 5 .venv/bin/python benchmarks/bench_seg.py --seeds 0 1 2 --steps 400 --n-test 100 --timing-reps 6 \\
+        --out benchmarks/results/seg_400steps.md > /tmp/bench_seg.log 2>&1 &
 """
 from __future__ import annotations
 
