@@ -145,6 +145,9 @@ def build_config(model: torch.nn.Module, name: str, tag: str = '', entry: Option
 
 
 def _task(model) -> str:
+    tag = getattr(model, 'pipeline_tag', None)  # a model that says its Hub task (segmentation networks)
+    if isinstance(tag, str):
+        return tag
     return 'keypoint-detection' if hasattr(model, 'num_keypoints') else 'image-classification'
 
 

@@ -176,6 +176,8 @@ class SegmentationNet(nn.Module):
         >>> m(torch.randn(2, 1, 64, 64)).shape
         torch.Size([2, 2, 64, 64])
     """
+    pipeline_tag = 'image-segmentation'  # the Hub task of its model card (gequiv_timm.hub)
+
 
     def __init__(self, kind: str = 'pde', widths: Sequence[int] = (8, 8, 8, 8, 8),
                  kernel_sizes: Sequence[int] = (7, 5, 5, 5, 1), orientations: int = 8,

@@ -8,8 +8,8 @@ from typing import Any, Dict, List
 
 __all__ = ['LOG_FIELDS', 'MetricsLog']
 
-LOG_FIELDS = ('kind', 'step', 'epoch', 'loss', 'lr', 'train_error', 'train_nme', 'eval_error', 'eval_nme',
-              'eval_loss', 'seconds')
+LOG_FIELDS = ('kind', 'step', 'epoch', 'loss', 'lr', 'train_error', 'train_nme', 'train_dice', 'eval_error',
+              'eval_nme', 'eval_dice', 'eval_auc', 'eval_accuracy', 'eval_loss', 'seconds')
 
 
 class MetricsLog:

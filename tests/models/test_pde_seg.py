@@ -2,6 +2,7 @@
 translation and rotation equivariance, parameter counts, the timm API bits, hand-computed Dice / AUC, the evaluation
 of the 'segment' task, and a short training that lowers the Dice loss."""
 import math
+from pathlib import Path
 
 import pytest
 import timm
@@ -299,3 +300,15 @@ def test_train_job_reports_and_remeasures_the_segmentation_metrics(tmp_path):
     assert again['n'] == 500
     for k in ('test_dice', 'test_auc', 'test_accuracy'):
         assert again[k] == pytest.approx(metrics[k], abs=6e-5), k
+
+
+def test_segmentation_card_and_csv_log_say_what_a_segmentation_run_is(tmp_path):
+    """The model card of a segmentation checkpoint is tagged image-segmentation (not classification), and a CSV
+    metrics log keeps the segment task's Dice / AUC / accuracy columns instead of dropping them."""
+    from gequiv_timm.hub import _task
+    from gequiv_timm.training.metrics_log import LOG_FIELDS
+    assert _task(timm.create_model('gequiv_pde_seg6')) == 'image-segmentation'
+    assert _task(timm.create_model('gequiv_p4cnn')) == 'image-classification'
+    card = (Path(__file__).parents[2] / 'weights' / 'cards' / 'gequiv_pde_seg6.strokes.md').read_text()
+    assert 'pipeline_tag: image-segmentation' in card
+    assert {'train_dice', 'eval_dice', 'eval_auc', 'eval_accuracy'} <= set(LOG_FIELDS)
