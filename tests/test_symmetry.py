@@ -75,11 +75,12 @@ def test_cn_models_exact_on_quarter_turns_approximate_off_the_grid():
 
 def test_approx_measurement_tells_steerable_from_quarter_turn_filters():
     # the figure can fail: P4CNN (the same layout, filters turned by quarter turns only) moves far more under
-    # 45-degree turns than C8-CNN
+    # 45-degree turns than C8-CNN (generic weights: 0.87 against 0.57 for the tapered C8 layout of issue 16, 0.38 for
+    # the former 9 fields throughout: fewer fields before the pool average less of each layer's interpolation error)
     c8 = S.measure_symmetry('gequiv_c8cnn')
     p4 = S.measure_symmetry('gequiv_p4cnn', approx='c8')
     assert p4.cls == 'invariant' and p4.approx_group == 'c8'
-    assert p4.approx_error > 1.8 * c8.approx_error, (p4.approx_error, c8.approx_error)
+    assert p4.approx_error > 1.4 * c8.approx_error, (p4.approx_error, c8.approx_error)
     # the exact elements of the larger group measure at rounding level for both
     assert max(p4.approx_per_element[g] for g in (0, 2, 4, 6)) < 1e-12
     # the larger group must extend the measured one

@@ -271,11 +271,22 @@ class CanonicalizedModel(nn.Module):
     # ----- input ------------------------------------------------------------------------------------------------
     @torch.jit.ignore
     def min_input_size(self) -> int:
-        """The smallest input side: the backbone's (1 for a plain timm backbone); the canonicalizer takes any."""
+        """The smallest input side: the backbone's; the canonicalizer takes any. A gequiv backbone states its own; a
+        plain timm backbone: a ViT whose patch embedding is strict about the size, that size (its only size); another
+        ViT, its patch; a ConvNeXt, its total stride (its stem and downsampling convs are unpadded); any other, 1
+        (its own layers then refuse what they cannot take, with torch's messages)."""
         from ._timm_api import min_input_size as backbone_min
         b = self.backbone
-        states = hasattr(b, '_gequiv_input_policy') or callable(getattr(b, 'min_input_size', None))
-        return backbone_min(b) if states else 1
+        if hasattr(b, '_gequiv_input_policy') or callable(getattr(b, 'min_input_size', None)):
+            return backbone_min(b)
+        pe = getattr(b, 'patch_embed', None)
+        if pe is not None and getattr(pe, 'img_size', None) is not None and getattr(pe, 'strict_img_size', False):
+            return int(max(pe.img_size))
+        if pe is not None and getattr(pe, 'patch_size', None) is not None:
+            return int(max(pe.patch_size))
+        if type(b).__name__ == 'ConvNeXt':
+            return int(max(f['reduction'] for f in b.feature_info))
+        return 1
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
@@ -385,6 +396,11 @@ class CanonicalizedModel(nn.Module):
         x = self._check_input(x)
         kw = dict(indices=indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
                   intermediates_only=intermediates_only)
+        if x.shape[0] == 0:  # an empty batch gives empty maps of the right shapes (timm's ViT cannot reshape 0 tokens)
+            out = self.forward_intermediates(x.new_zeros((1, *x.shape[1:])), **kw)
+            if intermediates_only:
+                return [f[:0] for f in out]
+            return out[0][:0], [f[:0] for f in out[1]]
         if self.mode == 'average':
             out = self.backbone.forward_intermediates(self.action(x).flatten(0, 1), **kw)
             if intermediates_only:
