@@ -624,8 +624,9 @@ def linear_m2(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     return y
 
 
-class LinearM2(M2EquivariantMixin, nn.Module):
-    """Learned linear combination of channels, ``[B, Cin, Or, H, W] -> [B, Cout, Or, H, W]``."""
+class ChannelMixing(nn.Module):
+    """The parameters of a learned linear combination of channels (weight ``[Cout, Cin]``, optional bias ``[Cout]``,
+    initialised as ``nn.Linear``), shared by :class:`LinearM2` and ``pde_r2.LinearR2``, which add the forward."""
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = False):
         super().__init__()
@@ -641,6 +642,10 @@ class LinearM2(M2EquivariantMixin, nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, bias={self.bias is not None}"
+
+
+class LinearM2(M2EquivariantMixin, ChannelMixing):
+    """Learned linear combination of channels, ``[B, Cin, Or, H, W] -> [B, Cout, Or, H, W]``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_m2(x, 'LinearM2', self.in_channels)

@@ -45,7 +45,7 @@ from torch import nn
 
 from .checks import EquivarianceError, check_float_tensor
 from .morphology import morphological_convolution_r2
-from .pde import _check_alpha, _check_finite, convection_m2
+from .pde import ChannelMixing, _check_alpha, _check_finite, convection_m2
 
 __all__ = [
     'CDEPdeLayerR2',
@@ -377,24 +377,12 @@ def linear_r2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     return F.conv2d(x, weight[:, :, None, None].to(x.dtype), bias)
 
 
-class LinearR2(R2EquivariantMixin, nn.Module):
+class LinearR2(R2EquivariantMixin, ChannelMixing):
     """Learned linear combination of channels, ``[B, Cin, H, W] -> [B, Cout, H, W]`` (weight ``[Cout, Cin]``)."""
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = False):
-        super().__init__()
         _check_channels('LinearR2', in_channels=in_channels, out_channels=out_channels)
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels))
-        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-    def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, bias={self.bias is not None}"
+        super().__init__(in_channels, out_channels, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_r2(x, 'LinearR2', self.in_channels)
