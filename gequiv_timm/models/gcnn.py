@@ -16,7 +16,7 @@ C_N / D_N (``gequiv_c8cnn``, ``gequiv_d8cnn``, ``gequiv_c16cnn``): the P4CNN lay
 Storath, CVPR 2018; :mod:`gequiv_timm.layers.filter_basis`). Widths are chosen so the parameter counts are within
 10% of P4CNN's 21,940 (``num_classes=10``): C8 tapers from 7 fields in the two 24-26 px stages to 9 after the
 pool (21,188: fewer parameters than escnn's C8 model, 0.69x its convolution MACs; 3 seeds, 4 epochs:
-4.9 +- 0.8% error rotated-trained and 5.9 +- 1.3% upright-trained, within the spread of the 9-field layout's
+4.6 +- 1.0% error rotated-trained and 5.6 +- 1.3% upright-trained, within the spread of the 9-field layout's
 5.0 +- 1.4% and 5.7 +- 1.7%, benchmarks/results/compare_cn_3seeds.md), D8 and C16 6 fields (20,926). The quarter turns
 (and, for D8, the mirrors) act exactly on the pixel grid, so the logits are exactly invariant to them, by the same
 size rule as P4CNN; at the other rotations (45 degrees for C8 / D8, 22.5 for C16) the invariance is approximate:
