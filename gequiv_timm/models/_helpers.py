@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from timm.models import build_model_with_cfg
@@ -36,6 +36,40 @@ def adapt_input_conv_nd(in_chans: int, weight: torch.Tensor) -> torch.Tensor:
         w = w.repeat(1, reps, *([1] * (w.dim() - 2)))[:, :in_chans]
         w = w * (c_in / float(in_chans))
     return w.to(dtype)
+
+
+def merge_backbone_state(state_dict: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor], fresh_prefix: str,
+                         skip: Optional[Callable[[str], Optional[str]]] = None,
+                         fill: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None
+                         ) -> Tuple[Dict[str, torch.Tensor], Dict[str, List[str]]]:
+    """A backbone's checkpoint merged into a model that adds its own modules (the stem models' new stem, the
+    canonicalizers): ``(state dict for load_state_dict, report)``. A key that ``skip`` gives a reason for is left out;
+    every other key is kept and reported ``loaded``, or ``not_loaded`` (not in the model, or another shape: the
+    load then names it); the model's keys the file lacks are ``initialised`` under ``fresh_prefix`` (with
+    ``fill(key, value)``, default the model's own value) and ``missing`` elsewhere."""
+    out: Dict[str, torch.Tensor] = {}
+    report: Dict[str, List[str]] = dict(loaded=[], initialised=[], not_loaded=[], missing=[])
+    for k, v in state_dict.items():
+        reason = skip(k) if skip is not None else None
+        if reason:
+            report['not_loaded'].append(f"{k}: {reason}")
+            continue
+        out[k] = v
+        if k not in own:
+            report['not_loaded'].append(f"{k}: not in the model")
+        elif tuple(own[k].shape) != tuple(v.shape):
+            report['not_loaded'].append(f"{k}: shape {tuple(v.shape)} != model {tuple(own[k].shape)}")
+        else:
+            report['loaded'].append(k)
+    for k, v in own.items():
+        if k in out:
+            continue
+        if k.startswith(fresh_prefix):
+            out[k] = fill(k, v) if fill is not None else v
+            report['initialised'].append(k)
+        else:
+            report['missing'].append(k)
+    return out, report
 
 
 def require_extras(variant: str) -> None:

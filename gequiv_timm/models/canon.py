@@ -75,7 +75,7 @@ from ..layers.checks import EquivarianceError, check_equivariance
 from ..layers.groups import get_group
 from ..registry import tagged_cfgs
 from ._args import TIMM_RATES, check_choice, check_float, check_int, check_timm_kwargs
-from ._helpers import backbone_cfg, create_gequiv_model
+from ._helpers import backbone_cfg, create_gequiv_model, merge_backbone_state
 from ._timm_api import _fx_tracing, check_image_input, model_name
 from .stn import _PrefixedMatcher
 
@@ -592,22 +592,7 @@ def _pretrained_filter(state_dict: Dict[str, torch.Tensor], model: Canonicalized
         out = dict(state_dict)
     else:
         out = {'backbone.' + k: v for k, v in state_dict.items()}
-    report: Dict[str, List[str]] = dict(loaded=[], initialised=[], not_loaded=[], missing=[])
-    for k, v in out.items():
-        if k not in own:
-            report['not_loaded'].append(f"{k}: not in the model")
-        elif tuple(own[k].shape) != tuple(v.shape):
-            report['not_loaded'].append(f"{k}: shape {tuple(v.shape)} != model {tuple(own[k].shape)}")
-        else:
-            report['loaded'].append(k)
-    for k, v in own.items():
-        if k in out:
-            continue
-        if k.startswith('canonicalizer.'):
-            out[k] = v
-            report['initialised'].append(k)
-        else:
-            report['missing'].append(k)
+    out, report = merge_backbone_state(out, own, 'canonicalizer.')
     model.pretrained_load_report = report
     return out
 

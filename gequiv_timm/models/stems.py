@@ -59,7 +59,7 @@ from ..layers.stem import EquivariantStem, PooledLift  # noqa: F401  (public her
 from ..registry import tagged_cfgs
 from ..weights import WeightsError, check_finite, check_state_dict, read_state
 from ._args import TIMM_RATES, check_timm_kwargs
-from ._helpers import adapt_input_conv_nd, backbone_cfg, create_gequiv_model, dropped_head_keys
+from ._helpers import adapt_input_conv_nd, backbone_cfg, create_gequiv_model, dropped_head_keys, merge_backbone_state
 from ._stem_args import STEM_STRIDES, check_stem_args, equivariant_stem_min_size
 from ._timm_api import attach_input_policy
 
@@ -462,29 +462,11 @@ def adapt_backbone_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Mod
                 stem.init_from_conv(w)
                 warm[lift_key] = lift.detach().clone()
                 lift.copy_(saved)  # the model is only written by load_state_dict, after every check
-    out: Dict[str, torch.Tensor] = {}
-    report: Dict[str, List[str]] = dict(loaded=[], initialised=[], not_loaded=[], missing=[])
-    for k, v in state_dict.items():
+    def replaced(k: str) -> Optional[str]:
         if k in source_stem or (k.startswith(stem_prefix) and k not in own):
-            reason = 'replaced stem' + (' (warm-started the lifting filters)' if k == conv_key and warm else '')
-            report['not_loaded'].append(f"{k}: {reason}")
-            continue
-        out[k] = v
-        if k not in own:
-            report['not_loaded'].append(f"{k}: not in the model")
-        elif tuple(own[k].shape) != tuple(v.shape):
-            report['not_loaded'].append(f"{k}: shape {tuple(v.shape)} != model {tuple(own[k].shape)}")
-        else:
-            report['loaded'].append(k)
-    for k, v in own.items():
-        if k in out:
-            continue
-        if k.startswith(stem_prefix):
-            out[k] = warm.get(k, v)
-            report['initialised'].append(k)
-        else:
-            report['missing'].append(k)
-    return out, report
+            return 'replaced stem' + (' (warm-started the lifting filters)' if k == conv_key and warm else '')
+        return None
+    return merge_backbone_state(state_dict, own, stem_prefix, skip=replaced, fill=lambda k, v: warm.get(k, v))
 
 
 def load_backbone_checkpoint(model: nn.Module, checkpoint: Union[str, Dict[str, torch.Tensor]],
