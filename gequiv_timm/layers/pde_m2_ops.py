@@ -31,6 +31,7 @@ from .pde import (
     m2_morphological_kernel,
     rotated_kernel_bank_matrix,
 )
+from .pde_r2 import _check_resample
 
 __all__ = [
     'AnisotropicDilatedProjectM2',
@@ -278,14 +279,7 @@ class SpatialResampleM2(M2EquivariantMixin, nn.Module):
 
     def __init__(self, size=None, scale_factor: float | None = None, mode: str = 'nearest'):
         super().__init__()
-        if (size is None) == (scale_factor is None):
-            raise ValueError(f"SpatialResampleM2: give exactly one of size and scale_factor (got size={size!r}, "
-                             f"scale_factor={scale_factor!r})")
-        if mode not in ('nearest', 'nearest-exact', 'bilinear', 'bicubic', 'area'):
-            raise ValueError(f"SpatialResampleM2: mode must be 'nearest', 'nearest-exact', 'bilinear', 'bicubic' or "
-                             f"'area', got {mode!r}")
-        if scale_factor is not None and not (isinstance(scale_factor, (int, float)) and scale_factor > 0):
-            raise ValueError(f"SpatialResampleM2: scale_factor must be a positive number, got {scale_factor!r}")
+        _check_resample('SpatialResampleM2', size, scale_factor, mode)
         self.size = size if size is None or isinstance(size, int) else tuple(size)
         self.scale_factor = None if scale_factor is None else float(scale_factor)
         self.mode = mode
