@@ -193,12 +193,24 @@ def profile_text(res):
 # ----------------------------------------------------------------------------------------------------------------
 # every group: ours / floor / escnn
 # ----------------------------------------------------------------------------------------------------------------
-def layers_part(groups, repeats, dev, size=32):
+LAYER_MODES = (('train', 32), ('eval', 1), ('eval', 32))
+
+
+def _quartiles(times, a, b):
+    """The 25th and 75th percentiles over rounds of ``a``'s time over ``b``'s in the same round: the spread the
+    median ratio comes from (per-round ratios scatter by a few % on a shared machine)."""
+    r = sorted(x / y for x, y in zip(times[a], times[b]))
+    return r[len(r) // 4], r[(3 * len(r)) // 4]
+
+
+def layers_part(groups, repeats, dev, size=32, modes=None):
     res = {}
     for group in groups:
         f = default_fields(group)
-        for mode, batch in (('train', 32), ('eval', 1), ('eval', 32)):
+        for mode, batch in LAYER_MODES:
             key = f"{mode} b{batch}"
+            if modes is not None and key not in modes:
+                continue
             fns = synced(layer_step_fns(group, f, batch, size, mode, dev), dev)
             inner = 10 if batch == 1 else 1
             raw = {}
@@ -207,7 +219,9 @@ def layers_part(groups, repeats, dev, size=32):
             paired = {f"{a}/{b}": {t: paired_ratio(raw[t], a, b) for t in ('wall', 'cpu')}
                       for a, b in (('ours', 'floor'), ('escnn', 'floor'), ('ours', 'escnn'))}
             res[f"{group} {key}"] = {'fields': f, 'channels': f * get_group(group).order, 'wall': wall, 'cpu': cpu,
-                                     'paired': paired, 'rounds': raw}
+                                     'paired': paired, 'rounds': raw,
+                                     'ours/floor quartiles': {t: _quartiles(raw[t], 'ours', 'floor')
+                                                              for t in ('wall', 'cpu')}}
             print(f"  {group} {key}: ours/floor {paired['ours/floor']['wall']:.3f} (CPU "
                   f"{paired['ours/floor']['cpu']:.3f}), ours/escnn {paired['ours/escnn']['wall']:.3f}", flush=True)
     return res
@@ -219,9 +233,11 @@ def layers_text(res, dev):
              'train = an inner layer\'s step at batch 32 (forward, backward to the weights and the input with a dense '
              'upstream gradient); eval = no grad. Floor = one `F.conv2d` with our expanded bank and bias as fixed '
              'tensors. Each ratio is the median over shuffled rounds of the two times measured in the same round, '
-             'wall time' + (' (process CPU time in brackets)' if cpu_col else '') + '.', '',
-             '| group | fields (channels) | mode | ours / floor | goal | | escnn / floor | ours / escnn | ours (ms) |',
-             '|---|---|---|---|---|---|---|---|---|']
+             'wall time' + (' (process CPU time in brackets)' if cpu_col else '') + '; "quartiles" are the 25th and 75th '
+             'percentiles of the per-round ratio ours / floor (wall), the spread behind the median.', '',
+             '| group | fields (channels) | mode | ours / floor | quartiles | goal | | escnn / floor | ours / escnn | '
+             'ours (ms) |',
+             '|---|---|---|---|---|---|---|---|---|---|']
     for key, r in res.items():
         group, mode = key.split(' ', 1)
         w, pr = r['wall'], r['paired']
@@ -231,7 +247,9 @@ def layers_text(res, dev):
         def fmt(a, b):
             q = pr[f"{a}/{b}"]
             return f"{q['wall']:.3f}" + (f" ({q['cpu']:.3f})" if cpu_col else '')
-        lines.append(f"| {group} | {r['fields']} ({r['channels']}) | {mode} | {fmt('ours', 'floor')} | <= {tgt} | "
+        q = r.get('ours/floor quartiles', {}).get('wall')
+        qs = f"{q[0]:.3f}-{q[1]:.3f}" if q else '-'
+        lines.append(f"| {group} | {r['fields']} ({r['channels']}) | {mode} | {fmt('ours', 'floor')} | {qs} | <= {tgt} | "
                      f"{verdict(ratio, tgt)} | {fmt('escnn', 'floor')} | {fmt('ours', 'escnn')} | "
                      f"{w['ours'] * 1e3:.3f} |")
     return '\n'.join(lines)
@@ -317,6 +335,9 @@ def main(argv=None):
     ap.add_argument('--groups', default=','.join(GROUPS))
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--repeats', type=int, default=20)
+    ap.add_argument('--modes', default=None,
+                    help="comma-separated subset of the layer part's modes ('train b32', 'eval b1', 'eval b32'; "
+                         "default all)")
     add_device_arg(ap)
     ap.add_argument('--out', default=None)
     args = ap.parse_args(argv)
@@ -328,7 +349,14 @@ def main(argv=None):
         res['profile'] = profile_part(args.repeats, dev)
         text.append(profile_text(res['profile']))
     if args.part in ('all', 'layers'):
-        res['layers'] = layers_part(args.groups.split(','), args.repeats, dev)
+        modes = None
+        if args.modes is not None:
+            modes = [m.strip() for m in args.modes.split(',')]
+            known = [f"{m} b{b}" for m, b in LAYER_MODES]
+            bad = [m for m in modes if m not in known]
+            if bad:
+                ap.error(f"--modes: unknown {bad}; choose from {known}")
+        res['layers'] = layers_part(args.groups.split(','), args.repeats, dev, modes=modes)
         text.append(layers_text(res['layers'], dev))
     if args.part in ('all', 'model'):
         res['model'] = model_part(args.repeats, dev)

@@ -240,10 +240,18 @@ WRITES = [_write_data_copy, _write_data_mul, _write_load_state_dict, _write_no_g
 
 @pytest.mark.parametrize('write', WRITES)
 @pytest.mark.parametrize('grad', [False, True])
-def test_no_stale_filter_bank_after_any_weight_write(write, grad):
+@pytest.mark.parametrize('bits', ['memcmp', 'torch.equal'])
+def test_no_stale_filter_bank_after_any_weight_write(write, grad, bits, monkeypatch):
     """After eval forwards (the second one reuses the bank of the first when no gradient is wanted), any write to
     the weights, or to the fixed maps, is seen by the next eval forward (issue: a cached bank outlived `.data`
-    writes). The next output equals a layer built from the new weights whose bank is expanded from scratch."""
+    writes). The next output equals a layer built from the new weights whose bank is expanded from scratch. Both
+    ways of comparing the bits: libc's memcmp (with its arguments converted once per bank) and, where there is no
+    libc, ``torch.equal`` on integer views."""
+    from gequiv_timm.layers import gconv as gconv_module
+    if bits == 'memcmp' and gconv_module._MEMCMP is None:
+        pytest.skip('no libc memcmp on this platform')
+    if bits == 'torch.equal':
+        monkeypatch.setattr(gconv_module, '_MEMCMP', None)
     torch.manual_seed(0)
     conv = P4ConvP4(2, 3, 3, padding=1).eval()
     x = torch.randn(1, 2, 4, 6, 6)
