@@ -260,10 +260,9 @@ class _MorphConvM2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, kernel, erosion: bool, native: bool):
         with torch.no_grad():
-            if native:
-                out, idx = native_morph_forward(x, kernel, erosion, need_index=True)
-            else:
-                out, idx = _morph_forward(x, kernel, erosion, need_index=True)
+            res = native_morph_forward(x, kernel, erosion, need_index=True) if native else None
+            native = res is not None  # (None: NaN in x, the PyTorch path propagates it)
+            out, idx = res if native else _morph_forward(x, kernel, erosion, need_index=True)
         ctx.erosion = erosion
         ctx.native = native
         ctx.x_shape = x.shape
@@ -318,8 +317,9 @@ def morphological_convolution_m2(x: torch.Tensor, kernel: torch.Tensor, erosion:
     native = use_native(x, kernel)
     if torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad):
         return _MorphConvM2.apply(x, kernel, bool(erosion), native)
-    if native:
-        return native_morph_forward(x, kernel, bool(erosion), need_index=False)[0]
+    res = native_morph_forward(x, kernel, bool(erosion), need_index=False) if native else None
+    if res is not None:
+        return res[0]
     return _morph_forward_loop(x, kernel, bool(erosion))
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 
 from ..layers.pde import BatchNormM2, CDEPdeLayerM2, LiftM2Cartesian, MaxProjectM2, PDEStem
+from ..layers.pde_native import max_pool2x2
 from ..registry import tagged_cfgs
 from ._args import (
     TIMM_RATES, check_common, check_float, check_indices, check_int, check_ints, check_timm_kwargs,
@@ -52,8 +53,9 @@ def _check_pde_kernel(owner: str, arg: str, kernel_size) -> None:
 
 
 def _pool_m2(x: torch.Tensor) -> torch.Tensor:
-    """2x2 spatial max pool of ``[B, C, Or, H, W]`` (every orientation separately)."""
-    return F.max_pool2d(x.flatten(1, 2), 2).unflatten(1, x.shape[1:3])
+    """2x2 spatial max pool of ``[B, C, Or, H, W]`` (every orientation separately): ``F.max_pool2d``'s values and
+    gradients, on the compiled operator on CPU (:func:`~gequiv_timm.layers.pde_native.max_pool2x2`)."""
+    return max_pool2x2(x)
 
 
 class PDELiftStage(nn.Module):

@@ -73,14 +73,55 @@ def test_native_ties_go_to_the_lowest_offset(backend):
 
 
 @needs_native
-def test_nan_input_takes_the_torch_path(backend):
-    x = torch.randn(1, 2, 4, 5, 5)
-    x[0, 1, 2, 3, 3] = float('nan')
+@pytest.mark.parametrize('grad', [False, True])
+def test_nan_input_takes_the_torch_path(backend, grad):
+    """The operator notices NaN while it copies the input (no separate scan) and declines; the PyTorch path then
+    propagates the NaN as the reference does. A NaN kernel is refused up front."""
+    x = torch.randn(2, 2, 4, 5, 5)
+    x[1, 1, 2, 3, 3] = float('nan')
     k = torch.rand(2, 4, 3, 3, 3)
     backend('native')
-    assert not pde_native.use_native(x, k)
+    assert pde_native.use_native(x, k)
+    assert pde_native.native_morph_forward(x, k, False, need_index=grad) is None
+    assert pde_native.native_morph_forward(x.nan_to_num(), k, False, need_index=grad) is not None
+    assert not pde_native.use_native(x, k.clone().fill_(float('nan')))
     ref = morphological_convolution_m2_reference(x, k)
-    torch.testing.assert_close(morphological_convolution_m2(x, k), ref, equal_nan=True)
+    xg = x.clone().requires_grad_(grad)
+    y = morphological_convolution_m2(xg, k)
+    torch.testing.assert_close(y, ref, equal_nan=True)
+    if grad:
+        y.nan_to_num().sum().backward()
+        assert xg.grad.shape == x.shape
+
+
+@needs_native
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('shape', [(2, 3, 4, 24, 24), (1, 2, 8, 7, 9), (3, 1, 2, 2, 2)])
+def test_native_max_pool_matches_pytorch(shape, dtype, backend):
+    """max_pool2x2 on the compiled operator: F.max_pool2d's values bit for bit and its gradients exactly (ties to
+    the first maximum of the window, odd sizes floored, NaN propagated)."""
+    import torch.nn.functional as F
+    torch.manual_seed(3)
+    x = torch.randn(*shape, dtype=dtype).round(decimals=1)  # rounding makes ties
+    x.view(-1)[5] = float('nan')
+    g = torch.randn(*shape[:-2], shape[-2] // 2, shape[-1] // 2, dtype=dtype)
+
+    def run():
+        xg = x.clone().requires_grad_()
+        y = pde_native.max_pool2x2(xg)
+        y.backward(g)
+        return y.detach(), xg.grad
+
+    backend('native')
+    yn, gn = run()
+    xg = x.clone().requires_grad_()
+    yr = F.max_pool2d(xg.flatten(0, -3).unsqueeze(1), 2).view_as(g)
+    yr.backward(g)
+    assert torch.equal(yn, yr.detach()) or torch.allclose(yn, yr.detach(), equal_nan=True, rtol=0, atol=0)
+    assert torch.equal(gn, xg.grad)
+    backend('torch')
+    yt, gt = run()
+    assert torch.allclose(yt, yn, equal_nan=True, rtol=0, atol=0) and torch.equal(gt, gn)
 
 
 @needs_native
@@ -155,14 +196,16 @@ print('OK')
 
 
 @needs_native
-@pytest.mark.parametrize('shape', [(2, 3, 8, 9, 7), (1, 2, 4, 5, 6), (2, 2, 6, 3, 4)])
-def test_native_convection_matches_the_torch_path(shape, backend):
+@pytest.mark.parametrize('scale', [2.5, 12.0])
+@pytest.mark.parametrize('shape', [(2, 3, 8, 9, 7), (1, 2, 4, 5, 6), (2, 2, 6, 3, 4), (1, 9, 4, 2, 2)])
+def test_native_convection_matches_the_torch_path(shape, scale, backend):
     """convection_m2 on the compiled operator: the same values and gradients (input and g0) as grid_sample's path,
-    shifts of several pixels and more than one orientation step (border clipping included)."""
+    shifts of several pixels and more than one orientation step (border clipping included; scale 12: shifts past
+    the whole image, where the compiled stencil clamps its integer shift)."""
     from gequiv_timm.layers.pde import convection_m2
     torch.manual_seed(2)
     x = torch.randn(*shape, dtype=torch.float64)
-    g0 = torch.randn(shape[1], 3, dtype=torch.float64) * torch.tensor([2.5, 2.5, 1.5], dtype=torch.float64)
+    g0 = torch.randn(shape[1], 3, dtype=torch.float64) * torch.tensor([scale, scale, 1.5], dtype=torch.float64)
     g = torch.randn(*shape, dtype=torch.float64)
 
     def run():
@@ -177,3 +220,23 @@ def test_native_convection_matches_the_torch_path(shape, backend):
     assert not pde_native.use_native_convection(x)
     for a, b in zip(nat, run()):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@needs_native
+def test_native_convection_float32_and_without_input_gradient(backend):
+    """float32 values agree to rounding; with only g0 requiring a gradient the compiled backward still gives the
+    orientation fraction's and the shifts' gradients."""
+    from gequiv_timm.layers.pde import convection_m2
+    torch.manual_seed(4)
+    x = torch.randn(3, 4, 8, 12, 12)
+    g0 = torch.randn(4, 3) * torch.tensor([2.0, 2.0, 1.0])
+    g = torch.randn_like(x)
+
+    def run():
+        gg = g0.clone().requires_grad_()
+        y = convection_m2(x, gg)
+        return y.detach(), torch.autograd.grad(y, gg, g)[0]
+
+    (yn, gn), (yt, gt) = _both(run, backend)
+    torch.testing.assert_close(yn, yt, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gn, gt, rtol=1e-3, atol=1e-3 * gt.abs().max().item())
