@@ -617,8 +617,12 @@ class ErosionM2(_MorphologyM2):
 # ----------------------------------------------------------------------------------------------------------------
 def linear_m2(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Channel mixing on M2 (a ``1 x 1 x 1`` group convolution): ``out[b, d] = sum_c weight[d, c] x[b, c]``.
-    ``x [B, Cin, Or, H, W]``, ``weight [Cout, Cin]`` -> ``[B, Cout, Or, H, W]``."""
-    y = torch.einsum('bcohw,dc->bdohw', x, weight)
+    ``x [B, Cin, Or, H, W]``, ``weight [Cout, Cin]`` -> ``[B, Cout, Or, H, W]``, contiguous: one matrix product
+    per sample on the ``[Cin, Or*H*W]`` view (``bmm`` with the weight expanded; the same values as the einsum
+    ``'bcohw,dc->bdohw'``, without its permuted copies, ~2x faster with its backward, and the batch norm and the
+    compiled operators that follow get a contiguous map)."""
+    b = x.shape[0]
+    y = torch.bmm(weight.expand(b, *weight.shape), x.flatten(2)).view(b, weight.shape[0], *x.shape[2:])
     if bias is not None:
         y = y + bias.view(1, -1, 1, 1, 1)
     return y

@@ -349,6 +349,7 @@ void bwd(const T* g, const uint8_t* idx, T* gx, T* gk, int64_t B, int64_t C, int
         for (int64_t c = c0; c < c1; ++c)
             for (int64_t b = 0; b < B; ++b) {
                 T* gxs = gx ? gx + (b * C + c) * O * hw : nullptr;
+                if (gxs) std::fill(gxs, gxs + O * hw, (T)0);  // (gx comes uninitialised: zeroed here, in cache)
                 for (int64_t o = 0; o < O; ++o) {
                     for (int64_t f = 0; f < nf; ++f) {
                         int64_t oi = o + da[f];
@@ -541,7 +542,8 @@ void conv_bwd(const T* g, const T* x, const T* fr, const int64_t* n, const T* dr
                         for (int64_t xx = sx.lo + W; xx < Wp; ++xx) m[W - 1] += row[xx];
                     }
                     for (int64_t t = 0; t < hw; ++t) accf[t] += mix[t] * (b[t] - a[t]);
-                    if (gx) {  // distribute to o_0 and o_1
+                    if (gx) {  // distribute to o_0 and o_1 (the slab comes uninitialised: zeroed at its first use)
+                        if (o == 0) std::fill(gx + bc * O * hw, gx + (bc + 1) * O * hw, (T)0);
                         T* __restrict ga = gx + (bc * O + o0) * hw;
                         T* __restrict gb = gx + (bc * O + o1) * hw;
                         for (int64_t t = 0; t < hw; ++t) ga[t] += w0 * mix[t];
@@ -778,7 +780,7 @@ def native_morph_backward(grad_out: torch.Tensor, idx: torch.Tensor, k_shape, er
     g = grad_out.contiguous()
     b, c, orientations, h, w = g.shape
     ko, kh, kw = k_shape[-3:]
-    gx = torch.zeros_like(g) if need_x else None
+    gx = torch.empty_like(g) if need_x else None  # zeroed by the operator, slab by slab
     gk = torch.zeros((c, orientations, ko, kh, kw), dtype=g.dtype) if need_k else None
     fn = _lib.gequiv_morph_bwd_f32 if g.dtype == torch.float32 else _lib.gequiv_morph_bwd_f64
     fn(_ptr(g), _ptr(idx), _ptr(gx) if gx is not None else None, _ptr(gk) if gk is not None else None, b, c,
@@ -811,7 +813,7 @@ class _ConvectionM2Native(torch.autograd.Function):
         x, fr, n, dr, dx = ctx.saved_tensors
         g = g.contiguous()
         b, c, o, h, w = x.shape
-        gx = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None  # zeroed by the operator
         gfr, gdr, gdx = torch.empty_like(fr), torch.empty_like(dr), torch.empty_like(dx)
         fn = _lib.gequiv_conv_bwd_f32 if x.dtype == torch.float32 else _lib.gequiv_conv_bwd_f64
         fn(_ptr(g), _ptr(x), _ptr(fr), _ptr(n), _ptr(dr), _ptr(dx), _ptr(gx) if gx is not None else None,
