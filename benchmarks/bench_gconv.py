@@ -36,7 +36,7 @@ from common import (  # noqa: E402
 
 import timm  # noqa: E402
 import gequiv_timm  # noqa: E402,F401
-from gequiv_timm.layers import P4ConvP4, check_group_input, export_group_convs, get_group  # noqa: E402
+from gequiv_timm.layers import GroupConv2d, P4ConvP4, check_group_input, export_group_convs, get_group  # noqa: E402
 from gequiv_timm.measure import time_round_robin  # noqa: E402
 
 # the goals of issue 18 (layer) and issue 2 (model): ratio ours / floor
@@ -203,6 +203,33 @@ def _quartiles(times, a, b):
     return r[len(r) // 4], r[(3 * len(r)) // 4]
 
 
+MODULE_KEYS = ('nn.Conv2d', 'exported')
+
+
+def module_fns(group, fields, batch, size, dev):
+    """Eval-mode references beside the floor (a bare ``F.conv2d``): the same conv as an ``nn.Conv2d`` module (what
+    any module around one conv costs at batch 1: the module call), and our layer exported
+    (:func:`~gequiv_timm.layers.export_group_convs`: that module plus our input check and the two views; no bank
+    reuse check). Same shapes as the floor, own random tensors."""
+    g = get_group(group)
+    torch.manual_seed(1)
+    layer = GroupConv2d(fields, fields, 3, g, g, padding=1).to(dev).eval()
+    conv = nn.Conv2d(fields * g.order, fields * g.order, 3, padding=1).to(dev).eval()
+    with torch.no_grad():
+        conv.weight.copy_(layer.expanded_weight())
+        conv.bias.copy_(layer.expanded_bias())
+    exported = export_group_convs(layer)
+    x5 = torch.randn(batch, fields, g.order, size, size, device=dev)
+    xf = x5.flatten(1, 2).clone()
+
+    def ev(f):
+        def h():
+            with torch.no_grad():
+                return f()
+        return h
+    return {'nn.Conv2d': ev(lambda: conv(xf)), 'exported': ev(lambda: exported(x5))}
+
+
 def layers_part(groups, repeats, dev, size=32, modes=None):
     res = {}
     for group in groups:
@@ -211,13 +238,17 @@ def layers_part(groups, repeats, dev, size=32, modes=None):
             key = f"{mode} b{batch}"
             if modes is not None and key not in modes:
                 continue
-            fns = synced(layer_step_fns(group, f, batch, size, mode, dev), dev)
+            fns = layer_step_fns(group, f, batch, size, mode, dev)
+            if mode == 'eval':
+                fns.update(module_fns(group, f, batch, size, dev))
+            fns = synced(fns, dev)
             inner = 10 if batch == 1 else 1
             raw = {}
             wall, cpu = shuffled_round_robin(fns, reps=repeats * (3 if batch == 1 else 1), seed=3, inner=inner,
                                              raw=raw)
-            paired = {f"{a}/{b}": {t: paired_ratio(raw[t], a, b) for t in ('wall', 'cpu')}
-                      for a, b in (('ours', 'floor'), ('escnn', 'floor'), ('ours', 'escnn'))}
+            pairs = [('ours', 'floor'), ('escnn', 'floor'), ('ours', 'escnn')]
+            pairs += [(k, 'floor') for k in MODULE_KEYS if k in fns]
+            paired = {f"{a}/{b}": {t: paired_ratio(raw[t], a, b) for t in ('wall', 'cpu')} for a, b in pairs}
             res[f"{group} {key}"] = {'fields': f, 'channels': f * get_group(group).order, 'wall': wall, 'cpu': cpu,
                                      'paired': paired, 'rounds': raw,
                                      'ours/floor quartiles': {t: _quartiles(raw[t], 'ours', 'floor')
@@ -234,10 +265,13 @@ def layers_text(res, dev):
              'upstream gradient); eval = no grad. Floor = one `F.conv2d` with our expanded bank and bias as fixed '
              'tensors. Each ratio is the median over shuffled rounds of the two times measured in the same round, '
              'wall time' + (' (process CPU time in brackets)' if cpu_col else '') + '; "quartiles" are the 25th and 75th '
-             'percentiles of the per-round ratio ours / floor (wall), the spread behind the median.', '',
+             'percentiles of the per-round ratio ours / floor (wall), the spread behind the median. In eval, two more '
+             'references against the same floor: `nn.Conv2d` = the same conv as a plain torch module (what a module '
+             'call costs), exported = our layer frozen by `export_group_convs` (that module plus our input check and '
+             'the two views, no bank reuse check).', '',
              '| group | fields (channels) | mode | ours / floor | quartiles | goal | | escnn / floor | ours / escnn | '
-             'ours (ms) |',
-             '|---|---|---|---|---|---|---|---|---|---|']
+             'nn.Conv2d / floor | exported / floor | ours (ms) |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|']
     for key, r in res.items():
         group, mode = key.split(' ', 1)
         w, pr = r['wall'], r['paired']
@@ -245,12 +279,15 @@ def layers_text(res, dev):
         tgt = LAYER_TARGETS[mode]
 
         def fmt(a, b):
-            q = pr[f"{a}/{b}"]
+            q = pr.get(f"{a}/{b}")
+            if q is None:
+                return '-'
             return f"{q['wall']:.3f}" + (f" ({q['cpu']:.3f})" if cpu_col else '')
         q = r.get('ours/floor quartiles', {}).get('wall')
         qs = f"{q[0]:.3f}-{q[1]:.3f}" if q else '-'
         lines.append(f"| {group} | {r['fields']} ({r['channels']}) | {mode} | {fmt('ours', 'floor')} | {qs} | <= {tgt} | "
                      f"{verdict(ratio, tgt)} | {fmt('escnn', 'floor')} | {fmt('ours', 'escnn')} | "
+                     f"{fmt('nn.Conv2d', 'floor')} | {fmt('exported', 'floor')} | "
                      f"{w['ours'] * 1e3:.3f} |")
     return '\n'.join(lines)
 
