@@ -65,7 +65,10 @@ _SOURCE = r'''
 #include <cmath>
 
 namespace {
-constexpr int CH = 64;  // outputs per chunk: the running max (and arg-max) of a chunk stay in registers
+constexpr int CH = 128;
+#ifndef MB
+#define MB 64
+#endif  // outputs per chunk: the running max (and arg-max) of a chunk stay in registers
 
 // GCC / clang vector extensions (explicit vectors: the compilers otherwise vectorise the loop over offsets)
 typedef float vf __attribute__((vector_size(64)));
@@ -75,20 +78,28 @@ typedef int64_t vl __attribute__((vector_size(64)));
 template <typename T> struct VT;
 template <> struct VT<float> { typedef vf V; typedef vi I; typedef int32_t S; static constexpr int N = 16; };
 template <> struct VT<double> { typedef vd V; typedef vl I; typedef int64_t S; static constexpr int N = 8; };
+// the morphology's vectors: 32 bytes (a 64-byte load at an arbitrary shift splits a cache line almost always)
+typedef float mf __attribute__((vector_size(MB)));
+typedef double md __attribute__((vector_size(MB)));
+typedef int32_t mi __attribute__((vector_size(MB)));
+typedef int64_t ml __attribute__((vector_size(MB)));
+template <typename T> struct MT;
+template <> struct MT<float> { typedef mf V; typedef mi I; typedef int32_t S; static constexpr int N = MB / 4; };
+template <> struct MT<double> { typedef md V; typedef ml I; typedef int64_t S; static constexpr int N = MB / 8; };
 
 template <typename V, typename T>
 inline V loadu(const T* p) { V v; __builtin_memcpy(&v, p, sizeof(V)); return v; }
 
 // write a chunk of the padded-row layout (row stride Wp) to the cropped output (row stride W)
-template <typename T, typename S, bool IDX>
-inline void store(const T* acc, const S* id, int n, int64_t t0, int64_t Wp, int64_t W, T* oq, uint8_t* iq) {
+template <typename T, bool IDX>
+inline void store(const T* acc, const uint8_t* id, int n, int64_t t0, int64_t Wp, int64_t W, T* oq, uint8_t* iq) {
     int64_t y = t0 / Wp, x = t0 - y * Wp;
     int t = 0;
     while (t < n) {  // runs of valid columns are copied, the Wp - W wrap-around columns skipped
         if (x < W) {
             const int run = (int)std::min<int64_t>(W - x, n - t);
             __builtin_memcpy(oq + y * W + x, acc + t, run * sizeof(T));
-            if (IDX) for (int r = 0; r < run; ++r) iq[y * W + x + r] = (uint8_t)id[t + r];
+            if (IDX) __builtin_memcpy(iq + y * W + x, id + t, run);
             t += run;
             x += run;
         } else {
@@ -100,18 +111,64 @@ inline void store(const T* acc, const S* id, int n, int64_t t0, int64_t Wp, int6
     }
 }
 
+// NVX vectors of outputs from t0 on (n of them kept): the running max (min) and its offset in registers while every
+// offset streams past
+template <typename T, bool EROSION, bool IDX, int NVX>
+inline void chunk(const T* base, const int64_t* shift, const T* kq, int64_t nf, int64_t t0, int n, int64_t Wp,
+                  int64_t W, T* oq, uint8_t* iq) {
+    typedef typename MT<T>::V V;
+    typedef typename MT<T>::I I;
+    typedef typename MT<T>::S S;
+    constexpr int N = MT<T>::N;
+    V acc[NVX];
+    I id[NVX];
+    {
+        const T* p = base + shift[0] + t0;
+        const T k = kq[0];
+        for (int v = 0; v < NVX; ++v) { acc[v] = loadu<V>(p + v * N) + k; if (IDX) id[v] = I{}; }
+    }
+    for (int64_t f = 1; f < nf; ++f) {
+        const T* p = base + shift[f] + t0;
+        const T k = kq[f];
+        const S fs = (S)f;
+        for (int v = 0; v < NVX; ++v) {
+            const V cand = loadu<V>(p + v * N) + k;
+            const I m = EROSION ? (cand < acc[v]) : (cand > acc[v]);
+            acc[v] = m ? cand : acc[v];
+            if (IDX) id[v] = m ? (I{} + fs) : id[v];
+        }
+    }
+    T av[NVX * N];
+    uint8_t ids[NVX * N];
+    __builtin_memcpy(av, acc, sizeof(av));
+    if (IDX) {  // narrowed to bytes a vector at a time
+        typedef uint8_t vb __attribute__((vector_size(N)));
+        for (int v = 0; v < NVX; ++v) {
+            const vb b = __builtin_convertvector(id[v], vb);
+            __builtin_memcpy(ids + v * N, &b, N);
+        }
+    }
+    store<T, IDX>(av, ids, n, t0, Wp, W, oq, iq);
+}
+
+template <typename T, bool EROSION, bool IDX, int K>
+inline void chunk_tail(const T* base, const int64_t* shift, const T* kq, int64_t nf, int64_t t0, int n, int64_t Wp,
+                       int64_t W, T* oq, uint8_t* iq) {
+    if constexpr (K >= 1) {
+        if (n > (K - 1) * MT<T>::N) { chunk<T, EROSION, IDX, K>(base, shift, kq, nf, t0, n, Wp, W, oq, iq); return; }
+        chunk_tail<T, EROSION, IDX, K - 1>(base, shift, kq, nf, t0, n, Wp, W, oq, iq);
+    }
+}
+
 // One thread's share of (sample, channel) slabs: each slab is copied into a small padded buffer (orientations
 // periodic, the plane with +-inf, CH values of slack so that every chunk's reads stay inside), then every
 // orientation's output is computed from it, chunk by chunk, with every offset a constant shift.
 template <typename T, bool EROSION, bool IDX>
 int fwd_range(const T* x, const T* kv, T* out, uint8_t* idx, const int64_t* shift, int64_t bc0, int64_t bc1,
                int64_t C, int64_t O, int64_t H, int64_t W, int64_t KO, int64_t KH, int64_t KW) {
-    typedef typename VT<T>::V V;
-    typedef typename VT<T>::I I;
-    typedef typename VT<T>::S S;
-    constexpr int N = VT<T>::N, NV = CH / N;
-    const int64_t ro = KO / 2, rh = KH / 2, rw = KW / 2, Wp = W + 2 * rw, Hp = H + 2 * rh, plane = Hp * Wp;
-    const int64_t nf = KO * KH * KW, unit = H * Wp, hw = H * W;
+    constexpr int NV = CH / MT<T>::N;
+    const int64_t ro = KO / 2, rh = KH / 2, rw = KW / 2, Wp = W + rw, Hp = H + 2 * rh, plane = Hp * Wp;
+    const int64_t nf = KO * KH * KW, unit = (H - 1) * Wp + W, hw = H * W;  // (the last row's pad: no output)
     const int64_t length = (O + 2 * ro) * plane + 2 * rw + CH;
     const T fill = EROSION ? std::numeric_limits<T>::infinity() : -std::numeric_limits<T>::infinity();
     std::vector<T> storage(length);
@@ -123,13 +180,13 @@ int fwd_range(const T* x, const T* kv, T* out, uint8_t* idx, const int64_t* shif
         const T* xs = x + bc * O * hw;
         for (int64_t a = 0; a < O + 2 * ro; ++a) {
             const int64_t src = ((a - ro) % O + O) % O;
-            for (int64_t y = 0; y < H; ++y) {  // copy a row, noting NaN (the caller then takes the PyTorch path)
-                const T* __restrict s = xs + src * hw + y * W;
-                T* __restrict d = buf + a * plane + (rh + y) * Wp + rw;
-                int bad = 0;
-                for (int64_t i = 0; i < W; ++i) { d[i] = s[i]; bad |= s[i] != s[i]; }
-                has_nan |= bad;
-            }
+            for (int64_t y = 0; y < H; ++y)
+                __builtin_memcpy(buf + a * plane + (rh + y) * Wp + rw, xs + src * hw + y * W, W * sizeof(T));
+        }
+        {  // NaN anywhere in the slab (in cache now): the caller then takes the PyTorch path
+            int bad = 0;
+            for (int64_t i = 0; i < O * hw; ++i) bad |= xs[i] != xs[i];
+            has_nan |= bad;
         }
         for (int64_t o = 0; o < O; ++o) {
             const int64_t q = bc * O + o;
@@ -137,32 +194,11 @@ int fwd_range(const T* x, const T* kv, T* out, uint8_t* idx, const int64_t* shif
             const T* kq = kv + (c * O + o) * nf;
             T* oq = out + q * hw;
             uint8_t* iq = IDX ? idx + q * hw : nullptr;
-            for (int64_t t0 = 0; t0 < unit; t0 += CH) {
-                V acc[NV];
-                I id[NV];
-                {
-                    const T* p = base + shift[0] + t0;
-                    const T k = kq[0];
-                    for (int v = 0; v < NV; ++v) { acc[v] = loadu<V>(p + v * N) + k; if (IDX) id[v] = I{}; }
-                }
-                for (int64_t f = 1; f < nf; ++f) {
-                    const T* p = base + shift[f] + t0;
-                    const T k = kq[f];
-                    const S fs = (S)f;
-                    for (int v = 0; v < NV; ++v) {
-                        const V cand = loadu<V>(p + v * N) + k;
-                        const I m = EROSION ? (cand < acc[v]) : (cand > acc[v]);
-                        acc[v] = m ? cand : acc[v];
-                        if (IDX) id[v] = m ? (I{} + fs) : id[v];
-                    }
-                }
-                T av[CH];
-                S ids[CH];
-                __builtin_memcpy(av, acc, sizeof(av));
-                if (IDX) __builtin_memcpy(ids, id, sizeof(ids));
-                const int n = (int)std::min<int64_t>(CH, unit - t0);
-                store<T, S, IDX>(av, ids, n, t0, Wp, W, oq, iq);
-            }
+            int64_t t0 = 0;
+            for (; t0 + CH <= unit; t0 += CH)
+                chunk<T, EROSION, IDX, NV>(base, shift, kq, nf, t0, CH, Wp, W, oq, iq);
+            if (t0 < unit)  // the ragged end in as few vectors as it needs
+                chunk_tail<T, EROSION, IDX, NV>(base, shift, kq, nf, t0, (int)(unit - t0), Wp, W, oq, iq);
         }
         if (has_nan) return 1;  // the output is discarded
     }
@@ -172,7 +208,7 @@ int fwd_range(const T* x, const T* kv, T* out, uint8_t* idx, const int64_t* shif
 template <typename T>
 int fwd(const T* x, const T* kv, T* out, uint8_t* idx, int64_t nbc, int64_t C, int64_t O, int64_t H, int64_t W,
         int64_t KO, int64_t KH, int64_t KW, int erosion, int nthreads) {
-    const int64_t Wp = W + 2 * (KW / 2), plane = (H + 2 * (KH / 2)) * Wp, nf = KO * KH * KW;
+    const int64_t Wp = W + KW / 2, plane = (H + 2 * (KH / 2)) * Wp, nf = KO * KH * KW;
     std::vector<int64_t> shift(nf);
     for (int64_t f = 0; f < nf; ++f) shift[f] = (f / (KH * KW)) * plane + ((f / KW) % KH) * Wp + f % KW;
     const int64_t* sh = shift.data();
@@ -341,39 +377,62 @@ void pool_bwd(const T* g, const uint8_t* idx, T* gx, int64_t N, int64_t H, int64
 template <typename T>
 void bwd(const T* g, const uint8_t* idx, T* gx, T* gk, int64_t B, int64_t C, int64_t O, int64_t H, int64_t W,
          int64_t KO, int64_t KH, int64_t KW, int nthreads) {
+    // Per channel: its B input-gradient slabs zeroed, then per output orientation the samples in groups of NB, the
+    // group's outputs interleaved (consecutive read-modify-writes go to different slabs and accumulators: a winner
+    // shared by neighbouring outputs, common in a dilation, no longer makes a chain of dependent adds).
+    constexpr int NB = 4;
     const int64_t nf = KO * KH * KW, ro = KO / 2, rh = KH / 2, rw = KW / 2, hw = H * W;
     std::vector<int64_t> da(nf), di(nf), dj(nf);  // the offset of each flat kernel index, from the centre
     for (int64_t f = 0; f < nf; ++f) { da[f] = f / (KH * KW) - ro; di[f] = (f / KW) % KH - rh; dj[f] = f % KW - rw; }
     auto run = [&](int64_t c0, int64_t c1) {
         std::vector<int64_t> off(nf);
-        for (int64_t c = c0; c < c1; ++c)
-            for (int64_t b = 0; b < B; ++b) {
-                T* gxs = gx ? gx + (b * C + c) * O * hw : nullptr;
-                if (gxs) std::fill(gxs, gxs + O * hw, (T)0);  // (gx comes uninitialised: zeroed here, in cache)
-                for (int64_t o = 0; o < O; ++o) {
-                    for (int64_t f = 0; f < nf; ++f) {
-                        int64_t oi = o + da[f];
-                        oi = oi < 0 ? oi + O : (oi >= O ? oi - O : oi);
-                        off[f] = oi * hw + di[f] * W + dj[f];
+        std::vector<T> acc(NB * nf);
+        for (int64_t c = c0; c < c1; ++c) {
+            if (gx)
+                for (int64_t b = 0; b < B; ++b) std::fill(gx + (b * C + c) * O * hw, gx + (b * C + c + 1) * O * hw, (T)0);
+            for (int64_t o = 0; o < O; ++o) {
+                for (int64_t f = 0; f < nf; ++f) {
+                    int64_t oi = o + da[f];
+                    oi = oi < 0 ? oi + O : (oi >= O ? oi - O : oi);
+                    off[f] = oi * hw + di[f] * W + dj[f];
+                }
+                std::fill(acc.begin(), acc.end(), (T)0);
+                for (int64_t b0 = 0; b0 < B; b0 += NB) {
+                    const int nb = (int)std::min<int64_t>(NB, B - b0);
+                    const T* gq[NB];
+                    const uint8_t* iq[NB];
+                    T* gxs[NB];
+                    for (int j = 0; j < nb; ++j) {
+                        const int64_t q = ((b0 + j) * C + c) * O + o;
+                        gq[j] = g + q * hw;
+                        iq[j] = idx + q * hw;
+                        gxs[j] = gx ? gx + ((b0 + j) * C + c) * O * hw : nullptr;
                     }
-                    const int64_t q = (b * C + c) * O + o;
-                    const T* gq = g + q * hw;
-                    const uint8_t* iq = idx + q * hw;
-                    T* gkq = gk ? gk + (c * O + o) * nf : nullptr;
                     for (int64_t y = 0; y < H; ++y)
                         for (int64_t x = 0; x < W; ++x) {
                             const int64_t t = y * W + x;
-                            const int64_t f = iq[t];
-                            const T gv = gq[t];
-                            if (gkq) gkq[f] += gv;
-                            if (gxs) {
-                                const int64_t yi = y + di[f], xi = x + dj[f];
-                                // (only a winner in the -inf / +inf padding, i.e. an all-infinite window, is outside)
-                                if (yi >= 0 && yi < H && xi >= 0 && xi < W) gxs[off[f] + t] += gv;
+                            for (int j = 0; j < nb; ++j) {
+                                const int64_t f = iq[j][t];
+                                const T gv = gq[j][t];
+                                acc[j * nf + f] += gv;
+                                if (gx) {
+                                    const int64_t yi = y + di[f], xi = x + dj[f];
+                                    // (only a winner in the -inf / +inf padding, an all-infinite window, is outside)
+                                    if (yi >= 0 && yi < H && xi >= 0 && xi < W) gxs[j][off[f] + t] += gv;
+                                }
                             }
                         }
                 }
+                if (gk) {
+                    T* gkq = gk + (c * O + o) * nf;
+                    for (int64_t f = 0; f < nf; ++f) {
+                        T s = 0;
+                        for (int j = 0; j < NB; ++j) s += acc[j * nf + f];
+                        gkq[f] = s;
+                    }
+                }
             }
+        }
     };
     int64_t nt = std::max<int64_t>(1, std::min<int64_t>(nthreads, C));
     if (nt == 1) { run(0, C); return; }
@@ -781,7 +840,7 @@ def native_morph_backward(grad_out: torch.Tensor, idx: torch.Tensor, k_shape, er
     b, c, orientations, h, w = g.shape
     ko, kh, kw = k_shape[-3:]
     gx = torch.empty_like(g) if need_x else None  # zeroed by the operator, slab by slab
-    gk = torch.zeros((c, orientations, ko, kh, kw), dtype=g.dtype) if need_k else None
+    gk = torch.empty((c, orientations, ko, kh, kw), dtype=g.dtype) if need_k else None  # written by the operator
     fn = _lib.gequiv_morph_bwd_f32 if g.dtype == torch.float32 else _lib.gequiv_morph_bwd_f64
     fn(_ptr(g), _ptr(idx), _ptr(gx) if gx is not None else None, _ptr(gk) if gk is not None else None, b, c,
        orientations, h, w, ko, kh, kw, torch.get_num_threads())
