@@ -185,7 +185,9 @@ def bench_model_step(pde_name, baseline, batch_size, repeats, profile_steps=2):
                   'aten::grid_sampler_2d_backward'),
               'batch norm (fwd+bwd)': ('aten::native_batch_norm', 'aten::native_batch_norm_backward'),
               'lifting conv (fwd+bwd)': ('aten::mkldnn_convolution', 'aten::convolution_backward'),
-              'max pool (fwd+bwd)': ('aten::max_pool2d_with_indices', 'aten::max_pool2d_with_indices_backward'),
+              'max pool (fwd+bwd; compiled, or max_pool2d on the PyTorch path)': (
+                  '_MaxPool2x2Native', '_MaxPool2x2NativeBackward', 'aten::max_pool2d_with_indices',
+                  'aten::max_pool2d_with_indices_backward'),
               'linear (bmm)': ('aten::bmm',)}
     avg = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
     total = sum(avg.values())

@@ -170,6 +170,52 @@ def summarise(runs: list, times: dict, args, models) -> tuple:
     return '\n'.join(lines), dict(rows=rows, verdicts=verdicts)
 
 
+def _command(rec) -> str:
+    """The command line of a recorded run, from its arguments (runs recorded before the command was stored)."""
+    return (f"benchmarks/bench_seg.py --seeds {' '.join(map(str, rec.seeds))} --steps {rec.steps} --n-test "
+            f"{rec.n_test} --timing-reps {rec.recorded_timing_reps} --out {rec.out}")
+
+
+def timing_only(args, argv) -> None:
+    """``--timing-only``: the train-step ratios measured again (round-robin, this process) and the recorded run at
+    ``--out`` re-rendered with them; its budget and accuracy numbers are kept and the timing's provenance noted."""
+    import os
+    import platform
+    if not args.out or not Path(args.out).with_suffix('.json').exists():
+        raise SystemExit(f"--timing-only needs --out pointing at a recorded run (its .json), got {args.out!r}")
+    path = Path(args.out)
+    old = json.loads(path.with_suffix('.json').read_text())
+    rec = argparse.Namespace(**old['args'])
+    models = [m for m in rec.models if m in args.models]
+    rec.recorded_timing_reps = rec.timing_reps
+    rec.timing_reps, rec.threads = args.timing_reps, args.threads
+    c0 = time.process_time()
+    load = ' '.join(f'{v:.1f}' for v in os.getloadavg())
+    times = step_ratios(models, argparse.Namespace(batch_size=rec.batch_size, crop=rec.crop,
+                                                   timing_reps=args.timing_reps))
+    print(json.dumps({'step_seconds': times}), flush=True)
+    text, summary = summarise(old['runs'], times, rec, models)
+    when = time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())
+    history = old.get('timing_history', []) + [dict(date=old.get('timing_date', 'the recorded run'),
+                                                      step_seconds=old['step_seconds'])]
+    text += (f"\n\nTrain-step timing rerun alone on {when} ({platform.machine()}, torch {torch.__version__}, "
+             f"{args.threads} thread; load average at start {load}; "
+             f"{(time.process_time() - c0) / 60:.1f} CPU-minutes): "
+             f"`{' '.join(['benchmarks/bench_seg.py'] + argv)}`. "
+             f"The Dice / AUC / accuracy columns are from the recorded run (command below): the kernels changed, "
+             f"not the models' math (same values up to float rounding), so they were not retrained. Earlier "
+             f"timings of this table (vs G-CNN): "
+             + '; '.join(f"{h['date']}: " + ', '.join(f"{m} {h['step_seconds'][m] / h['step_seconds'][GCNN]:.2f}x"
+                                                      for m in PDE if m in h['step_seconds'])
+                         for h in history)
+             + f".\n\nRecorded run: {old.get('cpu_seconds', 0) / 60:.1f} CPU-minutes "
+             f"({old.get('wall_seconds', 0) / 60:.1f} min wall). Command: "
+             f"`{old.get('command') or _command(rec)}`")
+    result = dict(old, step_seconds=times, **summary, timing_date=when, timing_history=history,
+                  timing_command=' '.join(['benchmarks/bench_seg.py'] + argv))
+    report(text, result, args.out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--models', nargs='+', default=list(MODELS))
@@ -182,6 +228,10 @@ def main(argv=None):
     ap.add_argument('--timing-reps', type=int, default=8, help='round-robin rounds of the train-step timing')
     ap.add_argument('--threads', type=int, default=1)
     ap.add_argument('--out', default=None, help='write the markdown table here (and .json beside it)')
+    ap.add_argument('--timing-only', action='store_true',
+                    help="rerun only the train-step timing and rewrite --out from its .json: the accuracy columns "
+                         "(Dice / AUC / accuracy per seed) are kept from the recorded run, for changes that leave "
+                         "the models' math unchanged (faster kernels, same values up to float rounding)")
     args = ap.parse_args(argv)
     for name, v, lo in (('--steps', args.steps, 1), ('--batch-size', args.batch_size, 1), ('--n-test', args.n_test, 1),
                         ('--timing-reps', args.timing_reps, 1), ('--threads', args.threads, 1)):
@@ -201,6 +251,8 @@ def main(argv=None):
     unknown = [m for m in args.models if not timm.is_model(m)]
     if unknown:
         ap.error(f"--models: not registered: {unknown}")
+    if args.timing_only:
+        return timing_only(args, list(sys.argv[1:] if argv is None else argv))
     wall0, cpu0 = time.perf_counter(), time.process_time()
     times = step_ratios(args.models, args)
     print(json.dumps({'step_seconds': times}), flush=True)
@@ -221,7 +273,8 @@ def main(argv=None):
     total = dict(wall_seconds=time.perf_counter() - wall0, cpu_seconds=time.process_time() - cpu0)
     text += (f"\n\nTotal: {total['cpu_seconds'] / 60:.1f} CPU-minutes ({total['wall_seconds'] / 60:.1f} min wall) "
              f"for the whole run. Command: `{' '.join(['benchmarks/bench_seg.py'] + (argv or sys.argv[1:]))}`")
-    report(text, dict(args=vars(args), step_seconds=times, runs=runs, **summary, **total), args.out)
+    report(text, dict(args=vars(args), step_seconds=times, runs=runs, **summary, **total,
+                      command=' '.join(['benchmarks/bench_seg.py'] + (argv or sys.argv[1:]))), args.out)
 
 
 if __name__ == '__main__':

@@ -389,7 +389,8 @@ void bwd(const T* g, const uint8_t* idx, T* gx, T* gk, int64_t B, int64_t C, int
         std::vector<T> acc(NB * nf);
         for (int64_t c = c0; c < c1; ++c) {
             if (gx)
-                for (int64_t b = 0; b < B; ++b) std::fill(gx + (b * C + c) * O * hw, gx + (b * C + c + 1) * O * hw, (T)0);
+                for (int64_t b = 0; b < B; ++b)
+                    std::fill(gx + (b * C + c) * O * hw, gx + (b * C + c + 1) * O * hw, (T)0);
             for (int64_t o = 0; o < O; ++o) {
                 for (int64_t f = 0; f < nf; ++f) {
                     int64_t oi = o + da[f];

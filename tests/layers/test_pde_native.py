@@ -240,3 +240,32 @@ def test_native_convection_float32_and_without_input_gradient(backend):
     (yn, gn), (yt, gt) = _both(run, backend)
     torch.testing.assert_close(yn, yt, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gn, gt, rtol=1e-3, atol=1e-3 * gt.abs().max().item())
+
+
+@pytest.mark.parametrize('kwargs', [dict(in_channels=1, out_channels=6, kernel_size=5),
+                                    dict(in_channels=1, out_channels=3, kernel_size=3, stride=2, padding=1),
+                                    dict(in_channels=2, out_channels=3, kernel_size=3, padding=1, bias=True,
+                                         padding_mode='reflect')])
+def test_lift_unfold_path_matches_conv2d(kwargs, monkeypatch):
+    """The CPU lift with few input channels runs as im2col + bmm: the same output as F.conv2d (bit for bit with one
+    input channel), the same gradients up to float summation order."""
+    import gequiv_timm.layers.pde as pde
+    torch.manual_seed(5)
+    lift = pde.LiftM2Cartesian(orientations=8, **kwargs)
+    if lift.bias is not None:
+        torch.nn.init.normal_(lift.bias)
+    x = torch.randn(3, kwargs['in_channels'], 13, 11, requires_grad=True)
+
+    def run():
+        y = lift(x)
+        g = torch.linspace(-1, 1, y.numel()).view_as(y)
+        return (y.detach(),) + torch.autograd.grad(y, (x, lift.weight), g)
+
+    assert kwargs['in_channels'] * kwargs['kernel_size'] ** 2 <= pde._LIFT_UNFOLD_MAX
+    fast = run()
+    monkeypatch.setattr(pde, '_LIFT_UNFOLD_MAX', 0)
+    ref = run()
+    if kwargs['in_channels'] == 1:
+        assert torch.equal(fast[0], ref[0])
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
