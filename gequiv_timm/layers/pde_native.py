@@ -377,62 +377,54 @@ void pool_bwd(const T* g, const uint8_t* idx, T* gx, int64_t N, int64_t H, int64
 template <typename T>
 void bwd(const T* g, const uint8_t* idx, T* gx, T* gk, int64_t B, int64_t C, int64_t O, int64_t H, int64_t W,
          int64_t KO, int64_t KH, int64_t KW, int nthreads) {
-    // Per channel: its B input-gradient slabs zeroed, then per output orientation the samples in groups of NB, the
-    // group's outputs interleaved (consecutive read-modify-writes go to different slabs and accumulators: a winner
-    // shared by neighbouring outputs, common in a dilation, no longer makes a chain of dependent adds).
-    constexpr int NB = 4;
-    const int64_t nf = KO * KH * KW, ro = KO / 2, rh = KH / 2, rw = KW / 2, hw = H * W;
-    std::vector<int64_t> da(nf), di(nf), dj(nf);  // the offset of each flat kernel index, from the centre
-    for (int64_t f = 0; f < nf; ++f) { da[f] = f / (KH * KW) - ro; di[f] = (f / KW) % KH - rh; dj[f] = f % KW - rw; }
+    // Per (channel, sample) slab: the gradient scattered into the forward's padded layout (every winning offset a
+    // constant shift, no bounds checks: a winner in the padding, i.e. an all-infinite window, lands in a pad cell
+    // and is dropped), then folded back (the periodic orientation copies added to their source).
+    const int64_t ro = KO / 2, rh = KH / 2, rw = KW / 2, Wp = W + rw, plane = (H + 2 * rh) * Wp;
+    const int64_t nf = KO * KH * KW, hw = H * W, length = (O + 2 * ro) * plane + 2 * rw + Wp;
+    std::vector<int64_t> shift(nf);
+    for (int64_t f = 0; f < nf; ++f) shift[f] = (f / (KH * KW)) * plane + ((f / KW) % KH) * Wp + f % KW;
     auto run = [&](int64_t c0, int64_t c1) {
-        std::vector<int64_t> off(nf);
-        std::vector<T> acc(NB * nf);
+        std::vector<T> storage(length), acc(O * nf);
+        T* __restrict gbuf = storage.data();
+        const int64_t* __restrict sh = shift.data();
         for (int64_t c = c0; c < c1; ++c) {
-            if (gx)
-                for (int64_t b = 0; b < B; ++b)
-                    std::fill(gx + (b * C + c) * O * hw, gx + (b * C + c + 1) * O * hw, (T)0);
-            for (int64_t o = 0; o < O; ++o) {
-                for (int64_t f = 0; f < nf; ++f) {
-                    int64_t oi = o + da[f];
-                    oi = oi < 0 ? oi + O : (oi >= O ? oi - O : oi);
-                    off[f] = oi * hw + di[f] * W + dj[f];
-                }
-                std::fill(acc.begin(), acc.end(), (T)0);
-                for (int64_t b0 = 0; b0 < B; b0 += NB) {
-                    const int nb = (int)std::min<int64_t>(NB, B - b0);
-                    const T* gq[NB];
-                    const uint8_t* iq[NB];
-                    T* gxs[NB];
-                    for (int j = 0; j < nb; ++j) {
-                        const int64_t q = ((b0 + j) * C + c) * O + o;
-                        gq[j] = g + q * hw;
-                        iq[j] = idx + q * hw;
-                        gxs[j] = gx ? gx + ((b0 + j) * C + c) * O * hw : nullptr;
-                    }
+            std::fill(acc.begin(), acc.end(), (T)0);
+            for (int64_t b = 0; b < B; ++b) {
+                const int64_t bc = b * C + c;
+                if (gx) std::fill(gbuf, gbuf + length, (T)0);
+                for (int64_t o = 0; o < O; ++o) {
+                    const T* __restrict gq = g + (bc * O + o) * hw;
+                    const uint8_t* __restrict iq = idx + (bc * O + o) * hw;
+                    T* __restrict ak = acc.data() + o * nf;
+                    T* __restrict base = gbuf + o * plane;
                     for (int64_t y = 0; y < H; ++y)
                         for (int64_t x = 0; x < W; ++x) {
-                            const int64_t t = y * W + x;
-                            for (int j = 0; j < nb; ++j) {
-                                const int64_t f = iq[j][t];
-                                const T gv = gq[j][t];
-                                acc[j * nf + f] += gv;
-                                if (gx) {
-                                    const int64_t yi = y + di[f], xi = x + dj[f];
-                                    // (only a winner in the -inf / +inf padding, an all-infinite window, is outside)
-                                    if (yi >= 0 && yi < H && xi >= 0 && xi < W) gxs[j][off[f] + t] += gv;
-                                }
-                            }
+                            const int64_t f = iq[y * W + x];
+                            const T gv = gq[y * W + x];
+                            ak[f] += gv;
+                            if (gx) base[sh[f] + y * Wp + x] += gv;
                         }
                 }
-                if (gk) {
-                    T* gkq = gk + (c * O + o) * nf;
-                    for (int64_t f = 0; f < nf; ++f) {
-                        T s = 0;
-                        for (int j = 0; j < NB; ++j) s += acc[j * nf + f];
-                        gkq[f] = s;
+                if (gx) {
+                    T* gxs = gx + bc * O * hw;
+                    for (int64_t o = 0; o < O; ++o)
+                        for (int64_t y = 0; y < H; ++y) {
+                            const T* __restrict src = gbuf + (ro + o) * plane + (rh + y) * Wp + rw;
+                            T* __restrict d = gxs + o * hw + y * W;
+                            for (int64_t x = 0; x < W; ++x) d[x] = src[x];
+                        }
+                    for (int64_t a = 0; a < 2 * ro; ++a) {  // the periodic copies: a < ro wraps to O - ro + a
+                        const int64_t pa = a < ro ? a : O + a, o = a < ro ? O - ro + a : a - ro;
+                        for (int64_t y = 0; y < H; ++y) {
+                            const T* __restrict src = gbuf + pa * plane + (rh + y) * Wp + rw;
+                            T* __restrict d = gxs + o * hw + y * W;
+                            for (int64_t x = 0; x < W; ++x) d[x] += src[x];
+                        }
                     }
                 }
             }
+            if (gk) std::copy(acc.begin(), acc.end(), gk + c * O * nf);
         }
     };
     int64_t nt = std::max<int64_t>(1, std::min<int64_t>(nthreads, C));
