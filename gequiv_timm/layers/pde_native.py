@@ -92,14 +92,26 @@ inline V loadu(const T* p) { V v; __builtin_memcpy(&v, p, sizeof(V)); return v; 
 
 // write a chunk of the padded-row layout (row stride Wp) to the cropped output (row stride W)
 template <typename T, bool IDX>
-inline void store(const T* acc, const uint8_t* id, int n, int64_t t0, int64_t Wp, int64_t W, T* oq, uint8_t* iq) {
+inline void store(const T* acc, const uint8_t* id, int n, int64_t t0, int64_t Wp, int64_t W, T* oq, uint8_t* iq,
+                  const T* oend) {
+    constexpr int P = 64 / sizeof(T);  // values per 64-byte piece
     int64_t y = t0 / Wp, x = t0 - y * Wp;
     int t = 0;
     while (t < n) {  // runs of valid columns are copied, the Wp - W wrap-around columns skipped
         if (x < W) {
             const int run = (int)std::min<int64_t>(W - x, n - t);
-            __builtin_memcpy(oq + y * W + x, acc + t, run * sizeof(T));
-            if (IDX) __builtin_memcpy(iq + y * W + x, id + t, run);
+            T* d = oq + y * W + x;
+            if (d + (run + P - 1) / P * P <= oend) {
+                // whole pieces (one vector store each, no libc call): a piece's overrun lands on outputs of this
+                // thread's range that come later (written after this), never past the range (checked)
+                for (int k = 0; k < run; k += P) {
+                    __builtin_memcpy(d + k, acc + t + k, 64);
+                    if (IDX) __builtin_memcpy(iq + y * W + x + k, id + t + k, P);
+                }
+            } else {
+                __builtin_memcpy(d, acc + t, run * sizeof(T));
+                if (IDX) __builtin_memcpy(iq + y * W + x, id + t, run);
+            }
             t += run;
             x += run;
         } else {
@@ -115,7 +127,7 @@ inline void store(const T* acc, const uint8_t* id, int n, int64_t t0, int64_t Wp
 // offset streams past
 template <typename T, bool EROSION, bool IDX, int NVX>
 inline void chunk(const T* base, const int64_t* shift, const T* kq, int64_t nf, int64_t t0, int n, int64_t Wp,
-                  int64_t W, T* oq, uint8_t* iq) {
+                  int64_t W, T* oq, uint8_t* iq, const T* oend) {
     typedef typename MT<T>::V V;
     typedef typename MT<T>::I I;
     typedef typename MT<T>::S S;
@@ -138,8 +150,8 @@ inline void chunk(const T* base, const int64_t* shift, const T* kq, int64_t nf, 
             if (IDX) id[v] = m ? (I{} + fs) : id[v];
         }
     }
-    T av[NVX * N];
-    uint8_t ids[NVX * N];
+    T av[NVX * N + 64 / sizeof(T)];  // (+ a piece of slack: store reads whole pieces)
+    uint8_t ids[NVX * N + 64 / sizeof(T)];
     __builtin_memcpy(av, acc, sizeof(av));
     if (IDX) {  // narrowed to bytes a vector at a time
         typedef uint8_t vb __attribute__((vector_size(N)));
@@ -148,15 +160,18 @@ inline void chunk(const T* base, const int64_t* shift, const T* kq, int64_t nf, 
             __builtin_memcpy(ids + v * N, &b, N);
         }
     }
-    store<T, IDX>(av, ids, n, t0, Wp, W, oq, iq);
+    store<T, IDX>(av, ids, n, t0, Wp, W, oq, iq, oend);
 }
 
 template <typename T, bool EROSION, bool IDX, int K>
 inline void chunk_tail(const T* base, const int64_t* shift, const T* kq, int64_t nf, int64_t t0, int n, int64_t Wp,
-                       int64_t W, T* oq, uint8_t* iq) {
+                       int64_t W, T* oq, uint8_t* iq, const T* oend) {
     if constexpr (K >= 1) {
-        if (n > (K - 1) * MT<T>::N) { chunk<T, EROSION, IDX, K>(base, shift, kq, nf, t0, n, Wp, W, oq, iq); return; }
-        chunk_tail<T, EROSION, IDX, K - 1>(base, shift, kq, nf, t0, n, Wp, W, oq, iq);
+        if (n > (K - 1) * MT<T>::N) {
+            chunk<T, EROSION, IDX, K>(base, shift, kq, nf, t0, n, Wp, W, oq, iq, oend);
+            return;
+        }
+        chunk_tail<T, EROSION, IDX, K - 1>(base, shift, kq, nf, t0, n, Wp, W, oq, iq, oend);
     }
 }
 
@@ -175,6 +190,7 @@ int fwd_range(const T* x, const T* kv, T* out, uint8_t* idx, const int64_t* shif
     T* buf = storage.data();
     std::fill(buf, buf + length, fill);  // the borders stay +-inf; only the interior is rewritten per slab
     int has_nan = 0;
+    const T* oend = out + bc1 * O * hw;  // this range's outputs end here
     for (int64_t bc = bc0; bc < bc1; ++bc) {
         const int64_t c = bc % C;
         const T* xs = x + bc * O * hw;
@@ -196,9 +212,9 @@ int fwd_range(const T* x, const T* kv, T* out, uint8_t* idx, const int64_t* shif
             uint8_t* iq = IDX ? idx + q * hw : nullptr;
             int64_t t0 = 0;
             for (; t0 + CH <= unit; t0 += CH)
-                chunk<T, EROSION, IDX, NV>(base, shift, kq, nf, t0, CH, Wp, W, oq, iq);
+                chunk<T, EROSION, IDX, NV>(base, shift, kq, nf, t0, CH, Wp, W, oq, iq, oend);
             if (t0 < unit)  // the ragged end in as few vectors as it needs
-                chunk_tail<T, EROSION, IDX, NV>(base, shift, kq, nf, t0, (int)(unit - t0), Wp, W, oq, iq);
+                chunk_tail<T, EROSION, IDX, NV>(base, shift, kq, nf, t0, (int)(unit - t0), Wp, W, oq, iq, oend);
         }
         if (has_nan) return 1;  // the output is discarded
     }
