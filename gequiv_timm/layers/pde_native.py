@@ -65,6 +65,14 @@ _SOURCE = r'''
 #include <cmath>
 
 namespace {
+// short rows (a 12-pixel row of a small map) are copied by inline vector code: a libc memmove call per row costs
+// more than the row (GCC would otherwise turn these loops back into calls)
+#pragma GCC optimize("no-tree-loop-distribute-patterns")
+template <typename T>
+inline void copy_n(T* __restrict d, const T* __restrict s, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) d[i] = s[i];
+}
+
 constexpr int CH = 128;
 #ifndef MB
 #define MB 64
@@ -197,7 +205,7 @@ int fwd_range(const T* x, const T* kv, T* out, uint8_t* idx, const int64_t* shif
         for (int64_t a = 0; a < O + 2 * ro; ++a) {
             const int64_t src = ((a - ro) % O + O) % O;
             for (int64_t y = 0; y < H; ++y)
-                __builtin_memcpy(buf + a * plane + (rh + y) * Wp + rw, xs + src * hw + y * W, W * sizeof(T));
+                copy_n<T>(buf + a * plane + (rh + y) * Wp + rw, xs + src * hw + y * W, W);
         }
         {  // NaN anywhere in the slab (in cache now): the caller then takes the PyTorch path
             int bad = 0;
@@ -487,9 +495,9 @@ inline void fill_padded(const T* __restrict a, const T* __restrict b, T w0, T w1
         for (int64_t x = 0; x < W; ++x) row[sx.lo + x] = m[x];
         for (int64_t x = sx.lo + W; x < Wp; ++x) row[x] = m[W - 1];
     }
-    for (int64_t r = 0; r < sy.lo; ++r) std::copy(buf + sy.lo * Wp, buf + (sy.lo + 1) * Wp, buf + r * Wp);
+    for (int64_t r = 0; r < sy.lo; ++r) copy_n<T>(buf + r * Wp, buf + sy.lo * Wp, Wp);
     for (int64_t r = sy.lo + H; r < Hp; ++r)
-        std::copy(buf + (sy.lo + H - 1) * Wp, buf + (sy.lo + H) * Wp, buf + r * Wp);
+        copy_n<T>(buf + r * Wp, buf + (sy.lo + H - 1) * Wp, Wp);
 }
 
 // the per-thread scratch of the convection: a padded plane holds at most (3H + 1) x (3W + 1) values (shifts are
@@ -527,7 +535,7 @@ void conv_fwd(const T* x, const T* fr, const int64_t* n, const T* dr, const T* d
             for (int64_t t = 0; t < len; ++t)
                 ot[t] = gy * (gx * A[t] + fx * A[t + 1]) + fy * (gx * A[t + Wp] + fx * A[t + Wp + 1]);
             T* oq = out + q * hw;
-            for (int64_t r = 0; r < H; ++r) std::copy(ot + r * Wp, ot + r * Wp + W, oq + r * W);
+            for (int64_t r = 0; r < H; ++r) copy_n<T>(oq + r * W, ot + r * Wp, W);
         }
     };
     const int64_t nq = B * C * O;
@@ -573,7 +581,7 @@ void conv_bwd(const T* g, const T* x, const T* fr, const int64_t* n, const T* dr
                     const T* b = x + (bc * O + o1) * hw;
                     const T* gq = g + (bc * O + o) * hw;
                     fill_padded<T>(a, b, w0, w1, sy, sx, H, W, sc.mix, buf);
-                    for (int64_t r = 0; r < H; ++r) std::copy(gq + r * W, gq + r * W + W, gp + r * Wp);
+                    for (int64_t r = 0; r < H; ++r) copy_n<T>(gp + r * Wp, gq + r * W, W);
                     const T* __restrict A = buf + shift;
                     for (int64_t t = 0; t < len; ++t) {
                         const T gv = gp[t];
@@ -605,7 +613,7 @@ void conv_bwd(const T* g, const T* x, const T* fr, const int64_t* n, const T* dr
                     for (int64_t r = 0; r < H; ++r) {
                         const T* row = gbuf + (sy.lo + r) * Wp;
                         T* m = mix + r * W;
-                        std::copy(row + sx.lo, row + sx.lo + W, m);
+                        copy_n<T>(m, row + sx.lo, W);
                         for (int64_t xx = 0; xx < sx.lo; ++xx) m[0] += row[xx];
                         for (int64_t xx = sx.lo + W; xx < Wp; ++xx) m[W - 1] += row[xx];
                     }
