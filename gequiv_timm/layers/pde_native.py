@@ -1,35 +1,43 @@
 """A small compiled CPU operator for the max-plus / min-plus convolution on M2 (the engine of
-:mod:`gequiv_timm.layers.morphology`) and for the convection's trilinear resampling
-(:func:`~gequiv_timm.layers.pde.convection_m2`), with the plain PyTorch path as the fallback.
+:mod:`gequiv_timm.layers.morphology`), the convection's trilinear resampling
+(:func:`~gequiv_timm.layers.pde.convection_m2`) and the PDE models' 2x2 max pool (:func:`max_pool2x2`), with the
+plain PyTorch path as the fallback.
 
 Why: in eager PyTorch every kernel offset costs two passes over a block (add the kernel value, then an in-place
 ``maximum``), and ``torch.compile``'s CPU code for the same loop uses a NaN-propagating vector maximum (three
 instructions): both stay 3-5x a depthwise convolution of the same support. A fused loop needs one load, one add and
 one ``max`` per candidate, with the running maximum (and, for training, the arg-max) in registers.
 
-What: ~150 lines of C++ (the string :data:`_SOURCE`), compiled on first use with the system's C++ compiler
+What: a few hundred lines of C++ (the string :data:`_SOURCE`), compiled on first use with the system's C++ compiler
 (``$CXX`` or ``g++``; ``-O3 -march=native``, no torch headers, no ninja, nothing beyond a compiler that the torch
 wheel does not already need for ``torch.compile``) into a cache directory (``$GEQUIV_TIMM_CACHE`` or
 ``~/.cache/gequiv_timm``; the file name carries a hash of the source, the flags and the CPU's flags), loaded with
 ``ctypes`` and called on the tensors' data pointers (the GIL is released; ``torch.get_num_threads()`` threads).
 
 * forward: each ``(sample, channel)`` slab is copied into a small padded buffer (orientations periodic, the plane
-  with -inf / +inf: the layout of :mod:`~gequiv_timm.layers.morphology`, where every kernel offset is a constant
-  shift; one buffer per thread, cache-resident), then chunks of 64 outputs keep their running maximum (minimum) and
-  its offset in registers while all offsets stream past; the output is written cropped. Memory: the output (and
-  the ``uint8`` index for training), nothing of the input's size. Ties: the lowest flat offset wins (strict
-  comparison), as in the PyTorch path.
-* backward: one pass over the output per channel, the gradient routed to the winning offset (input and kernel).
-* convection: per ``(sample, channel, orientation)`` plane a constant trilinear 8-tap stencil (two orientations,
-  four pixels, coordinates clipped to the image as ``grid_sample``'s ``'border'``); the backward scatters to the
-  input and sums the gradients of the orientation fraction and of the per-plane offsets (in double), which autograd
-  takes on to ``g0``. Same values as the ``grid_sample`` path up to float rounding.
+  with -inf / +inf, rows of stride ``W + kW//2``: one row's right padding is the next row's left padding; the
+  layout of :mod:`~gequiv_timm.layers.morphology`, where every kernel offset is a constant shift; one buffer per
+  thread, cache-resident; a NaN found while copying sends the call to the PyTorch path), then chunks of 128 outputs
+  (the last one in as few vectors as it needs) keep their running maximum (minimum) and its offset in registers
+  while all offsets stream past; the output is written cropped. Memory: the output (and the ``uint8`` index for
+  training), nothing of the input's size. Ties: the lowest flat offset wins (strict comparison), as in the PyTorch
+  path.
+* backward: per slab the output gradient is scattered to the winning offsets in the same padded layout (a constant
+  shift each, no bounds checks), then folded back (the periodic orientation copies onto their source); the
+  kernel's gradient is summed per offset.
+* convection: per ``(sample, channel, orientation)`` plane the shift is constant, so the orientation-interpolated
+  plane is copied once into a buffer padded by replication (as far as the shift reaches; reading the replicated
+  border is ``grid_sample``'s ``'border'`` clipping) and the bilinear 4-tap stencil runs as four contiguous,
+  vectorised reads; the backward applies the stencil's adjoint in the same layout (the border folded back) and sums
+  the gradients of the orientation fraction and of the per-plane offsets (in double), which autograd takes on to
+  ``g0``. Same values as the ``grid_sample`` path up to float rounding.
+* 2x2 max pool: ``F.max_pool2d``'s values and winners (first maximum in row-major order, NaN wins), vectors of
+  outputs with deinterleaving shuffles; its backward writes the whole input gradient in one pass.
 
 Same values as the PyTorch path (the candidates are the same float additions, the maximum is exact); gradients
-equal up to the order of float additions. Inputs with NaN take the PyTorch path (a C comparison would skip a NaN
-that ``torch.amax`` propagates). The backend is chosen by :func:`set_morphology_backend` (``'auto'`` by default:
-native when it builds, else PyTorch with one warning; ``GEQUIV_TIMM_MORPH_BACKEND=torch`` in the environment
-disables it).
+equal up to the order of float additions. The backend is chosen by :func:`set_morphology_backend` (``'auto'`` by
+default: native when it builds, else PyTorch with one warning; ``GEQUIV_TIMM_MORPH_BACKEND=torch`` in the
+environment disables it; it also selects the PyTorch path of the convection and of the pool).
 """
 from __future__ import annotations
 
