@@ -169,6 +169,11 @@ class _EvalBank:
         self.wcmp = _cmp_args(self.wptr, wsaved)
         self.bcmp = None if b is None else _cmp_args(self.bptr, bsaved)
 
+    def __reduce__(self):
+        # a copy or a pickle of the layer does not carry the bank (its ctypes pointers cannot be pickled, and they
+        # point at this layer's memory): it is made again at the copy's first eval call
+        return _no_bank, ()
+
     def same_bits(self, w, b) -> bool:
         """Whether ``w`` / ``b`` (at the recorded data pointers, shapes and strides: checked by the caller) hold
         the recorded bits."""
@@ -180,6 +185,10 @@ class _EvalBank:
         if b is None:
             return True
         return _MEMCMP(*self.bcmp) == 0 if self.bcmp is not None else _same_bytes(b, self.bsaved)
+
+
+def _no_bank() -> None:
+    return None
 
 
 def _cmp_args(ptr: int, saved: Optional[torch.Tensor]):

@@ -512,3 +512,34 @@ def test_no_bank_reuse_on_gpu(cuda_device):
         y = conv(x)
         assert conv._eval_cache is None
         torch.testing.assert_close(y, _reference_forward(conv, x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('how', ['deepcopy', 'torch.save', 'pickle'])
+def test_layer_with_an_eval_bank_copies_and_pickles(how):
+    """A layer that made its eval bank (with memcmp's pointer arguments) still deep-copies, saves and pickles (timm's
+    prune_intermediate_layers and EMA deep-copy models); the copy makes its own bank from its own weights and
+    does not share the original's: a write to the copy changes only the copy's output."""
+    import copy
+    import io
+    import pickle
+    torch.manual_seed(0)
+    conv = P4ConvP4(2, 3, 3, padding=1).eval()
+    x = torch.randn(1, 2, 4, 6, 6)
+    with torch.no_grad():
+        y = conv(x)
+        conv(x)
+    assert conv._eval_cache is not None, 'no bank was made: test is void'
+    if how == 'deepcopy':
+        other = copy.deepcopy(conv)
+    elif how == 'torch.save':
+        buf = io.BytesIO()
+        torch.save(conv, buf)
+        buf.seek(0)
+        other = torch.load(buf, weights_only=False)
+    else:
+        other = pickle.loads(pickle.dumps(conv))
+    with torch.no_grad():
+        assert torch.equal(other(x), y)
+        other.weight.mul_(2.0)
+        assert not torch.equal(other(x), y)
+        assert torch.equal(conv(x), y)
