@@ -175,7 +175,7 @@ def bench_model_step(pde_name, baseline, batch_size, repeats, profile_steps=2):
                ratio=t['pde'] / t['baseline'], ratio_torch=t['pde_torch'] / t['baseline'])
     from torch.profiler import ProfilerActivity, profile
     run = _on('native', step(pde))
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(profile_steps):
             run()
     groups = {'morphological convolution (forward)': ('_MorphConvM2',),
@@ -184,12 +184,22 @@ def bench_model_step(pde_name, baseline, batch_size, repeats, profile_steps=2):
                   '_ConvectionM2Native', '_ConvectionM2NativeBackward', 'aten::grid_sampler_2d',
                   'aten::grid_sampler_2d_backward'),
               'batch norm (fwd+bwd)': ('aten::native_batch_norm', 'aten::native_batch_norm_backward'),
-              'lifting conv (fwd+bwd)': ('aten::mkldnn_convolution', 'aten::convolution_backward'),
+              'lifting conv (fwd+bwd; im2col + bmm on the CPU)': (
+                  'aten::mkldnn_convolution', 'aten::convolution_backward', 'aten::im2col', 'aten::col2im',
+                  'lift::bmm'),
               'max pool (fwd+bwd; compiled, or max_pool2d on the PyTorch path)': (
                   '_MaxPool2x2Native', '_MaxPool2x2NativeBackward', 'aten::max_pool2d_with_indices',
                   'aten::max_pool2d_with_indices_backward'),
               'linear (bmm)': ('aten::bmm',)}
-    avg = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    # the lift's products (im2col + bmm) apart from the linear combinations' bmm: an input of Cin*k*k rows
+    lift = pde.stages[0].lift
+    kk = lift.in_channels * lift.kernel_size ** 2
+    avg = {}
+    for e in prof.key_averages(group_by_input_shape=True):
+        key = e.key
+        if key == 'aten::bmm' and any(len(sh) == 3 and kk in sh[1:] for sh in e.input_shapes if sh):
+            key = 'lift::bmm'
+        avg[key] = avg.get(key, 0.0) + e.self_cpu_time_total
     total = sum(avg.values())
     share = {g: sum(avg.get(k, 0.0) for k in keys) / total for g, keys in groups.items()}
     share['everything else (copies, fills, element-wise, checks)'] = 1.0 - sum(share.values())
