@@ -13,6 +13,8 @@ What: a few hundred lines of C++ (the string :data:`_SOURCE`), compiled on first
 wheel does not already need for ``torch.compile``) into a cache directory (``$GEQUIV_TIMM_CACHE`` or
 ``~/.cache/gequiv_timm``; the file name carries a hash of the source, the flags and the CPU's flags), loaded with
 ``ctypes`` and called on the tensors' data pointers (the GIL is released; ``torch.get_num_threads()`` threads).
+The source uses GCC's vector extensions (``__builtin_shuffle``, vector conditionals): g++ builds it; a compiler that
+fails leaves the PyTorch path, with one warning.
 
 * forward: each ``(sample, channel)`` slab is copied into a small padded buffer (orientations periodic, the plane
   with -inf / +inf, rows of stride ``W + kW//2``: one row's right padding is the next row's left padding; the
