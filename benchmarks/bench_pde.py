@@ -333,7 +333,9 @@ def render(report) -> str:
 
 def _run_info(args, argv) -> dict:
     import os
-    return dict(command='nice -n 10 .venv/bin/python benchmarks/bench_pde.py ' + ' '.join(argv),
+    niceness = os.nice(0)  # the run's own niceness, recorded as part of its command
+    return dict(command=(f'nice -n {niceness} ' if niceness else '') + '.venv/bin/python benchmarks/bench_pde.py '
+                + ' '.join(argv),
                 machine=f"{platform.machine()} {platform.processor() or ''}".strip(), torch=torch.__version__,
                 threads=args.threads, date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
                 load=' '.join(f'{v:.1f}' for v in os.getloadavg()))
