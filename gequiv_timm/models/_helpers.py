@@ -144,6 +144,14 @@ _BUILD_ONLY_KEYS = {'pretrained_cfg', 'pretrained_cfg_overlay', 'pretrained_stri
 _FEATURE_KEYS = {'out_indices', 'feature_cls'}  # moved into feature_cfg by timm when features_only
 
 
+def digits_cfg(**overrides) -> Dict[str, Any]:
+    """The pretrained cfg of a model for the project's grayscale digit data (MNIST mean / std, no crop, 28x28 and
+    10 classes unless ``overrides`` say otherwise, e.g. ``input_size``, ``pool_size``, ``first_conv``,
+    ``classifier``, ``paper_ids``)."""
+    return {'num_classes': 10, 'input_size': (1, 28, 28), 'crop_pct': 1.0, 'interpolation': 'bilinear',
+            'mean': (0.1307,), 'std': (0.3081,), **overrides}
+
+
 def backbone_cfg(backbone: str, tag: str = '', keys: Optional[tuple] = None, **overrides) -> Dict[str, Any]:
     """timm's own PretrainedCfg of ``backbone`` (``backbone.tag``; the default tag when ``tag`` is empty), as a
     dict for a family's ``default_cfgs``, with ``overrides`` applied.

@@ -37,7 +37,7 @@ from torch import nn
 from ..registry import tagged_cfgs
 from ..layers.checks import check_equivariance
 from ._args import check_common, check_indices, check_int, check_ints
-from ._helpers import create_gequiv_model, require_extras
+from ._helpers import create_gequiv_model, digits_cfg, require_extras
 from ._timm_api import TimmApiMixin
 
 __all__ = ['ESCNN_EXTRA_HINT', 'GROUPS', 'EscnnCNN', 'EscnnWideResNet', 'escnn_available', 'import_escnn']
@@ -587,11 +587,7 @@ def _create_escnn(variant: str, pretrained: bool = False, arch: str = 'cnn', **k
 def _cfg(**kwargs) -> Dict[str, Any]:
     """28x28 grayscale digits (MNIST mean / std), no crop. No first_conv: R2Conv holds basis coefficients, not a
     ``.weight`` timm could adapt to another in_chans (a listed departure, tests/models/timm_departures.py)."""
-    return {
-        'num_classes': 10, 'input_size': (1, 28, 28), 'pool_size': (2, 2), 'crop_pct': 1.0,
-        'interpolation': 'bilinear', 'mean': (0.1307,), 'std': (0.3081,), 'classifier': 'head.fc',
-        'paper_ids': 'arXiv:1911.08251', **kwargs,
-    }
+    return digits_cfg(**{'pool_size': (2, 2), 'classifier': 'head.fc', 'paper_ids': 'arXiv:1911.08251', **kwargs})
 
 
 # papers, descriptions and the extra they need (requires = ["escnn"]): registry/escnn.toml. The builders are

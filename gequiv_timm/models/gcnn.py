@@ -38,7 +38,7 @@ from ..layers.filter_basis import resolve_filter_basis
 from ..layers.groups import get_group
 from ..registry import tagged_cfgs
 from ._args import check_choice, check_common, check_indices, check_int, check_ints
-from ._helpers import create_gequiv_model
+from ._helpers import create_gequiv_model, digits_cfg
 from ._timm_api import TimmApiMixin
 
 __all__ = ['GroupCNN', 'GroupConvStage']
@@ -168,11 +168,8 @@ def _create_gcnn(variant: str, pretrained: bool = False, **kwargs) -> GroupCNN:
 
 def _cfg(**kwargs) -> Dict[str, Any]:
     """28x28 grayscale digits (MNIST mean / std), no crop."""
-    return {
-        'num_classes': 10, 'input_size': (1, 28, 28), 'pool_size': (2, 2), 'crop_pct': 1.0,
-        'interpolation': 'bilinear', 'mean': (0.1307,), 'std': (0.3081,),
-        'first_conv': 'stages.0.conv', 'classifier': 'head.fc', 'paper_ids': 'arXiv:1602.07576', **kwargs,
-    }
+    return digits_cfg(**{'pool_size': (2, 2), 'first_conv': 'stages.0.conv', 'classifier': 'head.fc',
+                         'paper_ids': 'arXiv:1602.07576', **kwargs})
 
 
 # tags, hub repos and descriptions: registry/gcnn.toml

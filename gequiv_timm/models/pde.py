@@ -32,7 +32,7 @@ from ..registry import tagged_cfgs
 from ._args import (
     TIMM_RATES, check_common, check_float, check_indices, check_int, check_ints, check_timm_kwargs,
 )
-from ._helpers import create_gequiv_model
+from ._helpers import create_gequiv_model, digits_cfg
 from ._stem_args import pde_stem_min_size
 from ._timm_api import TimmApiMixin, attach_input_policy
 from .stems import _pretrained_filter, find_stem, get_stem, inject_stem, stem_cfg
@@ -303,11 +303,8 @@ def _create_pde(variant: str, pretrained: bool = False, *, backbone: Optional[st
 
 def _cfg(**kwargs) -> Dict[str, Any]:
     """28x28 grayscale digits (MNIST mean / std), no crop."""
-    return {
-        'num_classes': 10, 'input_size': (1, 28, 28), 'pool_size': (6, 6), 'crop_pct': 1.0,
-        'interpolation': 'bilinear', 'mean': (0.1307,), 'std': (0.3081,),
-        'first_conv': 'stages.0.lift', 'classifier': 'head.fc', 'paper_ids': 'arXiv:2001.09046', **kwargs,
-    }
+    return digits_cfg(**{'pool_size': (6, 6), 'first_conv': 'stages.0.lift', 'classifier': 'head.fc',
+                         'paper_ids': 'arXiv:2001.09046', **kwargs})
 
 
 # tags, hub repos and descriptions: registry/pde.toml

@@ -49,7 +49,7 @@ from ..layers.gconv import GroupBatchNorm, GroupPool, P4ConvP4, P4ConvZ2
 from ..layers.pde import BatchNormM2, CDEPdeLayerM2, LiftM2Cartesian, MaxProjectM2
 from ..registry import tagged_cfgs
 from ._args import check_choice, check_common, check_float, check_int, check_ints
-from ._helpers import create_gequiv_model
+from ._helpers import create_gequiv_model, digits_cfg
 from ._timm_api import check_image_input, model_name
 from .pde import PDEGCNN, _check_pde_kernel
 
@@ -345,11 +345,8 @@ def _create_seg(variant: str, pretrained: bool = False, **kwargs) -> Segmentatio
 
 def _cfg(**kwargs) -> Dict[str, Any]:
     """64x64 grayscale canvases (MNIST mean / std), no crop; 2 classes per pixel (background, stroke)."""
-    return {
-        'num_classes': 2, 'input_size': (1, 64, 64), 'pool_size': (64, 64), 'crop_pct': 1.0,
-        'interpolation': 'bilinear', 'mean': (0.1307,), 'std': (0.3081,), 'classifier': 'head.classifier',
-        'paper_ids': 'arXiv:2001.09046', **kwargs,
-    }
+    return digits_cfg(**{'num_classes': 2, 'input_size': (1, 64, 64), 'pool_size': (64, 64),
+                         'classifier': 'head.classifier', 'paper_ids': 'arXiv:2001.09046', **kwargs})
 
 
 # tags, hub repos and descriptions: registry/pde_seg.toml
