@@ -29,7 +29,8 @@ equivariance is pose classification of all their quarter turns; no backbone forw
 epochs at ``--prior-lr`` with weight decay ``--prior-wd``, the digits turned by uniform angles within
 ``+-prior-turn`` degrees (the prior maps those to the identity too); then the row's own training (task loss plus the
 prior). (b), (c) and (h) share one p4 canonicalizer initialisation per seed, so their pretraining is run once and
-copied. ``--prior-epochs 0`` is the untrained start of the first version of this benchmark.
+copied. ``--prior-epochs 0 --prior-weight 1 --canon-lr 3e-3 --backbone-lr-mult 1`` are the settings of the first
+version of this benchmark (no pretraining). The defaults come from the sweep in ``results/canon_sweep.md``.
 
 Input size: the digits' own 28x28. resnet18 reduces by 32, so its last stage sees 1x1, which is enough for digits
 (upright error a few %) and keeps one train step at batch 64 near 0.2 s on one CPU thread, so that the seven rows,
