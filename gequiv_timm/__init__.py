@@ -23,6 +23,7 @@ def __getattr__(name):
         'STNFrontEnd': 'gequiv_timm.models.stn',
         'canonicalize': 'gequiv_timm.models.canon',
         'CanonicalizedModel': 'gequiv_timm.models.canon',
+        'pretrain_canonicalizer': 'gequiv_timm.models.canon',
         'PDEStem': 'gequiv_timm.layers.pde',
     }
     if name in lazy:

@@ -165,3 +165,12 @@ def test_fit_uses_the_groups_a_zero_backbone_rate_keeps_its_weights():
     m1 = _model()  # the control: at the default rate the backbone moves
     fit(m1, data, epochs=1, batch_size=32, lr=1e-3, seed=0)
     assert not torch.equal(m1.backbone.fc.weight, before['backbone.fc.weight'])
+
+
+def test_package_exposes_the_canonicalization_entry_points():
+    """``gequiv_timm.canonicalize``, ``CanonicalizedModel`` and ``pretrain_canonicalizer`` are the same objects as
+    in ``gequiv_timm.models.canon`` (lazily exposed at the package's top)."""
+    import gequiv_timm
+    from gequiv_timm.models import canon
+    for name in ('canonicalize', 'CanonicalizedModel', 'pretrain_canonicalizer'):
+        assert getattr(gequiv_timm, name) is getattr(canon, name)
