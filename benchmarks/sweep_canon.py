@@ -12,9 +12,9 @@ per class the turned digits and how many of them end wrong.
 
 Run (from the repository root)::
 
-    nice -n 5 .venv/bin/python benchmarks/results/canon_sweep.py seed=0 mode=frozen pre_epochs=15 pre_aug=20 \\
+    nice -n 5 .venv/bin/python benchmarks/sweep_canon.py seed=0 mode=frozen pre_epochs=15 pre_aug=20 \\
         pre_wd=0.05 lr=3e-4 prior_weight=3 tag=B_lr3e-4_pw3
-    .venv/bin/python benchmarks/results/canon_sweep.py --summarize
+    .venv/bin/python benchmarks/sweep_canon.py --summarize
 """
 import json
 import resource
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent / 'results'  # where the sweep's points and table live
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 sys.path.insert(0, str(ROOT))
@@ -154,7 +154,7 @@ def summarize() -> str:
         o = json.loads(line)
         rows.setdefault(o['tag'], []).append(o)
     lines = ['# Canonicalizer sweep behind bench_canon.py (issue 17)', '',
-             'Script: `benchmarks/results/canon_sweep.py` (its docstring says what a point is); raw points: '
+             'Script: `benchmarks/sweep_canon.py` (its docstring says what a point is); raw points: '
              '`canon_sweep.jsonl`. Same data, backbone and seeds as `canon.md`: the upright resnet18 of each seed '
              '(upright-test error 2.7 / 1.5 / 2.5% for seeds 0 / 1 / 2), a p4 canonicalizer of size 14, width 8, '
              'depth 3, kernel 5 unless said. 1 torch thread, deterministic. Gap: upright-test error of the '
