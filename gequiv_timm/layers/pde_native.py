@@ -108,6 +108,16 @@ template <> struct MT<double> { typedef md V; typedef ml I; typedef int64_t S; s
 template <typename V, typename T>
 inline V loadu(const T* p) { V v; __builtin_memcpy(&v, p, sizeof(V)); return v; }
 
+// run(i0, i1) over [0, n) split into at most nthreads contiguous ranges, one thread each (this thread when one)
+template <typename F>
+inline void parallel_ranges(int64_t n, int nthreads, F run) {
+    const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(nthreads, n));
+    if (nt == 1) { run(0, n); return; }
+    std::vector<std::thread> pool;
+    for (int64_t i = 0; i < nt; ++i) pool.emplace_back(run, n * i / nt, n * (i + 1) / nt);
+    for (auto& th : pool) th.join();
+}
+
 // write a chunk of the padded-row layout (row stride Wp) to the cropped output (row stride W)
 template <typename T, bool IDX>
 inline void store(const T* acc, const uint8_t* id, int n, int64_t t0, int64_t Wp, int64_t W, T* oq, uint8_t* iq,
@@ -335,11 +345,7 @@ void pool_fwd(const T* x, T* out, uint8_t* idx, int64_t N, int64_t H, int64_t W,
                 pool_scalar<T>(a, b, o, id, 0, Wo);
         }
     };
-    int64_t nt = std::max<int64_t>(1, std::min<int64_t>(nthreads, rows));
-    if (nt == 1) { run(0, rows); return; }
-    std::vector<std::thread> pool;
-    for (int64_t i = 0; i < nt; ++i) pool.emplace_back(run, rows * i / nt, rows * (i + 1) / nt);
-    for (auto& th : pool) th.join();
+    parallel_ranges(rows, nthreads, run);
 }
 
 // its backward: every input value written (the winner gets the output's gradient, the rest 0); whole vectors with
@@ -401,11 +407,7 @@ void pool_bwd(const T* g, const uint8_t* idx, T* gx, int64_t N, int64_t H, int64
             if ((H & 1) && r == Ho - 1) std::fill(b + W, b + 2 * W, (T)0);  // the plane's last (odd) row
         }
     };
-    int64_t nt = std::max<int64_t>(1, std::min<int64_t>(nthreads, rows));
-    if (nt == 1) { run(0, rows); return; }
-    std::vector<std::thread> pool;
-    for (int64_t i = 0; i < nt; ++i) pool.emplace_back(run, rows * i / nt, rows * (i + 1) / nt);
-    for (auto& th : pool) th.join();
+    parallel_ranges(rows, nthreads, run);
 }
 
 template <typename T>
@@ -461,11 +463,7 @@ void bwd(const T* g, const uint8_t* idx, T* gx, T* gk, int64_t B, int64_t C, int
             if (gk) std::copy(acc.begin(), acc.end(), gk + c * O * nf);
         }
     };
-    int64_t nt = std::max<int64_t>(1, std::min<int64_t>(nthreads, C));
-    if (nt == 1) { run(0, C); return; }
-    std::vector<std::thread> pool;
-    for (int64_t i = 0; i < nt; ++i) pool.emplace_back(run, C * i / nt, C * (i + 1) / nt);
-    for (auto& th : pool) th.join();
+    parallel_ranges(C, nthreads, run);
 }
 
 // ---- convection on M2: per (sample, channel, orientation) plane a constant trilinear stencil ------------------
@@ -549,11 +547,7 @@ void conv_fwd(const T* x, const T* fr, const int64_t* n, const T* dr, const T* d
         }
     };
     const int64_t nq = B * C * O;
-    int64_t nt = std::max<int64_t>(1, std::min<int64_t>(nthreads, nq));
-    if (nt == 1) { run(0, nq); return; }
-    std::vector<std::thread> pool;
-    for (int64_t i = 0; i < nt; ++i) pool.emplace_back(run, nq * i / nt, nq * (i + 1) / nt);
-    for (auto& th : pool) th.join();
+    parallel_ranges(nq, nthreads, run);
 }
 
 // gradients: gx (the adjoint of the stencil: scattered into a padded buffer, the replicated border folded back),
@@ -646,11 +640,7 @@ void conv_bwd(const T* g, const T* x, const T* fr, const int64_t* n, const T* dr
             gfr[c] = (T)sfr;
         }
     };
-    int64_t nt = std::max<int64_t>(1, std::min<int64_t>(nthreads, C));
-    if (nt == 1) { run(0, C); return; }
-    std::vector<std::thread> pool;
-    for (int64_t i = 0; i < nt; ++i) pool.emplace_back(run, C * i / nt, C * (i + 1) / nt);
-    for (auto& th : pool) th.join();
+    parallel_ranges(C, nthreads, run);
 }
 }  // namespace
 

@@ -269,3 +269,35 @@ def test_lift_unfold_path_matches_conv2d(kwargs, monkeypatch):
         assert torch.equal(fast[0], ref[0])
     for a, b in zip(fast, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize('threads', [2, 3, 5])
+def test_native_operators_give_the_same_bits_for_any_thread_count(threads, backend):
+    """Every compiled operator splits its work into contiguous ranges, one thread each, and writes whole vectors
+    whose overrun lands in later rows of the same range (pde_native.py): the outputs and gradients must not depend
+    on the number of threads. Odd sizes put range ends inside planes and rows."""
+    from gequiv_timm.layers.pde import convection_m2
+    backend('native')
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8, 13, 11, dtype=torch.float64, requires_grad=True)
+    kernel = torch.rand(5, 8, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    g0 = (torch.randn(5, 3, dtype=torch.float64) * 1.5).requires_grad_(True)
+    xp = torch.randn(7, 3, 9, 15, dtype=torch.float64, requires_grad=True)
+
+    def run():
+        outs = [morphological_convolution_m2(x, kernel, erosion=False),
+                morphological_convolution_m2(x, kernel, erosion=True), convection_m2(x, g0), pde_native.max_pool2x2(xp)]
+        grads = torch.autograd.grad(sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum()
+                                        for o in outs), (x, kernel, g0, xp))
+        return [o.detach() for o in outs] + list(grads)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref = run()
+        torch.set_num_threads(threads)
+        got = run()
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
