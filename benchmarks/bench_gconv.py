@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    add_device_arg, device_label, layer_step_fns, paired_ratio, report, resolve_device, shuffled_round_robin, synced,
-    verdict,
+    add_device_arg, device_label, layer_step_fns, no_grad_call, paired_ratio, report, resolve_device,
+    shuffled_round_robin, synced, verdict,
 )
 
 import timm  # noqa: E402
@@ -221,13 +221,7 @@ def module_fns(group, fields, batch, size, dev):
     exported = export_group_convs(layer)
     x5 = torch.randn(batch, fields, g.order, size, size, device=dev)
     xf = x5.flatten(1, 2).clone()
-
-    def ev(f):
-        def h():
-            with torch.no_grad():
-                return f()
-        return h
-    return {'nn.Conv2d': ev(lambda: conv(xf)), 'exported': ev(lambda: exported(x5))}
+    return {'nn.Conv2d': no_grad_call(lambda: conv(xf)), 'exported': no_grad_call(lambda: exported(x5))}
 
 
 def layers_part(groups, repeats, dev, size=32, modes=None):
@@ -264,7 +258,8 @@ def layers_text(res, dev):
              'train = an inner layer\'s step at batch 32 (forward, backward to the weights and the input with a dense '
              'upstream gradient); eval = no grad. Floor = one `F.conv2d` with our expanded bank and bias as fixed '
              'tensors. Each ratio is the median over shuffled rounds of the two times measured in the same round, '
-             'wall time' + (' (process CPU time in brackets)' if cpu_col else '') + '; "quartiles" are the 25th and 75th '
+             'wall time' + (' (process CPU time in brackets)' if cpu_col else '') + '; "quartiles" are the 25th and '
+             '75th '
              'percentiles of the per-round ratio ours / floor (wall), the spread behind the median. In eval, two more '
              'references against the same floor: `nn.Conv2d` = the same conv as a plain torch module (what a module '
              'call costs), exported = our layer frozen by `export_group_convs` (that module plus our input check and '
@@ -285,7 +280,8 @@ def layers_text(res, dev):
             return f"{q['wall']:.3f}" + (f" ({q['cpu']:.3f})" if cpu_col else '')
         q = r.get('ours/floor quartiles', {}).get('wall')
         qs = f"{q[0]:.3f}-{q[1]:.3f}" if q else '-'
-        lines.append(f"| {group} | {r['fields']} ({r['channels']}) | {mode} | {fmt('ours', 'floor')} | {qs} | <= {tgt} | "
+        lines.append(f"| {group} | {r['fields']} ({r['channels']}) | {mode} | {fmt('ours', 'floor')} | {qs} | "
+                     f"<= {tgt} | "
                      f"{verdict(ratio, tgt)} | {fmt('escnn', 'floor')} | {fmt('ours', 'escnn')} | "
                      f"{fmt('nn.Conv2d', 'floor')} | {fmt('exported', 'floor')} | "
                      f"{w['ours'] * 1e3:.3f} |")

@@ -115,6 +115,15 @@ def escnn_field_type(group: str, fields: int):
     return enn.FieldType(gs, fields * [gs.regular_repr])
 
 
+def no_grad_call(f: Callable[[], Any]) -> Callable[[], Any]:
+    """``f`` called under ``torch.no_grad()`` (an eval-mode candidate for the round-robin timers)."""
+    def h():
+        import torch
+        with torch.no_grad():
+            return f()
+    return h
+
+
 def layer_step_fns(group: str, fields: int, batch: int, size: int, mode: str, dev, bias: bool = True,
                    kernel_size: int = 3, seed: int = 0) -> dict[str, Callable[[], Any]]:
     """The callables a layer benchmark times side by side on ``group`` (``fields`` regular fields in and out,
@@ -144,14 +153,8 @@ def layer_step_fns(group: str, fields: int, batch: int, size: int, mode: str, de
     if mode == 'eval':
         ours.eval()
         esc.eval()
-
-        def ev(f):
-            def h():
-                with torch.no_grad():
-                    return f()
-            return h
-        return {'ours': ev(lambda: ours(x5)), 'escnn': ev(lambda: esc(enn.GeometricTensor(xf, ft))),
-                'floor': ev(lambda: F.conv2d(xf, w, b, 1, pad))}
+        return {'ours': no_grad_call(lambda: ours(x5)), 'escnn': no_grad_call(lambda: esc(enn.GeometricTensor(xf, ft))),
+                'floor': no_grad_call(lambda: F.conv2d(xf, w, b, 1, pad))}
     if mode != 'train':
         raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
     ours.train()
