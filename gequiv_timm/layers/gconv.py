@@ -142,9 +142,8 @@ def _snapshot(t: Optional[torch.Tensor]):
 
 def _same_bytes(t: torch.Tensor, saved: torch.Tensor) -> bool:
     """Whether contiguous ``t`` holds exactly the bytes of ``saved`` (same shape and strides already checked): bit
-    for bit, so ``-0.0`` differs from ``0.0`` and a NaN equals itself."""
-    if _MEMCMP is not None:
-        return _MEMCMP(t.data_ptr(), saved.data_ptr(), saved.numel() * saved.element_size()) == 0
+    for bit, so ``-0.0`` differs from ``0.0`` and a NaN equals itself. ``torch.equal`` on integer views: the
+    comparison where libc's ``memcmp`` is not there (:meth:`_EvalBank.same_bits` calls ``memcmp`` itself)."""
     it = _INT_OF_SIZE[saved.element_size()]
     return torch.equal(t.detach().view(it), saved.view(it))
 

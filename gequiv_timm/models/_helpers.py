@@ -152,6 +152,25 @@ def digits_cfg(**overrides) -> Dict[str, Any]:
             'mean': (0.1307,), 'std': (0.3081,), **overrides}
 
 
+def scaled_param_groups(groups: List[Dict[str, Any]], scales: List[float], lr: Optional[float] = None
+                        ) -> List[Dict[str, Any]]:
+    """Optimizer param groups, each with its rate multiplier (the models' ``param_groups``): with ``lr=None`` (for
+    timm's optimizer and scheduler factories) a group carries ``lr_scale``, which timm's schedulers apply; with ``lr``
+    given (a plain torch optimizer, no timm scheduler) an explicit ``lr * scale`` and no ``lr_scale`` (it would be
+    applied twice). Groups without parameters are left out."""
+    out = []
+    for g, scale in zip(groups, scales):
+        if not g['params']:
+            continue
+        g = dict(g)
+        if lr is None:
+            g['lr_scale'] = scale
+        else:
+            g['lr'] = lr * scale
+        out.append(g)
+    return out
+
+
 def backbone_cfg(backbone: str, tag: str = '', keys: Optional[tuple] = None, **overrides) -> Dict[str, Any]:
     """timm's own PretrainedCfg of ``backbone`` (``backbone.tag``; the default tag when ``tag`` is empty), as a
     dict for a family's ``default_cfgs``, with ``overrides`` applied.

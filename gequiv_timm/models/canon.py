@@ -86,7 +86,7 @@ from ..layers.checks import EquivarianceError, check_equivariance
 from ..layers.groups import get_group
 from ..registry import tagged_cfgs
 from ._args import TIMM_RATES, check_choice, check_float, check_int, check_timm_kwargs
-from ._helpers import backbone_cfg, create_gequiv_model, merge_backbone_state
+from ._helpers import backbone_cfg, create_gequiv_model, merge_backbone_state, scaled_param_groups
 from ._timm_api import _fx_tracing, check_image_input, model_name
 from .stn import _PrefixedMatcher
 
@@ -170,7 +170,8 @@ class CanonicalizedModel(nn.Module):
                  canon_size: int = 64, canon_width: Optional[int] = None, canon_depth: int = 2,
                  canon_kernel_size: int = 5,
                  prior_weight: float = 1.0, temperature: float = 1.0, freeze_backbone: bool = False,
-                 backbone_lr_mult: float = 1.0, interpolation: str = 'bilinear', num_classes: Optional[int] = None, in_chans: Optional[int] = None,
+                 backbone_lr_mult: float = 1.0, interpolation: str = 'bilinear', num_classes: Optional[int] = None,
+                 in_chans: Optional[int] = None,
                  drop_rate: Optional[float] = None, global_pool: Optional[str] = None, **kwargs):
         super().__init__()
         name = 'CanonicalizedModel'
@@ -298,16 +299,9 @@ class CanonicalizedModel(nn.Module):
                 continue
             no_decay = not weight_decay or p.ndim <= 1 or n.endswith('.bias') or n in nwd
             buckets.setdefault((n.startswith('backbone.'), no_decay), []).append(p)
-        groups: List[Dict[str, Any]] = []
-        for (is_backbone, no_decay), params in sorted(buckets.items(), key=lambda kv: (kv[0][0], not kv[0][1])):
-            scale = mult if is_backbone else 1.0
-            g: Dict[str, Any] = dict(params=params, weight_decay=0.0 if no_decay else weight_decay)
-            if lr is None:
-                g['lr_scale'] = scale
-            else:
-                g['lr'] = lr * scale
-            groups.append(g)
-        return groups
+        keys = sorted(buckets, key=lambda k: (k[0], not k[1]))
+        groups = [dict(params=buckets[k], weight_decay=0.0 if k[1] else weight_decay) for k in keys]
+        return scaled_param_groups(groups, [mult if k[0] else 1.0 for k in keys], lr)
 
     @torch.jit.ignore
     def canonicalizer_parameters(self) -> List[nn.Parameter]:

@@ -32,7 +32,7 @@ from ..registry import tagged_cfgs
 from ._args import (
     TIMM_RATES, check_common, check_float, check_indices, check_int, check_ints, check_timm_kwargs,
 )
-from ._helpers import create_gequiv_model, digits_cfg
+from ._helpers import create_gequiv_model, digits_cfg, scaled_param_groups
 from ._stem_args import pde_stem_min_size
 from ._timm_api import TimmApiMixin, attach_input_policy
 from .stems import _pretrained_filter, find_stem, get_stem, inject_stem, stem_cfg
@@ -51,12 +51,6 @@ def _check_pde_kernel(owner: str, arg: str, kernel_size) -> None:
                          f"{kernel_size!r}")
 
 
-def _pool_m2(x: torch.Tensor) -> torch.Tensor:
-    """2x2 spatial max pool of ``[B, C, Or, H, W]`` (every orientation separately): ``F.max_pool2d``'s values and
-    gradients, on the compiled operator on CPU (:func:`~gequiv_timm.layers.pde_native.max_pool2x2`)."""
-    return max_pool2x2(x)
-
-
 class PDELiftStage(nn.Module):
     """``LiftM2Cartesian -> BatchNormM2 [-> 2x2 max pool]``: planar image to M2."""
 
@@ -68,7 +62,7 @@ class PDELiftStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.bn(self.lift(x))
-        return _pool_m2(x) if self.pool else x
+        return max_pool2x2(x) if self.pool else x
 
 
 class PDEStage(nn.Module):
@@ -81,7 +75,7 @@ class PDEStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.cde(x)
-        return _pool_m2(x) if self.pool else x
+        return max_pool2x2(x) if self.pool else x
 
 
 class PDEGCNN(TimmApiMixin, nn.Module):
@@ -215,13 +209,7 @@ class PDEGCNN(TimmApiMixin, nn.Module):
             (coefs if n in coef else no_decay if p.ndim <= 1 else decay).append(p)
         groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0),
                   dict(params=coefs, weight_decay=0.0)]
-        scales = (1.0, 1.0, mult)
-        for g, m in zip(groups, scales):
-            if lr is None:
-                g['lr_scale'] = m
-            else:
-                g['lr'] = lr * m
-        return [g for g in groups if g['params']]
+        return scaled_param_groups(groups, [1.0, 1.0, mult], lr)
 
 
 # ----------------------------------------------------------------------------------------------------------------

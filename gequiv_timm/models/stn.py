@@ -39,7 +39,7 @@ from timm.models import generate_default_cfgs, register_model
 from ..layers.stn import ParallelSpatialTransformer, SpatialTransformer
 from ..registry import tagged_cfgs
 from ._args import TIMM_RATES, check_common, check_float, check_int, check_ints, check_timm_kwargs
-from ._helpers import create_gequiv_model
+from ._helpers import create_gequiv_model, scaled_param_groups
 from ._timm_api import check_image_input, model_name
 from ._timm_api import min_input_size as backbone_min_input_size
 
@@ -364,11 +364,7 @@ class STNFrontEnd(nn.Module):
         rest = [p for p in self.parameters() if id(p) not in stn_ids]
         groups = [dict(params=rest, weight_decay=weight_decay), dict(params=self.stn_parameters(),
                                                                       weight_decay=weight_decay)]
-        if lr is None:
-            groups[0]['lr_scale'], groups[1]['lr_scale'] = 1.0, mult
-        else:
-            groups[0]['lr'], groups[1]['lr'] = lr, lr * mult
-        return groups
+        return scaled_param_groups(groups, [1.0, mult], lr)
 
     # ----- timm API ---------------------------------------------------------------------------------------
     @torch.jit.ignore
